@@ -1,0 +1,217 @@
+"""The config schema, its validation, and run-directory bookkeeping.
+
+Every config file in `configs/` starts from `base_config()` (the schema: every key that exists,
+with its default and type) and changes values. `validate(config)` checks the whole config before
+any work is done: unknown keys, wrong types, out-of-range values and missing paths raise a
+`JbatError` naming the field, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import ml_collections
+
+from jbat import io
+from jbat.errors import JbatError
+
+SOURCES = ("fortunes", "jsonl", "text_folder")
+ARMS = ("none",)
+
+# Keys that change where/how a run reports, not what it computes: ignored by the fingerprint
+# that guards a workdir against resuming a checkpoint of a different config.
+NON_SEMANTIC_KEYS = ("workdir", "cache_dir", "progress", "train.log_every")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The schema: every config key, its default, and (through the default's type) its type."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"  # Names the default workdir runs/<name>.
+  c.workdir = ""  # Empty: runs/<name>.
+  c.cache_dir = ""  # Empty: $JBAT_CACHE or ~/.cache/jbat. Holds corpora, tokenizers, backbones.
+  c.seed = 0
+  c.progress = True  # tqdm progress bars.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "fortunes"  # One of SOURCES.
+  c.data.path = ""  # jsonl file or text folder; unused for fortunes (fetched into cache_dir).
+  c.data.text_field = "text"  # jsonl only.
+  c.data.label_field = "label"  # jsonl only: the field holding each document's domain.
+  c.data.domain = "computers"  # Adaptation domain: a label of the corpus.
+  c.data.n_adapt = 32  # |D_A|: adaptation documents.
+  c.data.n_heldout = 200  # Held-out documents of the same domain (evaluation).
+  c.data.max_len = 64  # Tokens per example (longer documents are truncated).
+  c.data.vocab_size = 1024  # Byte-level BPE trained on the pool.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 128
+  c.model.n_layers = 4
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 0  # 0: same as n_heads (multi-head); fewer: grouped-query attention.
+  c.model.d_ff = 512
+  c.model.pos = "learned"  # "learned" (GPT-2) | "rope" (Llama).
+  c.model.norm = "layernorm"  # "layernorm" | "rmsnorm".
+  c.model.mlp = "gelu"  # "gelu" | "swiglu".
+  c.model.tie_embeddings = True
+  c.model.qkv_bias = False
+  c.model.bias = True
+  c.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
+
+  # Stage 0: full-parameter pretraining of the backbone on the pool (cached by content hash).
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.steps = 1500
+  c.backbone.batch_size = 32
+  c.backbone.lr = 2e-3
+  c.backbone.warmup_steps = 100
+  c.backbone.weight_decay = 0.01
+  c.backbone.ckpt_every = 250
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  c.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+
+  # Adaptation training (every arm uses the same schedule and seeds).
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 120
+  c.train.batch_size = 8
+  c.train.lr = 2e-4
+  c.train.warmup_steps = 10
+  c.train.weight_decay = 0.0
+  c.train.clip_norm = 1.0
+  c.train.eval_every = 15
+  c.train.ckpt_every = 15
+  c.train.keep = 2  # Checkpoints kept (the best adapter is kept separately).
+  c.train.log_every = 5
+  c.train.eval_batch_size = 32
+
+  c.arms = "none"  # Comma-separated arms to run, from ARMS.
+  return c
+
+
+def _flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _check_schema(config: ml_collections.ConfigDict) -> None:
+  schema = _flatten(base_config())
+  given = _flatten(config)
+  for key, value in given.items():
+    if key not in schema:
+      section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+      known = sorted(k for k in schema if k.startswith(section) and "." not in k[len(section):])
+      raise JbatError(f"config: unknown key {key!r}; known keys here: {', '.join(known)}")
+    want = type(schema[key])
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+      ok = True
+    if not ok:
+      raise JbatError(
+          f"config: {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _positive(config, *keys: str) -> None:
+  flat = _flatten(config)
+  for key in keys:
+    if flat[key] <= 0:
+      raise JbatError(f"config: {key} must be > 0, got {flat[key]!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the whole config; raises JbatError naming the first bad field."""
+  _check_schema(config)
+  _positive(config, "data.n_adapt", "data.n_heldout", "data.max_len", "data.vocab_size",
+            "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
+            "backbone.steps", "backbone.batch_size", "backbone.lr", "backbone.ckpt_every",
+            "lora.rank", "lora.alpha", "train.steps", "train.batch_size", "train.lr",
+            "train.eval_every", "train.ckpt_every", "train.keep", "train.log_every",
+            "train.eval_batch_size")
+  if config.model.n_kv_heads < 0:
+    raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
+  if config.train.clip_norm < 0 or config.train.warmup_steps < 0:
+    raise JbatError("config: train.clip_norm and train.warmup_steps must be >= 0")
+  choices = {"data.source": SOURCES, "model.pos": ("learned", "rope"),
+             "model.norm": ("layernorm", "rmsnorm"), "model.mlp": ("gelu", "swiglu"),
+             "model.dtype": ("float32", "bfloat16")}
+  flat = _flatten(config)
+  for key, allowed in choices.items():
+    if flat[key] not in allowed:
+      raise JbatError(f"config: {key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
+  for arm in arm_list(config):
+    if arm not in ARMS:
+      raise JbatError(f"config: arms: unknown arm {arm!r}; available: {', '.join(ARMS)}")
+  try:
+    re.compile(config.lora.targets)
+  except re.error as e:
+    raise JbatError(f"config: lora.targets is not a valid regex: {e}") from None
+  if config.data.source in ("jsonl", "text_folder"):
+    if not config.data.path:
+      raise JbatError(f"config: data.path is required when data.source={config.data.source!r}")
+    p = pathlib.Path(config.data.path).expanduser()
+    want_dir = config.data.source == "text_folder"
+    if not (p.is_dir() if want_dir else p.is_file()):
+      kind = "folder" if want_dir else "file"
+      raise JbatError(f"config: data.path: {kind} {str(p)!r} does not exist")
+  if not config.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
+    raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
+
+
+def arm_list(config: ml_collections.ConfigDict) -> list[str]:
+  return [a.strip() for a in config.arms.split(",") if a.strip()]
+
+
+def workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  return pathlib.Path(config.workdir or os.path.join("runs", config.name)).expanduser()
+
+
+def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  d = config.cache_dir or os.environ.get("JBAT_CACHE") or "~/.cache/jbat"
+  return pathlib.Path(d).expanduser()
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Hash of everything that changes results (NON_SEMANTIC_KEYS excluded)."""
+  flat = {k: v for k, v in _flatten(config).items() if k not in NON_SEMANTIC_KEYS}
+  return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Creates the workdir (or checks it belongs to this config) and saves config.json.
+
+  A workdir that already holds a run of a different config (different fingerprint) is refused:
+  resuming its checkpoints would silently mix two experiments.
+  """
+  wd = workdir(config)
+  cfg_path = wd / "config.json"
+  fp = fingerprint(config)
+  if cfg_path.exists():
+    try:
+      old = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+      raise JbatError(f"{cfg_path}: not valid JSON ({e}); remove the workdir to start over") from None
+    if old.get("fingerprint") != fp:
+      raise JbatError(
+          f"workdir {str(wd)!r} holds a run of a different config (fingerprint "
+          f"{old.get('fingerprint')} != {fp}); use another --config.workdir or delete it")
+  elif wd.exists() and any(wd.iterdir()):
+    if (wd / "adapt").exists() or (wd / "checkpoints").exists():
+      raise JbatError(f"workdir {str(wd)!r} holds checkpoints but no config.json; "
+                      "use another --config.workdir or delete it")
+  io.write_json_atomic(cfg_path, {"fingerprint": fp, "config": to_dict(config)})
+  return wd

@@ -1,0 +1,104 @@
+"""Small file helpers shared by every stage: atomic writes, JSONL, pytrees as safetensors.
+
+Every writer goes through a temporary name and `os.replace`, so an interrupted run never leaves
+a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import safetensors.numpy
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary path next to `path`; renames it to `path` if the block succeeds."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  out = []
+  for line in path.read_text().splitlines():
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break  # A line cut by a kill: everything after it is dropped.
+  return out
+
+
+def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict[str, Any]]:
+  """Rewrites `path` keeping only the records for which `keep` is true; returns them."""
+  records = [r for r in read_jsonl(path) if keep(r)]
+  write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+  return records
+
+
+def tree_to_flat(tree: Any) -> dict[str, np.ndarray]:
+  """Flattens a pytree (e.g. an nnx.State) to {"layers.0.attn.q_proj.kernel": array}."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = jax.tree_util.keystr(path, simple=True, separator=".")
+    key = key.removesuffix(".value")
+    flat[key] = np.asarray(jax.device_get(leaf))
+  return flat
+
+
+def flat_to_tree(flat: dict[str, np.ndarray], like: Any, where: str = "") -> Any:
+  """Inverse of `tree_to_flat`, onto the structure of `like`; checks names and shapes."""
+  from jbat.errors import JbatError
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(like)
+  leaves = []
+  for path, leaf in leaves_with_path:
+    key = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+    if key not in flat:
+      raise JbatError(f"{where}: missing tensor {key!r}")
+    if tuple(flat[key].shape) != tuple(leaf.shape):
+      raise JbatError(f"{where}: tensor {key!r} has shape {tuple(flat[key].shape)}, "
+                      f"expected {tuple(leaf.shape)}")
+    leaves.append(flat[key].astype(leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_tree(tree: Any, path: str | os.PathLike) -> None:
+  """Saves a pytree of arrays as one safetensors file (atomically)."""
+  with atomic_path(path) as tmp:
+    safetensors.numpy.save_file(tree_to_flat(tree), str(tmp))
+
+
+def load_tree(path: str | os.PathLike, like: Any) -> Any:
+  return flat_to_tree(safetensors.numpy.load_file(str(path)), like, where=str(path))

@@ -1,0 +1,51 @@
+"""Command line: `python -m jbat.train --config configs/demo.py [--config.train.steps=50 ...]`.
+
+A thin layer: parse the ml_collections config (with `--config.x.y=v` overrides), validate it,
+run `jbat.experiment.run`. Any problem with the user's input exits with code 2 and a message
+naming the file or field; nothing is written before the config is known to be valid.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from jbat.errors import JbatError
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/<name>.py[:variant]).", flag_values=FLAGS,
+    lock_config=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    FLAGS(argv)
+    config = _CONFIG.value
+    if config is not None:
+      config.to_dict()  # The config file is loaded lazily: surface its errors here.
+  except Exception as e:  # noqa: BLE001  absl/ml_collections raise many types for bad flags.
+    msg = str(e).replace("\\n", " ").replace("\n", " ")
+    if isinstance(e, AttributeError):
+      msg = f"unknown config key in an override: {msg}"
+    print(f"jbat: error: bad command line: {msg}", file=sys.stderr)
+    return 2
+  if config is None:
+    print("jbat: error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
+    return 2
+  from jbat import config as config_lib
+  try:
+    config_lib.validate(config)
+    from jbat import experiment  # Heavy imports only after the config is known to be good.
+    experiment.run(config)
+  except JbatError as e:
+    print(f"jbat: error: {e}", file=sys.stderr)
+    return e.exit_code
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,223 @@
+"""One straight-line training loop, used for backbone pretraining and for adapter training.
+
+`fit` trains the parameters of `model` selected by a filter (`nnx.LoRAParam` for adapters,
+`nnx.Param` for full pretraining) with optax AdamW (linear warmup + cosine decay, global-norm
+clipping). The jitted step is a pure function of (trainable params, optimizer state, frozen
+params, batch); batches are sharded over the mesh's `data` axis and parameters replicated, so
+the same code runs on 1 or N devices. An orbax `CheckpointManager` saves trainable params,
+optimizer state, RNG and the grain iterator state every `ckpt_every` steps; calling `fit` again
+with the same workdir resumes from the latest checkpoint and reaches bitwise the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jbat import losses
+from jbat import io
+
+MODEL_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """Optimisation and bookkeeping settings of one training run."""
+  steps: int
+  lr: float
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  eval_every: int = 0  # 0: evaluate only at the end.
+  ckpt_every: int = 0  # 0: checkpoint only at the end.
+  keep: int = 2
+  log_every: int = 10
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class FitResult:
+  params: nnx.State  # Final trainable parameters.
+  best_params: nnx.State | None  # Trainable parameters at the best evaluation (if eval_fn).
+  best_step: int
+  best_loss: float
+  history: list[dict[str, Any]]  # Every record written to metrics.jsonl, in step order.
+
+
+def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
+  """AdamW on a warmup + cosine schedule, after global-norm clipping (clip_norm 0: none)."""
+  schedule = make_optimizer_schedule(spec)
+  parts = [optax.clip_by_global_norm(spec.clip_norm)] if spec.clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, weight_decay=spec.weight_decay))
+  return optax.chain(*parts)
+
+
+def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over all (or the given) devices with a single `data` axis."""
+  devices = devices if devices is not None else jax.devices()
+  return jax.sharding.Mesh(np.asarray(devices), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Places the model inputs of a host-local numpy batch on the mesh, split over `data`."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in MODEL_KEYS if k in batch}
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def make_eval_fn(graphdef: nnx.GraphDef, frozen: nnx.State, batches: Callable[[], Iterator],
+                 mesh: jax.sharding.Mesh) -> Callable[[nnx.State], float]:
+  """Returns params -> mean token NLL (nats/token) over one pass of `batches()`."""
+
+  @jax.jit
+  def sums(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    nll = losses.token_nll(logits, batch["targets"])
+    return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+
+  def evaluate(params: nnx.State) -> float:
+    total, count = 0.0, 0.0
+    for batch in batches():
+      s, c = sums(params, frozen, shard_batch(batch, mesh))
+      total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+  return evaluate
+
+
+def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: pathlib.Path,
+        *, eval_batches: Callable[[], Iterator] | None = None,
+        mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+        desc: str = "train") -> FitResult:
+  """Trains the `wrt` parameters of `model` for `spec.steps` steps; resumes from `workdir`.
+
+  Args:
+    model: the model; its `wrt` parameters are the trained ones, everything else is frozen.
+    wrt: an nnx filter (`nnx.LoRAParam` for adapters, `nnx.Param` for everything).
+    train_iter: an endless grain iterator of numpy batches with `get_state`/`set_state`.
+    spec: optimisation settings.
+    workdir: holds `checkpoints/`, `metrics.jsonl` and `best.safetensors`.
+    eval_batches: a callable returning one pass of held-out batches; evaluated at step 0, every
+      `eval_every` steps and at the end; the best trainable params are kept.
+  Returns:
+    FitResult with the final and best parameters and the metric history.
+  """
+  mesh = mesh or data_mesh()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  graphdef, params, frozen = nnx.split(model, wrt, ...)
+  tx = make_optimizer(spec)
+  params, frozen = replicate(params, mesh), replicate(frozen, mesh)
+  opt_state = replicate(tx.init(params), mesh)
+  rng = jax.random.key_data(jax.random.key(spec.seed))
+
+  mngr = ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=spec.keep, enable_async_checkpointing=False,
+                                           create=True))
+  meta = {"best_loss": float("inf"), "best_step": -1}
+  start = 0
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state, "rng": rng}),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    params = replicate(restored.state["params"], mesh)
+    opt_state = replicate(restored.state["opt_state"], mesh)
+    rng = restored.state["rng"]
+    train_iter.set_state(restored.data)
+    meta = restored.meta
+  metrics_path = workdir / "metrics.jsonl"
+  # Records past the restored checkpoint came from an interrupted run: they are written again.
+  history = io.truncate_jsonl(metrics_path, keep=lambda r: 0 < start and r["step"] <= start)
+  best_path = workdir / "best.safetensors"
+
+  @jax.jit
+  def train_step(params, opt_state, frozen, rng, batch):
+    def loss_fn(p):
+      return losses.lm_loss(nnx.merge(graphdef, p, frozen), batch)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    rng, _ = jax.random.split(jax.random.wrap_key_data(rng))
+    return params, opt_state, jax.random.key_data(rng), {"loss": loss,
+                                                         "grad_norm": optax.global_norm(grads)}
+
+  evaluate = make_eval_fn(graphdef, frozen, eval_batches, mesh) if eval_batches else None
+  schedule_lr = make_optimizer_schedule(spec)
+
+  def record(rec: dict[str, Any]) -> None:
+    history.append(rec)
+    io.append_jsonl(metrics_path, rec)
+
+  def maybe_eval(step: int, params) -> None:
+    if evaluate is None:
+      return
+    loss = evaluate(params)
+    record({"step": step, "eval_loss": loss})
+    if loss < meta["best_loss"]:
+      meta.update(best_loss=loss, best_step=step)
+      io.save_tree(params, best_path)
+
+  if start == 0:
+    maybe_eval(0, params)
+  bar = tqdm(total=spec.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+  t0, n_seen = time.perf_counter(), 0
+  for step in range(start + 1, spec.steps + 1):
+    batch = next(train_iter)
+    n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch["tokens"])
+    params, opt_state, rng, m = train_step(params, opt_state, frozen, rng, shard_batch(batch, mesh))
+    if step % spec.log_every == 0 or step == spec.steps:
+      dt = time.perf_counter() - t0
+      rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+             "lr": float(schedule_lr(step - 1)), "examples_per_s": n_seen / max(dt, 1e-9)}
+      record(rec)
+      bar.set_postfix(loss=f"{rec['loss']:.3f}", ex_s=f"{rec['examples_per_s']:.0f}")
+      t0, n_seen = time.perf_counter(), 0
+    if (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps:
+      maybe_eval(step, params)
+    if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == spec.steps:
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": rng}),
+          data=ocp.args.JsonSave(train_iter.get_state()), meta=ocp.args.JsonSave(dict(meta))),
+          force=True)
+    bar.update(1)
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  best = io.load_tree(best_path, params) if evaluate is not None and best_path.exists() else None
+  return FitResult(params=params, best_params=best, best_step=meta["best_step"],
+                   best_loss=meta["best_loss"], history=history)
+
+
+def make_optimizer_schedule(spec: TrainSpec) -> optax.Schedule:
+  """The learning-rate schedule `make_optimizer` uses (for logging)."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=spec.lr, warmup_steps=spec.warmup_steps,
+      decay_steps=max(spec.steps, spec.warmup_steps + 1), end_value=spec.lr * 0.1)
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
