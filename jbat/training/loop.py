@@ -160,7 +160,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     params = optax.apply_updates(params, updates)
     rng, _ = jax.random.split(jax.random.wrap_key_data(rng))
     return params, opt_state, jax.random.key_data(rng), {"loss": loss,
-                                                         "grad_norm": optax.global_norm(grads)}
+                                                         "grad_norm": optax.tree.norm(grads)}
 
   evaluate = make_eval_fn(graphdef, frozen, eval_batches, mesh) if eval_batches else None
   schedule_lr = make_optimizer_schedule(spec)

@@ -1,0 +1,29 @@
+"""Data layer: text sources and task splits, tokenizers, and the grain batch pipeline."""
+
+from jbat.data.pipeline import (
+    encode,
+    eval_batches,
+    num_eval_batches,
+    pack_batch,
+    pad_batch,
+    state_from_json,
+    state_to_json,
+    train_loader,
+)
+from jbat.data.sources import (
+    Document,
+    Task,
+    dedup,
+    fortunes_dir,
+    load_fortunes,
+    load_jsonl,
+    load_text_folder,
+    make_task,
+    text_hash,
+)
+from jbat.data.tokenizer import (
+    SPECIAL_TOKENS,
+    get_or_train_tokenizer,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)

@@ -1,0 +1,31 @@
+"""Scoring: pure per-example ALBAT scores of backbone examples (kernels) and the DSIR anchor."""
+
+from jbat.scoring.dsir import dsir_scores, fit_ngram_model, hash_ngrams
+from jbat.scoring.kernels import (
+    align,
+    check_same_structure,
+    cosine,
+    finish_mean,
+    grad_norm,
+    grad_sum,
+    jit_kernel,
+    less,
+    loss_diff,
+    mean_grad,
+    per_example_grads,
+    per_example_losses_and_grads,
+    project,
+    rademacher_projection,
+    random_scores,
+    surrogate_fit,
+    tree_dot,
+    tree_norm,
+    tree_sub,
+)
+
+__all__ = [
+    "align", "check_same_structure", "cosine", "dsir_scores", "finish_mean", "fit_ngram_model",
+    "grad_norm", "grad_sum", "hash_ngrams", "jit_kernel", "less", "loss_diff", "mean_grad",
+    "per_example_grads", "per_example_losses_and_grads", "project", "rademacher_projection",
+    "random_scores", "surrogate_fit", "tree_dot", "tree_norm", "tree_sub",
+]

@@ -1,0 +1,385 @@
+"""Pure, model-agnostic ALBAT scoring kernels (method.md, Stage 2).
+
+Every kernel takes a per-example loss function
+
+  loss_fn(adapter, batch) -> f32[B]
+
+where `adapter` is any pytree of float arrays (a dict, an `nnx.State` of LoRA parameters, ...)
+and `batch` is a dict of arrays sharing a leading batch axis B that includes `"valid"`: bool[B]
+(padding rows are False). `loss_fn` must be per-example: row i of its output may depend only on
+row i of the batch (no batch statistics). The kernels never normalise across the batch, so
+padding rows cannot change the scores of valid rows, and every kernel returns exactly 0.0 for
+invalid rows (masked with `jnp.where`, so a NaN or inf loss on a padding row stays there).
+
+Jit style: the kernels are plain pure functions with `loss_fn` as their first argument. Jit them
+by closing over the loss, e.g. `jit_kernel(align, loss_fn)` (which is
+`jax.jit(functools.partial(align, loss_fn))`), or `jax.jit(align, static_argnums=0)`.
+Structure checks (delta vs phi0) run at trace time, so they cost nothing per call.
+
+Cost, in units of one forward pass F of the batch (method.md, Cost model):
+  align 2F, loss_diff 2F, per-example gradients ~3F plus B x |phi| floats of memory (cosine,
+  grad_norm, surrogate_fit, less, mean_grad), random 0F. `less` with projection adds a
+  B x |phi| x d matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jbat.errors import JbatError
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+LossFn = Callable[[PyTree, Batch], jax.Array]
+
+# Default number of parameter rows per generated Rademacher block (see `project`).
+PROJ_BLOCK = 4096
+
+
+# ----------------------------------------------------------------------------- pytree helpers
+
+
+def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
+  """<a, b> = sum over leaves of sum(a_leaf * b_leaf), accumulated in float32. Returns f32[]."""
+  parts = jax.tree.leaves(jax.tree.map(
+      lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b))
+  return functools.reduce(jnp.add, parts, jnp.zeros((), jnp.float32))
+
+
+def tree_norm(a: PyTree) -> jax.Array:
+  """||a||_2 over all leaves, in float32. Returns f32[]."""
+  return jnp.sqrt(tree_dot(a, a))
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+  """Leafwise a - b (same structure as `a`), e.g. delta = tree_sub(phi_s, phi0)."""
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def _batched_dot(a: PyTree, b: PyTree) -> jax.Array:
+  """Per-example <a_i, b>: `a` has a leading axis B on every leaf, `b` has none. f32[B]."""
+  def leaf_dot(x, y):
+    x = x.astype(jnp.float32).reshape(x.shape[0], -1)
+    return x @ y.astype(jnp.float32).reshape(-1)
+  parts = jax.tree.leaves(jax.tree.map(leaf_dot, a, b))
+  return functools.reduce(jnp.add, parts)
+
+
+def _batched_sq_norm(a: PyTree) -> jax.Array:
+  """Per-example ||a_i||^2 for a pytree whose leaves all have leading axis B. f32[B]."""
+  parts = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+           for x in jax.tree.leaves(a)]
+  return functools.reduce(jnp.add, parts)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _valid(batch: Batch) -> jax.Array:
+  """The batch's validity mask as bool[B]; JbatError if the batch has no "valid" entry."""
+  if not isinstance(batch, dict) or "valid" not in batch:
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise JbatError("scoring batch: expected a dict with a 'valid' bool[B] entry "
+                    f"(padding rows False), got {got}")
+  return jnp.asarray(batch["valid"]).astype(bool)
+
+
+def _mask(valid: jax.Array, x: jax.Array, fill: float = 0.0) -> jax.Array:
+  """x where valid else `fill`, as float32 (valid is bool[B], x is [B])."""
+  return jnp.where(valid, x.astype(jnp.float32), jnp.float32(fill))
+
+
+def check_same_structure(reference: PyTree, other: PyTree, *, name: str = "delta",
+                         reference_name: str = "phi0") -> None:
+  """Raise JbatError unless `other` has the tree structure and leaf shapes of `reference`.
+
+  The message names the first differing leaf by its path and gives both shapes (or the leaf
+  paths present in one tree and missing in the other).
+  """
+  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
+  oth_leaves, oth_def = jax.tree_util.tree_flatten_with_path(other)
+  ref_paths = [jax.tree_util.keystr(p) for p, _ in ref_leaves]
+  oth_paths = [jax.tree_util.keystr(p) for p, _ in oth_leaves]
+  if ref_paths != oth_paths:
+    missing = [p for p in ref_paths if p not in oth_paths]
+    extra = [p for p in oth_paths if p not in ref_paths]
+    raise JbatError(
+        f"scoring: {name} must have the tree structure of {reference_name}; leaves missing in "
+        f"{name}: {missing or 'none'}; leaves not in {reference_name}: {extra or 'none'}"
+        + ("" if missing or extra else f"; leaf order differs: {oth_paths} vs {ref_paths}"))
+  for path, (_, r), (_, o) in zip(ref_paths, ref_leaves, oth_leaves):
+    if jnp.shape(r) != jnp.shape(o):
+      raise JbatError(f"scoring: leaf {path} of {name} has shape {tuple(jnp.shape(o))}, but the "
+                      f"same leaf of {reference_name} has shape {tuple(jnp.shape(r))}")
+  if ref_def != oth_def:
+    raise JbatError(f"scoring: {name} has the leaves of {reference_name} but a different "
+                    f"container type: {oth_def} vs {ref_def}")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def align(loss_fn: LossFn, phi0: PyTree, delta: PyTree, batch: Batch) -> jax.Array:
+  """ALBAT alignment score: s_i = -<grad_phi l(z_i; phi0), delta>. Returns f32[B].
+
+  Computed exactly for the whole batch with ONE forward-mode product: the tangent of the loss
+  vector phi -> [l(z_1; phi), ..., l(z_B; phi)] at phi0 along delta is the vector of
+  directional derivatives <grad l(z_i; phi0), delta>. No per-example gradient is materialised.
+  Positive s_i: one SGD step on z_i moves the adapter toward the surrogate optimum.
+
+  Cost: ~2F (primal + tangent), independent of |phi|; memory of one forward.
+  Raises JbatError at trace time if `delta` differs from `phi0` in structure or leaf shapes.
+  Invalid rows score 0.
+  """
+  check_same_structure(phi0, delta)
+  valid = _valid(batch)
+  delta = jax.tree.map(lambda d, p: d.astype(p.dtype), delta, phi0)
+  _, tangent = jax.jvp(lambda p: loss_fn(p, batch), (phi0,), (delta,))
+  return _mask(valid, -tangent)
+
+
+def loss_diff(loss_fn: LossFn, phi0: PyTree, phi_s: PyTree, batch: Batch) -> jax.Array:
+  """s_i = l(z_i; phi0) - l(z_i; phi_s): the path integral of the alignment from phi0 to phi_s.
+
+  Exact (no linearisation). Cost: 2F. Invalid rows score 0. Returns f32[B].
+  """
+  check_same_structure(phi0, phi_s, name="phi_s")
+  valid = _valid(batch)
+  return _mask(valid, loss_fn(phi0, batch).astype(jnp.float32)
+               - loss_fn(phi_s, batch).astype(jnp.float32))
+
+
+def per_example_losses_and_grads(loss_fn: LossFn, phi: PyTree,
+                                 batch: Batch) -> tuple[jax.Array, PyTree]:
+  """(l(z_i; phi) f32[B], grad_phi l(z_i; phi) with leading axis B on every leaf).
+
+  `jax.vmap(jax.value_and_grad(...))` over the rows of `batch`: each row is wrapped back into a
+  batch of 1 (leading dim 1) before calling `loss_fn`. Invalid rows get loss 0 and gradient 0.
+  Cost: ~3F; memory B x |phi| floats for the gradients.
+  """
+  valid = _valid(batch)
+
+  def row_loss(p, row):
+    return loss_fn(p, jax.tree.map(lambda x: x[None], row))[0]
+
+  losses, grads = jax.vmap(jax.value_and_grad(row_loss), in_axes=(None, 0))(phi, batch)
+  grads = jax.tree.map(
+      lambda g: jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, jnp.zeros_like(g)),
+      grads)
+  return _mask(valid, losses), grads
+
+
+def per_example_grads(loss_fn: LossFn, phi: PyTree, batch: Batch) -> PyTree:
+  """grad_phi l(z_i; phi) for every row: the tree of `phi` with a leading axis B on each leaf.
+
+  Rows of invalid examples are exactly 0. Cost: ~3F, memory B x |phi| floats.
+  """
+  return per_example_losses_and_grads(loss_fn, phi, batch)[1]
+
+
+def grad_norm(loss_fn: LossFn, phi: PyTree, batch: Batch) -> jax.Array:
+  """||grad_phi l(z_i; phi)||_2 for every row, f32[B]; invalid rows 0. Cost: ~3F."""
+  return jnp.sqrt(_batched_sq_norm(per_example_grads(loss_fn, phi, batch)))
+
+
+def _safe_cos(dot: jax.Array, denom: jax.Array, eps: float) -> jax.Array:
+  """dot / denom where denom > eps, else 0 (also 0 where dot is 0 because a norm is 0)."""
+  ok = denom > eps
+  return jnp.where(ok, dot / jnp.where(ok, denom, 1.0), 0.0).astype(jnp.float32)
+
+
+def cosine(loss_fn: LossFn, phi0: PyTree, delta: PyTree, batch: Batch,
+           *, eps: float = 1e-12) -> jax.Array:
+  """s_i = -<g_i, delta> / (||g_i|| ||delta||), g_i = grad_phi l(z_i; phi0). Returns f32[B].
+
+  Equals align / (||g_i|| ||delta||) (the numerator is taken from the per-example gradients,
+  which are needed for the norms anyway). Removes the bias of `align` toward long / high-loss
+  examples. Where ||g_i|| ||delta|| <= eps the score is 0; invalid rows score 0.
+  Cost: ~3F, memory B x |phi| floats.
+  """
+  check_same_structure(phi0, delta)
+  valid = _valid(batch)
+  grads = per_example_grads(loss_fn, phi0, batch)
+  dots = -_batched_dot(grads, delta)
+  denom = jnp.sqrt(_batched_sq_norm(grads)) * tree_norm(delta)
+  return _mask(valid, _safe_cos(dots, denom, eps))
+
+
+def surrogate_fit(loss_fn: LossFn, phi_s: PyTree, batch: Batch) -> dict[str, jax.Array]:
+  """The "validity" scores at the surrogate: {"neg_loss": -l(z_i; phi_s),
+  "neg_grad_norm": -||grad_phi l(z_i; phi_s)||}, both f32[B], invalid rows 0.
+
+  Keeps what the adaptation optimum already fits. Cost: ~3F (one vmapped value_and_grad gives
+  both), memory B x |phi| floats.
+  """
+  valid = _valid(batch)
+  losses, grads = per_example_losses_and_grads(loss_fn, phi_s, batch)
+  return {"neg_loss": _mask(valid, -losses),
+          "neg_grad_norm": _mask(valid, -jnp.sqrt(_batched_sq_norm(grads)))}
+
+
+def grad_sum(loss_fn: LossFn, phi: PyTree, batch: Batch) -> tuple[PyTree, jax.Array]:
+  """(sum over valid rows of grad_phi l(z_i; phi), number of valid rows as f32[]).
+
+  For averaging over several batches: add the sums and counts, then `finish_mean`.
+  Built from masked per-example gradients, so a NaN loss on a padding row cannot leak into the
+  sum. Cost: ~3F, memory B x |phi| floats (the adaptation set is small).
+  """
+  valid = _valid(batch)
+  grads = per_example_grads(loss_fn, phi, batch)
+  return jax.tree.map(lambda g: jnp.sum(g, axis=0), grads), jnp.sum(valid.astype(jnp.float32))
+
+
+def finish_mean(total: PyTree, count: jax.Array) -> PyTree:
+  """total / max(count, 1): the mean gradient from `grad_sum` results summed over batches."""
+  return jax.tree.map(lambda g: g / jnp.maximum(count, 1.0).astype(g.dtype), total)
+
+
+def mean_grad(loss_fn: LossFn, phi: PyTree, batch: Batch) -> PyTree:
+  """Mean of the valid per-example gradients of one batch (tree of `phi`). Cost: ~3F.
+
+  For a set spread over several batches use `grad_sum` per batch and `finish_mean`.
+  """
+  return finish_mean(*grad_sum(loss_fn, phi, batch))
+
+
+# ----------------------------------------------------------------------------- projection
+
+
+def _blocking(n: int, block: int) -> tuple[int, int]:
+  """(rows per block, number of blocks) for a leaf of n parameters: min(block, n), ceil."""
+  if not isinstance(block, int) or block <= 0:
+    raise JbatError(f"scoring.project: block must be a positive int, got {block!r}")
+  rows = max(1, min(block, n))
+  return rows, -(-max(n, 1) // rows)
+
+
+def _leaf_block(key: jax.Array, leaf_index: int, block_index: jax.Array | int,
+                block: int, d: int) -> jax.Array:
+  """Rademacher block [block, d] of +-1/sqrt(d) for rows block_index*block.. of one leaf."""
+  k = jax.random.fold_in(jax.random.fold_in(key, leaf_index), block_index)
+  return jax.random.rademacher(k, (block, d), dtype=jnp.float32) / jnp.sqrt(jnp.float32(d))
+
+
+def rademacher_projection(key: jax.Array, tree_like: PyTree, d: int, *,
+                          block: int = PROJ_BLOCK) -> PyTree:
+  """The explicit projection matrix `project` uses, one f32[leaf.size, d] per leaf.
+
+  Entries are +-1/sqrt(d), so E[<P^T u, P^T v>] = <u, v>. Leaf i, parameter rows
+  [j*block, (j+1)*block) come from `jax.random.fold_in(fold_in(key, i), j)` (leaf order of
+  `jax.tree.leaves`), with rows = min(block, leaf.size) rows per block. `block` is part of
+  the definition: change it and the matrix of leaves larger than `block` changes.
+  Memory: |phi| x d floats, so use this only for small trees and tests; `project` never holds
+  more than one block.
+  """
+  def leaf_matrix(i, x):
+    n = int(x.size)
+    rows, n_blocks = _blocking(n, block)
+    mats = [_leaf_block(key, i, j, rows, d) for j in range(n_blocks)]
+    return jnp.concatenate(mats, axis=0)[:n]
+  leaves, treedef = jax.tree.flatten(tree_like)
+  return jax.tree.unflatten(treedef, [leaf_matrix(i, x) for i, x in enumerate(leaves)])
+
+
+def project(grads_tree: PyTree, key: jax.Array, d: int, *, block: int = PROJ_BLOCK) -> jax.Array:
+  """Seeded Rademacher projection of flattened per-example gradients to d dims. f32[B, d].
+
+  `grads_tree` has a leading axis B on every leaf. Returns sum over leaves of
+  flat(g_leaf) @ R_leaf with R from `rademacher_projection(key, ., d, block=block)`: inner
+  products are preserved in expectation (Johnson-Lindenstrauss; the error of <Pu, Pv> has
+  standard deviation about ||u|| ||v|| sqrt(2/d)). Use the same key for every vector compared.
+  Memory: one block x d matrix at a time inside a `lax.fori_loop` plus B x d accumulators;
+  compute B x |phi| x d multiply-adds.
+  """
+  if not isinstance(d, int) or d <= 0:
+    raise JbatError(f"scoring.project: proj_dim must be a positive int, got {d!r}")
+  leaves = jax.tree.leaves(grads_tree)
+  if not leaves:
+    raise JbatError("scoring.project: the gradient tree has no leaves")
+  b = leaves[0].shape[0]
+  out = jnp.zeros((b, d), jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  for i, g in enumerate(leaves):
+    flat = g.astype(jnp.float32).reshape(b, -1)
+    n = flat.shape[1]
+    rows, n_blocks = _blocking(n, block)
+    if n_blocks == 1:
+      out = out + jnp.dot(flat, _leaf_block(key, i, 0, rows, d), precision=hi)
+      continue
+    flat = jnp.pad(flat, ((0, 0), (0, n_blocks * rows - n))).reshape(b, n_blocks, rows)
+
+    def body(j, acc, flat=flat, i=i, rows=rows):
+      chunk = jax.lax.dynamic_index_in_dim(flat, j, axis=1, keepdims=False)
+      return acc + jnp.dot(chunk, _leaf_block(key, i, j, rows, d), precision=hi)
+
+    out = jax.lax.fori_loop(0, n_blocks, body, out)
+  return out
+
+
+def less(loss_fn: LossFn, phi_s: PyTree, target_grad: PyTree, batch: Batch, *,
+         key: jax.Array | None = None, proj_dim: int | None = None,
+         eps: float = 1e-12) -> jax.Array:
+  """LESS anchor: cos(grad_phi l(z_i; phi_s), target_grad), f32[B], invalid rows 0.
+
+  `target_grad` is the mean adaptation-set gradient at phi_s (`mean_grad` / `grad_sum`). With
+  `proj_dim` both sides go through the same seeded Rademacher projection (`project`, same
+  `key`) before the cosine, as in LESS. `proj_dim` is static under jit. Zero norms give 0.
+  Cost: ~3F, memory B x |phi|, plus B x |phi| x proj_dim multiply-adds when projecting.
+  """
+  check_same_structure(phi_s, target_grad, name="target_grad", reference_name="phi_s")
+  if proj_dim is not None and key is None:
+    raise JbatError("scoring.less: proj_dim is set, so a PRNG key is required (key=...)")
+  if proj_dim is not None and (not isinstance(proj_dim, int) or proj_dim <= 0):
+    raise JbatError(f"scoring.less: proj_dim must be a positive int (static under jit), got "
+                    f"{proj_dim!r}")
+  valid = _valid(batch)
+  grads = per_example_grads(loss_fn, phi_s, batch)
+  if proj_dim is None:
+    dots = _batched_dot(grads, target_grad)
+    denom = jnp.sqrt(_batched_sq_norm(grads)) * tree_norm(target_grad)
+  else:
+    pg = project(grads, key, proj_dim)
+    pt = project(jax.tree.map(lambda x: x[None], target_grad), key, proj_dim)[0]
+    dots = pg @ pt
+    denom = jnp.linalg.norm(pg, axis=1) * jnp.linalg.norm(pt)
+  return _mask(valid, _safe_cos(dots, denom, eps))
+
+
+# ----------------------------------------------------------------------------- random anchor
+
+
+def random_scores(key: jax.Array, ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """Uniform [0, 1) score per example id: u(fold_in(key, id)). f32[B].
+
+  Depends only on (key, id), never on batch composition, order or device count. `ids` is an
+  integer [B] (folded in as uint32, so ids are taken modulo 2**32 when jax x64 is off), or
+  [B, 2] (high, low) 32-bit words for 64-bit ids. Rows with valid False (if given) score 0.
+  Cost: no model forward.
+  """
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2) or (
+      ids.ndim == 2 and ids.shape[1] != 2):
+    raise JbatError(f"scoring.random_scores: ids must be integer [B] or [B, 2] (hi, lo), got "
+                    f"{ids.dtype}{list(ids.shape)}")
+  words = ids.astype(jnp.uint32).reshape(ids.shape[0], -1)
+
+  def one(w):
+    k = key
+    for t in range(words.shape[1]):
+      k = jax.random.fold_in(k, w[t])
+    return jax.random.uniform(k, (), jnp.float32)
+
+  out = jax.vmap(one)(words)
+  return out if valid is None else _mask(jnp.asarray(valid).astype(bool), out)
+
+
+def jit_kernel(kernel: Callable[..., Any], loss_fn: LossFn, **static: Any) -> Callable[..., Any]:
+  """jax.jit of `kernel` with `loss_fn` (and keyword arguments such as proj_dim) bound.
+
+  Example: `score = jit_kernel(align, loss_fn); s = score(phi0, delta, batch)`.
+  """
+  return jax.jit(functools.partial(kernel, loss_fn, **static))
