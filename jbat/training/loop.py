@@ -187,8 +187,9 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch["tokens"])
     params, opt_state, rng, m = train_step(params, opt_state, frozen, rng, shard_batch(batch, mesh))
     if step % spec.log_every == 0 or step == spec.steps:
+      loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # Waits for the step to finish.
       dt = time.perf_counter() - t0
-      rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+      rec = {"step": step, "loss": loss, "grad_norm": grad_norm,
              "lr": float(schedule_lr(step - 1)), "examples_per_s": n_seen / max(dt, 1e-9)}
       record(rec)
       bar.set_postfix(loss=f"{rec['loss']:.3f}", ex_s=f"{rec['examples_per_s']:.0f}")
