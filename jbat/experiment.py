@@ -90,6 +90,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs the whole experiment described by a validated config; returns the results."""
   t0 = time.perf_counter()
   cache = config_lib.cache_dir(config)
+  if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.
+    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
   check_batch_sizes(config, jax.device_count())
   mesh = loop.data_mesh()
 

@@ -26,6 +26,7 @@ def test_demo_configs_validate():
 
 @pytest.mark.parametrize("key,value,needle", [
     ("lora.rank", 0, "lora.rank must be > 0"),
+    ("data.n_adapt", 0, "data.n_adapt must be > 0"),
     ("train.steps", -1, "train.steps must be > 0"),
     ("model.pos", "alibi", "model.pos must be one of"),
     ("data.source", "hub", "data.source must be one of"),

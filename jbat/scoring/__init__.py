@@ -22,8 +22,11 @@ from jbat.scoring.kernels import (
     tree_norm,
     tree_sub,
 )
+# After kernels: stream imports jbat.surrogate, which imports jbat.scoring.kernels.
+from jbat.scoring.stream import SCORE_NAMES, ScoreTable, load_table, score_pool
 
 __all__ = [
+    "SCORE_NAMES", "ScoreTable", "load_table", "score_pool",
     "align", "check_same_structure", "cosine", "dsir_scores", "finish_mean", "fit_ngram_model",
     "grad_norm", "grad_sum", "hash_ngrams", "jit_kernel", "less", "loss_diff", "mean_grad",
     "per_example_grads", "per_example_losses_and_grads", "project", "rademacher_projection",

@@ -1,0 +1,354 @@
+"""ALBAT stage 2 at scale: stream the backbone pool through the jitted kernels, resumably.
+
+The pool is read in order in fixed-shape padded batches (`pipeline.eval_batches`, B rows of L
+tokens, a `valid` mask on padding rows). Each batch is split over the mesh's `data` axis
+(NamedSharding, `loop.shard_batch`) while the adapters and the frozen backbone are replicated;
+each score has its own jitted kernel, compiled once for the batch shape. Scores are written in
+chunks of `chunk_batches` batches:
+
+  out_dir/chunk_000000.npz   ids int64[n], one float32[n] array per score name (pool order)
+  out_dir/cursor.json        {"next_chunk", "n_chunks", "fingerprint", ...}
+
+Each chunk is written atomically and the cursor after it, so a run killed at any moment (even
+SIGKILL) continues at `next_chunk` when called again with the same arguments and produces the
+same files. The fingerprint hashes everything that determines the scores (score names, batch
+shape, chunking, pool contents, adapters); a mismatch is an error rather than a silent mix.
+
+Memory: the pool's token arrays are in memory; activations and per-example gradients exist for
+one batch at a time, and a chunk holds `chunk_batches * B` floats per score.
+
+Score names (method.md, Stage 2; every score is "higher = select first"):
+  align           -<grad l(z; phi0), delta>                  (one jvp, ~2F)
+  loss_diff       l(z; phi0) - l(z; phi_s)                   (~2F)
+  cosine          align / (||grad l(z; phi0)|| ||delta||)     (vmap grads, ~3F)
+  surrogate_fit   -l(z; phi_s)                               (vmap grads, ~3F)
+  surrogate_grad  -||grad l(z; phi_s)||                      (shares surrogate_fit's kernel)
+  less            cos(grad l(z; phi_s), mean D_A grad at phi_s), optional Rademacher projection
+  dsir            hashed n-gram log importance ratio D_A vs pool (host, no model)
+  random          uniform [0, 1) from (seed, example id)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jbat import io
+from jbat.data import pipeline
+from jbat.errors import JbatError
+from jbat.scoring import dsir as dsir_lib
+from jbat.scoring import kernels
+from jbat import surrogate as surrogate_lib  # Module import: jbat.surrogate imports kernels.
+from jbat.training import loop
+
+SCORE_NAMES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less", "dsir",
+               "random")
+MODEL_SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less")
+CURSOR_FILE = "cursor.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreTable:
+  """ids int64[N] (pool order) and one float32[N] array per score name."""
+
+  ids: np.ndarray
+  scores: dict[str, np.ndarray]
+
+  def __len__(self) -> int:
+    return int(self.ids.shape[0])
+
+
+def chunk_path(out_dir: pathlib.Path, index: int) -> pathlib.Path:
+  return pathlib.Path(out_dir) / f"chunk_{index:06d}.npz"
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
+                 pool_examples: Sequence[dict[str, Any]], settings: dict[str, Any],
+                 pool_texts: Sequence[str] | None, adapt_texts: Sequence[str] | None) -> str:
+  """sha256 (first 16 hex) of everything that determines the chunk files."""
+  h = hashlib.sha256(json.dumps({"scores": list(scores), **settings}, sort_keys=True).encode())
+  for ex in pool_examples:
+    h.update(np.int64(ex["id"]).tobytes())
+    h.update(np.asarray(ex["ids"], np.int32).tobytes())
+    h.update(b"\x00")
+  if surrogate is not None:
+    for tree in (surrogate.phi0, surrogate.phi_s):
+      for key, value in sorted(io.tree_to_flat(tree).items()):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+  for texts in (pool_texts, adapt_texts):
+    for t in texts or ():
+      h.update(t.encode("utf-8", errors="replace") + b"\x01")
+  return h.hexdigest()[:16]
+
+
+def _read_cursor(out_dir: pathlib.Path, fingerprint: str, n_chunks: int) -> int:
+  """Index of the next chunk to compute (0 when starting fresh)."""
+  path = out_dir / CURSOR_FILE
+  if not path.exists():
+    return 0
+  try:
+    cursor = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise JbatError(f"{path}: not valid JSON ({e.msg}); delete it to rescore from the start")
+  if cursor.get("fingerprint") != fingerprint:
+    raise JbatError(f"{path}: these scores were computed with other inputs (fingerprint "
+                    f"{cursor.get('fingerprint')!r}, now {fingerprint!r}: different pool, "
+                    f"adapters, scores or batch settings); use a fresh output folder")
+  next_chunk = int(cursor.get("next_chunk", 0))
+  if not 0 <= next_chunk <= n_chunks:
+    raise JbatError(f"{path}: next_chunk {next_chunk} is outside 0..{n_chunks}")
+  return next_chunk
+
+
+def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int, n_chunks: int,
+                  n_examples: int) -> None:
+  io.write_json_atomic(out_dir / CURSOR_FILE, {
+      "fingerprint": fingerprint, "next_chunk": next_chunk, "n_chunks": n_chunks,
+      "n_examples": n_examples, "done": next_chunk == n_chunks})
+
+
+def _write_chunk(path: pathlib.Path, ids: np.ndarray, scores: dict[str, np.ndarray]) -> None:
+  with io.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:  # A file object: np.savez would otherwise append ".npz".
+      np.savez(f, ids=ids, **{f"score_{k}": v for k, v in scores.items()})
+
+
+def load_table(out_dir: str | pathlib.Path, scores: Sequence[str] | None = None) -> ScoreTable:
+  """Concatenates the finished chunks of `out_dir` (in chunk order) into a ScoreTable.
+
+  Raises JbatError if the cursor says the scoring is not finished.
+  """
+  out_dir = pathlib.Path(out_dir)
+  path = out_dir / CURSOR_FILE
+  cursor = json.loads(path.read_text()) if path.exists() else {}
+  if not cursor.get("done"):
+    raise JbatError(f"{out_dir}: scoring is not finished (cursor {cursor or 'missing'}); run "
+                    f"score_pool again to continue it")
+  ids, cols = [], {}
+  for i in range(int(cursor["n_chunks"])):
+    with np.load(chunk_path(out_dir, i)) as z:
+      ids.append(z["ids"])
+      for key in z.files:
+        if key.startswith("score_") and (scores is None or key[6:] in scores):
+          cols.setdefault(key[6:], []).append(z[key])
+  return ScoreTable(ids=np.concatenate(ids).astype(np.int64),
+                    scores={k: np.concatenate(v).astype(np.float32) for k, v in cols.items()})
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _id_words(ids: np.ndarray) -> np.ndarray:
+  """int64[B] -> uint32[B, 2] (high, low) words, so 64-bit ids reach `random_scores` intact."""
+  u = ids.astype(np.int64).view(np.uint64)
+  return np.stack([(u >> np.uint64(32)), u & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32)
+
+
+def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate,
+                        less_proj_dim: int | None) -> dict[str, Any]:
+  """One jitted function per kernel: (params, batch) -> {score name: f32[B]}.
+
+  `params` = {"rest", "phi0", "phi_s", "delta", "target", "key"} are passed as arguments (not
+  baked in as constants), so the compiled programs do not grow with the model.
+  """
+  graphdef = surrogate.graphdef
+
+  def loss(params):
+    return surrogate_lib.per_example_loss_fn(graphdef, params["rest"])
+
+  fns = {
+      "align": lambda p, b: {"align": kernels.align(loss(p), p["phi0"], p["delta"], b)},
+      "loss_diff": lambda p, b: {"loss_diff": kernels.loss_diff(loss(p), p["phi0"], p["phi_s"],
+                                                                b)},
+      "cosine": lambda p, b: {"cosine": kernels.cosine(loss(p), p["phi0"], p["delta"], b)},
+      "less": lambda p, b: {"less": kernels.less(loss(p), p["phi_s"], p["target"], b,
+                                                 key=p["key"], proj_dim=less_proj_dim)},
+  }
+
+  def fit(p, b):
+    out = kernels.surrogate_fit(loss(p), p["phi_s"], b)
+    return {"surrogate_fit": out["neg_loss"], "surrogate_grad": out["neg_grad_norm"]}
+
+  jitted = {}
+  if {"surrogate_fit", "surrogate_grad"} & set(names):
+    jitted["surrogate_fit"] = jax.jit(fit)
+  for name in names:
+    if name in fns:
+      jitted[name] = jax.jit(fns[name])
+  return jitted
+
+
+def _mean_adapt_grad(surrogate: surrogate_lib.Surrogate,
+                     adapt_examples: Sequence[dict[str, Any]], batch_size: int, max_len: int,
+                     pad_id: int, mesh: jax.sharding.Mesh, rest: Any, phi_s: Any) -> Any:
+  """Mean per-example gradient at phi_s over the adaptation set (LESS target direction)."""
+  graphdef = surrogate.graphdef
+
+  @jax.jit
+  def step(rest, phi_s, batch):
+    return kernels.grad_sum(surrogate_lib.per_example_loss_fn(graphdef, rest), phi_s, batch)
+
+  total, count = None, 0.0
+  for batch in pipeline.eval_batches(adapt_examples, batch_size, max_len, pad_id):
+    s, c = step(rest, phi_s, _put_batch(batch, mesh))
+    total = s if total is None else jax.tree.map(np.add, total, s)
+    count += float(c)
+  return kernels.finish_mean(total, np.float32(count))
+
+
+def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Model inputs (loop.shard_batch), the valid mask and the id words, split over `data`."""
+  out = loop.shard_batch(batch, mesh)
+  sharding = NamedSharding(mesh, P("data"))
+  out["valid"] = jax.make_array_from_process_local_data(sharding, np.asarray(batch["valid"]))
+  out["id_words"] = jax.make_array_from_process_local_data(sharding, _id_words(batch["id"]))
+  return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
+               pool_examples: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, *,
+               batch_size: int, max_len: int, pad_id: int,
+               mesh: jax.sharding.Mesh | None = None,
+               adapt_examples: Sequence[dict[str, Any]] | None = None,
+               pool_texts: Sequence[str] | None = None,
+               adapt_texts: Sequence[str] | None = None, seed: int = 0,
+               less_proj_dim: int | None = None, chunk_batches: int = 64,
+               progress: bool = True) -> ScoreTable:
+  """Scores every pool example with each named score; resumable; returns the whole table.
+
+  Args:
+    scores: names from SCORE_NAMES (see the module docstring), in any order, no repeats.
+    surrogate: phi0 / phi_s / graphdef / rest (may be None when only dsir / random are asked).
+    pool_examples: encoded pool ({"id", "ids"}), scored in this order.
+    out_dir: chunk files and cursor (see the module docstring).
+    batch_size: rows per batch; a multiple of the mesh's `data` axis size.
+    adapt_examples: needed by `less` (mean adaptation gradient at phi_s).
+    pool_texts, adapt_texts: needed by `dsir` (pool_texts parallel to pool_examples).
+    seed: `random` scores and the `less` projection key.
+    less_proj_dim: project gradients to this many dims for `less` (None: exact cosine).
+    chunk_batches: batches per chunk file (and per cursor update).
+  Returns:
+    ScoreTable(ids int64[N], {name: float32[N]}) in pool order.
+  Raises:
+    JbatError: unknown / repeated score names, empty pool, missing inputs for a score,
+      phi_s not shaped like phi0, batch size not divisible by the devices, non-finite scores
+      (the message lists the first 10 offending example ids), or a cursor from other inputs.
+  """
+  scores = list(scores)
+  unknown = [s for s in scores if s not in SCORE_NAMES]
+  if unknown or not scores or len(set(scores)) != len(scores):
+    raise JbatError(f"scoring: scores must be distinct names from {list(SCORE_NAMES)}, got "
+                    f"{scores}")
+  n = len(pool_examples)
+  if n == 0:
+    raise JbatError("scoring: the backbone pool is empty (no examples to score)")
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise JbatError(f"scoring: batch_size must be a positive int, got {batch_size!r}")
+  if not isinstance(chunk_batches, int) or chunk_batches <= 0:
+    raise JbatError(f"scoring: chunk_batches must be a positive int, got {chunk_batches!r}")
+  mesh = mesh or loop.data_mesh()
+  n_dev = mesh.shape["data"]
+  if batch_size % n_dev:
+    raise JbatError(f"scoring: batch_size {batch_size} must be a multiple of the number of "
+                    f"devices on the mesh's data axis ({n_dev})")
+  model_names = [s for s in scores if s in MODEL_SCORES]
+  if model_names and surrogate is None:
+    raise JbatError(f"scoring: {model_names} need a surrogate (got None)")
+  if surrogate is not None:
+    kernels.check_same_structure(surrogate.phi0, surrogate.phi_s, name="phi_s")
+  if "less" in scores and not adapt_examples:
+    raise JbatError("scoring: 'less' needs adapt_examples (the mean adaptation gradient)")
+  if "dsir" in scores:
+    if pool_texts is None or not adapt_texts:
+      raise JbatError("scoring: 'dsir' needs pool_texts and adapt_texts")
+    if len(pool_texts) != n:
+      raise JbatError(f"scoring: pool_texts has {len(pool_texts)} entries for {n} pool "
+                      f"examples (they must be parallel)")
+
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  chunk_size = chunk_batches * batch_size
+  n_chunks = -(-n // chunk_size)
+  settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
+              "chunk_batches": chunk_batches, "less_proj_dim": less_proj_dim, "version": 1}
+  uses_texts = "dsir" in scores
+  fingerprint = _fingerprint(scores, surrogate if model_names else None, pool_examples,
+                             settings, pool_texts if uses_texts else None,
+                             adapt_texts if uses_texts else None)
+  start = _read_cursor(out_dir, fingerprint, n_chunks)
+  if start == n_chunks:
+    return load_table(out_dir, scores)
+
+  params, jitted = {}, {}
+  if model_names:
+    params = loop.replicate({"rest": surrogate.rest, "phi0": surrogate.phi0,
+                             "phi_s": surrogate.phi_s, "delta": surrogate.delta}, mesh)
+    params["key"] = jax.random.key(seed)
+    if "less" in scores:
+      params["target"] = _mean_adapt_grad(surrogate, adapt_examples, batch_size, max_len, pad_id,
+                                          mesh, params["rest"], params["phi_s"])
+    jitted = _make_model_kernels(model_names, surrogate, less_proj_dim)
+  random_fn = jax.jit(lambda key, words, valid: kernels.random_scores(key, words, valid))
+  if "dsir" in scores:
+    target_logp = dsir_lib.fit_ngram_model(adapt_texts)
+    pool_logp = dsir_lib.fit_ngram_model(pool_texts)
+
+  bar = tqdm(total=n, initial=min(start * chunk_size, n), desc="score pool", unit="ex",
+             disable=not progress, dynamic_ncols=True)
+  t0, done0 = time.perf_counter(), 0
+  for c in range(start, n_chunks):
+    lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
+    cols: dict[str, list[np.ndarray]] = {s: [] for s in scores}
+    ids = []
+    for batch in pipeline.eval_batches(pool_examples[lo:hi], batch_size, max_len, pad_id):
+      valid = batch["valid"]
+      dev = _put_batch(batch, mesh)
+      out: dict[str, np.ndarray] = {}
+      for name, fn in jitted.items():
+        out.update({k: np.asarray(v) for k, v in fn(params, dev).items()})
+      if "random" in scores:
+        out["random"] = np.asarray(random_fn(jax.random.key(seed), dev["id_words"],
+                                             dev["valid"]))
+      ids.append(batch["id"][valid])
+      for s in scores:
+        if s != "dsir":
+          cols[s].append(out[s][valid].astype(np.float32))
+      bar.update(int(valid.sum()))
+    chunk_ids = np.concatenate(ids).astype(np.int64)
+    chunk = {s: np.concatenate(v) for s, v in cols.items() if s != "dsir"}
+    if "dsir" in scores:
+      chunk["dsir"] = dsir_lib.dsir_scores(pool_texts[lo:hi], target_logp, pool_logp)
+    _check_finite(chunk_ids, chunk)
+    _write_chunk(chunk_path(out_dir, c), chunk_ids, {s: chunk[s] for s in scores})
+    _write_cursor(out_dir, fingerprint, c + 1, n_chunks, n)
+    done0 += hi - lo
+    bar.set_postfix(ex_s=f"{done0 / max(time.perf_counter() - t0, 1e-9):.0f}")
+  bar.close()
+  return load_table(out_dir, scores)
+
+
+def _check_finite(ids: np.ndarray, chunk: dict[str, np.ndarray]) -> None:
+  """JbatError naming the score and the first 10 example ids whose score is NaN or inf."""
+  for name, values in chunk.items():
+    bad = ~np.isfinite(values)
+    if bad.any():
+      raise JbatError(f"scoring: {int(bad.sum())} non-finite (NaN/inf) '{name}' scores; first "
+                      f"example ids: {ids[bad][:10].tolist()} (check these documents and the "
+                      f"adapters; scoring stopped)")

@@ -1,0 +1,106 @@
+"""ALBAT stage 1: the surrogate adapter (method.md, "Stages" 1).
+
+A fresh LoRA adapter on a copy of the frozen backbone is trained on the adaptation set D_A only
+(`loop.fit`, so the run checkpoints and resumes). We keep
+
+  phi_0   the adapter at init (B = 0: the adapted model equals the backbone),
+  phi_s   the trained surrogate adapter,
+  delta = phi_s - phi_0   (points from the backbone toward the adaptation optimum),
+
+plus the graphdef and the frozen rest of the model state, which together with an adapter give
+back the model: `nnx.merge(graphdef, adapter, rest)`. phi_0 and phi_s are saved as safetensors
+under the workdir; a later call with the same workdir loads them instead of training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jbat import io, lora, losses
+from jbat.data import pipeline
+from jbat.errors import JbatError
+from jbat.models.causal_lm import CausalLM
+from jbat.scoring import kernels
+from jbat.training import loop
+
+PHI0_FILE = "phi0.safetensors"
+PHI_S_FILE = "phi_s.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class Surrogate:
+  """The pieces the scoring kernels need; adapters are nnx.State trees of LoRAParam leaves."""
+
+  graphdef: nnx.GraphDef
+  phi0: nnx.State  # Adapter at init.
+  phi_s: nnx.State  # Trained surrogate adapter (same tree structure as phi0).
+  rest: nnx.State  # Frozen backbone state (everything that is not an adapter leaf).
+
+  @property
+  def delta(self) -> Any:
+    """delta = phi_s - phi0, leafwise (tree of phi0)."""
+    return kernels.tree_sub(self.phi_s, self.phi0)
+
+
+def per_example_loss_fn(graphdef: nnx.GraphDef,
+                        rest: nnx.State) -> Callable[[Any, dict[str, Any]], jax.Array]:
+  """loss_fn(adapter, batch) -> f32[B]: l(z_i; adapter), the mean token NLL of each row.
+
+  The kernels' contract (jbat.scoring.kernels): row i depends only on row i of the batch.
+  `rest` may be a traced argument (pass it through jit instead of closing over constants).
+  """
+  def loss_fn(adapter: Any, batch: dict[str, Any]) -> jax.Array:
+    return losses.lm_per_example_loss(nnx.merge(graphdef, adapter, rest), batch)
+  return loss_fn
+
+
+def _host(tree: Any) -> Any:
+  """The tree with numpy leaves (gathered from devices), for saving and deterministic reuse."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
+                    adapt_examples: Sequence[dict[str, Any]], spec: loop.TrainSpec,
+                    workdir: str | pathlib.Path, *, batch_size: int, max_len: int, pad_id: int,
+                    seed: int, mesh: jax.sharding.Mesh | None = None,
+                    progress: bool = True) -> Surrogate:
+  """Trains (or reloads) the surrogate adapter phi_s on the adaptation set only.
+
+  Args:
+    base: the frozen backbone (not modified: a clone gets the LoRA layers).
+    lora_cfg: adapter rank / alpha / targets; the adapter is initialised with nnx.Rngs(seed).
+    adapt_examples: encoded adaptation examples ({"id", "ids"}, see pipeline.encode).
+    spec: optimisation settings for `loop.fit`.
+    workdir: holds phi0.safetensors, phi_s.safetensors and the fit run (fit/: checkpoints,
+      metrics.jsonl). If both adapter files exist they are loaded and nothing is trained.
+    batch_size, max_len, pad_id, seed: the training stream (pipeline.train_loader).
+  Returns:
+    Surrogate(graphdef, phi0, phi_s, rest) with numpy leaves.
+  Raises:
+    JbatError: empty adaptation set, or saved adapters that do not fit this model/config.
+  """
+  if len(adapt_examples) == 0:
+    raise JbatError("surrogate: the adaptation set is empty (need at least one example)")
+  workdir = pathlib.Path(workdir)
+  model = nnx.clone(base)
+  lora.apply_lora(model, lora_cfg, rngs=nnx.Rngs(seed))
+  graphdef, phi0, rest = lora.split(model)
+  phi0, rest = _host(phi0), _host(rest)
+  phi0_path, phi_s_path = workdir / PHI0_FILE, workdir / PHI_S_FILE
+  if phi0_path.exists() and phi_s_path.exists():
+    return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0),
+                     rest)
+  io.save_tree(phi0, phi0_path)
+  train_iter = pipeline.train_loader(adapt_examples, batch_size, max_len, pad_id, seed)
+  result = loop.fit(model, nnx.LoRAParam, train_iter, spec, workdir / "fit", mesh=mesh,
+                    progress=progress, desc="surrogate")
+  io.save_tree(result.params, phi_s_path)
+  # Reload both from disk so a fresh run and a resumed run hold bitwise the same values.
+  return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0), rest)

@@ -1,0 +1,136 @@
+"""The CLI end to end at toy size: report contents, kill -9 + rerun == straight run, bad inputs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from tests import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cli_cmd(*args):
+  return [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/demo.py:tiny"),
+          *args]
+
+
+def run(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.run(cli_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env,
+                        cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli")
+  return d, synthetic.write_jsonl(d / "corpus.jsonl", 60)
+
+
+def base_args(d, corpus_path, workdir):
+  return [f"--config.cache_dir={d / 'cache'}", f"--config.workdir={workdir}",
+          "--config.data.source=jsonl", f"--config.data.path={corpus_path}",
+          "--config.data.label_field=domain", "--config.data.domain=space",
+          "--config.data.n_adapt=8", "--config.data.n_heldout=16", "--config.progress=False"]
+
+
+def test_end_to_end_report(corpus):
+  d, path = corpus
+  wd = d / "e2e"
+  r = run(*base_args(d, path, wd))
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.loads((wd / "results.json").read_text())
+  arm = results["arms"][0]
+  assert arm["arm"] == "none" and arm["best_loss"] <= arm["backbone_loss"]
+  assert f"held-out NLL backbone {arm['backbone_loss']:.4f}" in r.stdout
+  report = (wd / "report.md").read_text()
+  assert "| none |" in report and f"{arm['best_loss']:.4f}" in report
+  assert (wd / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((wd / "config.json").read_text())
+  assert saved["config"]["data"]["domain"] == "space"
+  # A second run with the same config reuses the cached backbone and the finished arm.
+  r2 = run(*base_args(d, path, wd))
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert "loaded from cache" in r2.stdout
+  assert json.loads((wd / "results.json").read_text())["arms"][0]["best_loss"] == arm["best_loss"]
+
+
+def test_kill_and_rerun_equals_straight_run(corpus):
+  d, path = corpus
+  extra = ["--config.train.steps=300", "--config.train.ckpt_every=5",
+           "--config.train.eval_every=100", "--config.model.d_model=64"]
+  straight = d / "straight"
+  r = run(*base_args(d, path, straight), *extra)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  killed = d / "killed"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.Popen(cli_cmd(*base_args(d, path, killed), *extra), env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = killed / "arms" / "none" / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (killed / "arms" / "none" / "adapter.safetensors").exists(), "finished before kill"
+
+  r = run(*base_args(d, path, killed), *extra)
+  assert r.returncode == 0, r.stderr[-3000:]
+  a = safetensors.numpy.load_file(str(straight / "arms/none/adapter.safetensors"))
+  b = safetensors.numpy.load_file(str(killed / "arms/none/adapter.safetensors"))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  strip = lambda rs: [{k: v for k, v in x.items() if k != "examples_per_s"} for x in rs]
+  from jbat import io
+  assert strip(io.read_jsonl(straight / "arms/none/metrics.jsonl")) == strip(
+      io.read_jsonl(killed / "arms/none/metrics.jsonl"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.data.domain=knitting", "'knitting'"),
+    ("--config.data.n_heldout=500", "space"),
+])
+def test_bad_task_exits_2_without_writing(corpus, override, needle):
+  d, path = corpus
+  wd = d / "bad"
+  r = run(*base_args(d, path, wd), override)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert needle in r.stderr and "Traceback" not in r.stderr
+  assert not wd.exists()
+
+
+def test_bad_jsonl_line_names_file_and_line(corpus, tmp_path):
+  d, _ = corpus
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "ok", "domain": "space"}\n{"body": "no text", "domain": "space"}\n')
+  r = run(*base_args(d, bad, tmp_path / "wd"))
+  assert r.returncode == 2
+  assert "bad.jsonl" in r.stderr and "line 2" in r.stderr and "text" in r.stderr
+  assert not (tmp_path / "wd").exists()
+
+
+def test_missing_corpus_folder(corpus, tmp_path):
+  d, _ = corpus
+  r = run(f"--config.cache_dir={d / 'cache'}", f"--config.workdir={tmp_path / 'wd'}",
+          "--config.data.source=text_folder", f"--config.data.path={tmp_path / 'nowhere'}")
+  assert r.returncode == 2 and "nowhere" in r.stderr and "does not exist" in r.stderr
+
+
+def test_workdir_of_different_config_refused(corpus):
+  d, path = corpus
+  wd = d / "e2e_other"
+  assert run(*base_args(d, path, wd), "--config.train.steps=2").returncode == 0
+  r = run(*base_args(d, path, wd), "--config.train.steps=3")
+  assert r.returncode == 2 and "different config" in r.stderr

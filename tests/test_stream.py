@@ -1,0 +1,188 @@
+"""Streaming scoring: equals the kernels applied directly, resumes, and rejects bad inputs."""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jbat import lora, surrogate as surrogate_lib
+from jbat.data import pipeline, sources, tokenizer as tokenizer_lib
+from jbat.errors import JbatError
+from jbat.models.causal_lm import CausalLM, LMConfig
+from jbat.scoring import dsir, kernels, stream
+from jbat.training import loop
+from tests import synthetic
+
+MAX_LEN = 24
+LORA = lora.LoRAConfig(rank=4, alpha=8.0)
+SPEC = loop.TrainSpec(steps=8, lr=2e-2, log_every=4)
+
+
+def make_task(n_per_domain: int = 20, n_adapt: int = 6) -> sources.Task:
+  docs = [sources.Document(id=i, text=d["text"], source="synthetic", label=d["domain"])
+          for i, d in enumerate(synthetic.documents(n_per_domain, seed=0))]
+  return sources.make_task(docs, "space", n_adapt, 0, seed=0)
+
+
+def make_tokenizer(task: sources.Task, path: pathlib.Path):
+  if path.exists():
+    return tokenizer_lib.load_tokenizer(path)
+  return tokenizer_lib.train_bpe_tokenizer([d.text for d in task.pool + task.adapt], 300, path)
+
+
+def make_base(vocab: int) -> CausalLM:
+  cfg = LMConfig.gpt2_like(vocab, max_len=MAX_LEN, d_model=32, n_layers=1, n_heads=4)
+  return CausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stream")
+  task = make_task()
+  tok = make_tokenizer(task, root / "tok.json")
+  base = make_base(len(tok))
+  adapt = pipeline.encode(task.adapt, tok, MAX_LEN)
+  pool = pipeline.encode(task.pool, tok, MAX_LEN)
+  sur = surrogate_lib.train_surrogate(base, LORA, adapt, SPEC, root / "surrogate", batch_size=4,
+                                      max_len=MAX_LEN, pad_id=tok.pad_token_id, seed=0,
+                                      progress=False)
+  return dict(root=root, task=task, tok=tok, base=base, adapt=adapt, pool=pool, sur=sur)
+
+
+def _direct(setup, names):
+  """Every score from the kernels on ONE batch holding the whole pool (no streaming, no mesh)."""
+  sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
+  loss_fn = surrogate_lib.per_example_loss_fn(sur.graphdef, sur.rest)
+  batch = {k: jnp.asarray(v) for k, v in
+           pipeline.pad_batch(pool, len(pool), MAX_LEN, tok.pad_token_id).items()
+           if k != "id"}
+  abatch = {k: jnp.asarray(v) for k, v in
+            pipeline.pad_batch(setup["adapt"], len(setup["adapt"]), MAX_LEN,
+                               tok.pad_token_id).items() if k != "id"}
+  ids = np.asarray([ex["id"] for ex in pool], np.int64)
+
+  @jax.jit
+  def model_scores(phi0, phi_s, batch, abatch):
+    fit = kernels.surrogate_fit(loss_fn, phi_s, batch)
+    return {
+        "align": kernels.align(loss_fn, phi0, kernels.tree_sub(phi_s, phi0), batch),
+        "loss_diff": kernels.loss_diff(loss_fn, phi0, phi_s, batch),
+        "cosine": kernels.cosine(loss_fn, phi0, kernels.tree_sub(phi_s, phi0), batch),
+        "surrogate_fit": fit["neg_loss"], "surrogate_grad": fit["neg_grad_norm"],
+        "less": kernels.less(loss_fn, phi_s, kernels.mean_grad(loss_fn, phi_s, abatch), batch),
+    }
+
+  out = dict(model_scores(sur.phi0, sur.phi_s, batch, abatch))
+  out["random"] = kernels.random_scores(jax.random.key(0), stream._id_words(ids))
+  task = setup["task"]
+  out["dsir"] = dsir.dsir_scores([d.text for d in task.pool],
+                                 dsir.fit_ngram_model([d.text for d in task.adapt]),
+                                 dsir.fit_ngram_model([d.text for d in task.pool]))
+  return ids, {k: np.asarray(out[k]) for k in names}
+
+
+def test_surrogate_delta_and_reload(setup):
+  sur = setup["sur"]
+  kernels.check_same_structure(sur.phi0, sur.phi_s)
+  assert float(kernels.tree_norm(sur.delta)) > 0  # Training moved the adapter.
+  flat0 = lora.adapter_to_flat(sur.phi0)
+  assert all(np.all(v == 0) for k, v in flat0.items() if k.endswith("lora_b"))  # B = 0 at init.
+  again = surrogate_lib.train_surrogate(setup["base"], LORA, setup["adapt"], SPEC,
+                                        setup["root"] / "surrogate", batch_size=4,
+                                        max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id,
+                                        seed=0, progress=False)
+  for a, b in zip(jax.tree.leaves(again.phi_s), jax.tree.leaves(sur.phi_s)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scores_equal_kernels(setup, tmp_path):
+  names = list(stream.SCORE_NAMES)
+  task = setup["task"]
+  table = stream.score_pool(
+      names, setup["sur"], setup["pool"], tmp_path / "s", batch_size=8, max_len=MAX_LEN,
+      pad_id=setup["tok"].pad_token_id, adapt_examples=setup["adapt"],
+      pool_texts=[d.text for d in task.pool], adapt_texts=[d.text for d in task.adapt], seed=0,
+      chunk_batches=2, progress=False)
+  ids, want = _direct(setup, names)
+  np.testing.assert_array_equal(table.ids, ids)
+  for name in names:
+    assert table.scores[name].dtype == np.float32
+    # loss_diff is a difference of two ~4-nat losses: float32 cancellation needs atol 1e-5.
+    atol = 1e-5 if name == "loss_diff" else 1e-6
+    np.testing.assert_allclose(table.scores[name], want[name], rtol=1e-5, atol=atol,
+                               err_msg=name)
+
+
+def test_resume_from_cursor_reproduces_chunks(setup, tmp_path):
+  names = ["align", "dsir", "random"]
+  task = setup["task"]
+  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id,
+            pool_texts=[d.text for d in task.pool], adapt_texts=[d.text for d in task.adapt],
+            seed=0, chunk_batches=2, progress=False)
+  table = stream.score_pool(names, setup["sur"], setup["pool"], tmp_path, **kw)
+  chunks = sorted(tmp_path.glob("chunk_*.npz"))
+  assert len(chunks) == -(-len(setup["pool"]) // 16) >= 3
+  before = {p.name: p.read_bytes() for p in chunks}
+  for p in chunks[1:]:
+    p.unlink()
+  cursor = tmp_path / "cursor.json"
+  c = json.loads(cursor.read_text())
+  c.update(next_chunk=1, done=False)
+  cursor.write_text(json.dumps(c))
+  with pytest.raises(JbatError, match="not finished"):
+    stream.load_table(tmp_path)
+  again = stream.score_pool(names, setup["sur"], setup["pool"], tmp_path, **kw)
+  after = {p.name: p.read_bytes() for p in sorted(tmp_path.glob("chunk_*.npz"))}
+  assert after == before
+  for name in names:
+    np.testing.assert_array_equal(again.scores[name], table.scores[name])
+
+
+def test_padding_and_batch_size_do_not_change_scores(setup, tmp_path):
+  kw = dict(max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False)
+  a = stream.score_pool(["align", "loss_diff"], setup["sur"], setup["pool"], tmp_path / "a",
+                        batch_size=8, **kw)
+  b = stream.score_pool(["align", "loss_diff"], setup["sur"], setup["pool"], tmp_path / "b",
+                        batch_size=5, chunk_batches=3, **kw)
+  for name in ("align", "loss_diff"):
+    np.testing.assert_allclose(a.scores[name], b.scores[name], rtol=1e-5, atol=1e-6)
+
+
+def test_other_inputs_in_same_dir_is_an_error(setup, tmp_path):
+  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False)
+  stream.score_pool(["align"], setup["sur"], setup["pool"], tmp_path, **kw)
+  with pytest.raises(JbatError, match="fingerprint"):
+    stream.score_pool(["align"], setup["sur"], setup["pool"][:-1], tmp_path, **kw)
+
+
+def test_bad_inputs(setup, tmp_path):
+  sur, pool = setup["sur"], setup["pool"]
+  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False)
+  with pytest.raises(JbatError, match="pool is empty"):
+    stream.score_pool(["align"], sur, [], tmp_path / "e", **kw)
+  with pytest.raises(JbatError, match="distinct names"):
+    stream.score_pool(["alignment"], sur, pool, tmp_path / "u", **kw)
+  # delta (phi_s) with the wrong tree structure: one adapter leaf missing.
+  flat = lora.adapter_to_flat(sur.phi_s)
+  dropped = sorted(flat)[0]
+  bad_phi_s = nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(sur.phi_s)
+                                   if ".".join(map(str, p)) != dropped])
+  with pytest.raises(JbatError, match="phi_s must have the tree structure of phi0"):
+    stream.score_pool(["align"], dataclasses.replace(sur, phi_s=bad_phi_s), pool,
+                      tmp_path / "d", **kw)
+  # NaN scores: a NaN in phi_s makes every model score NaN; the first 10 ids are reported.
+  nan_phi_s = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), sur.phi_s)
+  ids = [ex["id"] for ex in pool]
+  with pytest.raises(JbatError) as err:
+    stream.score_pool(["loss_diff"], dataclasses.replace(sur, phi_s=nan_phi_s), pool,
+                      tmp_path / "n", **kw)
+  assert "non-finite" in str(err.value) and str(ids[:10]) in str(err.value)
+  assert not (tmp_path / "n" / "chunk_000000.npz").exists()
+  with pytest.raises(JbatError, match="need a surrogate"):
+    stream.score_pool(["align"], None, pool, tmp_path / "s", **kw)
+
