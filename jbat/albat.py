@@ -40,6 +40,7 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
     tau: threshold (selection.select); "default" = 0 for align/loss_diff, none otherwise.
     surrogate_spec: optimisation of the surrogate; batch_size: surrogate and scoring batches
       (a multiple of the device count).
+    chunk_batches, less_proj_dim: see stream.score_pool.
   Raises:
     JbatError: see train_surrogate, stream.score_pool and selection.select.
   """

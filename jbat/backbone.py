@@ -68,8 +68,10 @@ def load_or_pretrain(lm_cfg: LMConfig, spec: PretrainSpec, pool: Sequence[Docume
     nnx.update(model, state)
     return model, folder, True
   examples = pipeline.encode(pool, tokenizer, spec.max_len)
-  train_iter = pipeline.train_loader(examples, spec.batch_size, spec.max_len,
-                                     tokenizer.pad_token_id, spec.seed, pack=True)
+  train_iter = pipeline.train_loader(examples, spec.batch_size // jax.process_count(),
+                                     spec.max_len, tokenizer.pad_token_id, spec.seed, pack=True,
+                                     shard_index=jax.process_index(),
+                                     shard_count=jax.process_count())
   train_spec = loop.TrainSpec(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps,
                               weight_decay=spec.weight_decay, clip_norm=1.0,
                               ckpt_every=spec.ckpt_every, keep=1, log_every=25, seed=spec.seed)

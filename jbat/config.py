@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 1024  # Byte-level BPE trained on the pool.
 
   c.model = ml_collections.ConfigDict()
+  # A local Hugging Face model folder (gpt2 / llama / qwen2, safetensors): when set, it is the
+  # backbone and its tokenizer is used; the size keys below and `backbone.*` are then ignored.
+  c.model.pretrained = ""
   c.model.d_model = 128
   c.model.n_layers = 4
   c.model.n_heads = 4
@@ -164,6 +167,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (p.is_dir() if want_dir else p.is_file()):
       kind = "folder" if want_dir else "file"
       raise JbatError(f"config: data.path: {kind} {str(p)!r} does not exist")
+  if config.model.pretrained:
+    p = pathlib.Path(config.model.pretrained).expanduser()
+    if not (p / "config.json").is_file():
+      raise JbatError(f"config: model.pretrained: {str(p)!r} is not a Hugging Face model folder "
+                      "(expected a config.json in it)")
   if not config.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
     raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
 

@@ -21,6 +21,7 @@ from jbat import config as config_lib
 from jbat.data import pipeline, sources, tokenizer as tokenizer_lib
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
+from jbat.models.hf_io import load_causal_lm
 from jbat.training import loop
 
 
@@ -48,6 +49,7 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, n_devices: int) -> None:
+  """Global batch sizes split evenly over devices (and so over processes)."""
   for key in ("train.batch_size", "train.eval_batch_size", "backbone.batch_size"):
     section, name = key.split(".")
     if config[section][name] % n_devices:
@@ -65,8 +67,10 @@ def train_arm(arm: str, base: CausalLM, config: ml_collections.ConfigDict, adapt
                          targets=config.lora.targets)
   lora.apply_lora(model, lcfg, rngs=nnx.Rngs(config.seed))
   t = config.train
-  train_iter = pipeline.train_loader(adapt, t.batch_size, config.data.max_len, pad_id,
-                                     config.seed)
+  train_iter = pipeline.train_loader(adapt, t.batch_size // jax.process_count(),
+                                     config.data.max_len, pad_id, config.seed,
+                                     shard_index=jax.process_index(),
+                                     shard_count=jax.process_count())
   spec = loop.TrainSpec(steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
                         weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                         eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep=t.keep,
@@ -76,14 +80,39 @@ def train_arm(arm: str, base: CausalLM, config: ml_collections.ConfigDict, adapt
   result = loop.fit(
       model, nnx.LoRAParam, train_iter, spec, arm_dir, mesh=mesh, progress=config.progress,
       desc=f"adapt [{arm}]",
-      eval_batches=lambda: pipeline.eval_batches(heldout, t.eval_batch_size,
-                                                 config.data.max_len, pad_id))
+      eval_batches=lambda: pipeline.eval_batches(
+          heldout, t.eval_batch_size // jax.process_count(), config.data.max_len, pad_id,
+          shard_index=jax.process_index(), shard_count=jax.process_count()))
   io.save_tree(result.params, arm_dir / "adapter.safetensors")
   evals = [r for r in result.history if "eval_loss" in r]
   return {"arm": arm, "backbone_loss": evals[0]["eval_loss"], "best_loss": result.best_loss,
           "best_step": result.best_step, "final_loss": evals[-1]["eval_loss"],
           "steps": t.steps, "seconds": time.perf_counter() - start,
           "adapter_params": lora.count_params(model)["adapter"]}
+
+
+def get_backbone(config: ml_collections.ConfigDict, task: sources.Task, cache: pathlib.Path,
+                 mesh) -> tuple[CausalLM, Any, pathlib.Path, bool]:
+  """(backbone, tokenizer, where it lives, whether it was loaded rather than trained)."""
+  if config.model.pretrained:
+    log(f"backbone: loading Hugging Face model {config.model.pretrained}")
+    base, tok = load_causal_lm(config.model.pretrained, dtype=config.model.dtype, mesh=mesh)
+    if config.data.max_len > base.cfg.max_len:
+      raise JbatError(f"config: data.max_len={config.data.max_len} exceeds the model's "
+                      f"max_position_embeddings ({base.cfg.max_len})")
+    return base, tok, pathlib.Path(config.model.pretrained), True
+  tok = tokenizer_lib.get_or_train_tokenizer([d.text for d in task.pool], config.data.vocab_size,
+                                             cache / "tokenizers")
+  b = config.backbone
+  spec = backbone.PretrainSpec(steps=b.steps, batch_size=b.batch_size, lr=b.lr,
+                               warmup_steps=b.warmup_steps, weight_decay=b.weight_decay,
+                               max_len=config.data.max_len, ckpt_every=b.ckpt_every,
+                               seed=config.seed)
+  log("backbone: looking up cache / pretraining on the pool")
+  base, folder, cached = backbone.load_or_pretrain(lm_config(config, vocab_size=len(tok)), spec,
+                                                   task.pool, tok, cache, mesh=mesh,
+                                                   progress=config.progress)
+  return base, tok, folder, cached
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -104,17 +133,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   workdir = config_lib.prepare_workdir(config)
   log(f"workdir: {workdir}")
 
-  tok = tokenizer_lib.get_or_train_tokenizer([d.text for d in task.pool], config.data.vocab_size,
-                                             cache / "tokenizers")
-  lm_cfg = lm_config(config, vocab_size=len(tok))
-  b = config.backbone
-  spec = backbone.PretrainSpec(steps=b.steps, batch_size=b.batch_size, lr=b.lr,
-                               warmup_steps=b.warmup_steps, weight_decay=b.weight_decay,
-                               max_len=config.data.max_len, ckpt_every=b.ckpt_every,
-                               seed=config.seed)
-  log("backbone: looking up cache / pretraining on the pool")
-  base, folder, cached = backbone.load_or_pretrain(lm_cfg, spec, task.pool, tok, cache,
-                                                   mesh=mesh, progress=config.progress)
+  base, tok, folder, cached = get_backbone(config, task, cache, mesh)
+  lm_cfg = base.cfg
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
   log(f"backbone: {n_params:,} parameters, {'loaded from cache' if cached else 'pretrained'} "
       f"({folder})")

@@ -134,3 +134,42 @@ def test_workdir_of_different_config_refused(corpus):
   assert run(*base_args(d, path, wd), "--config.train.steps=2").returncode == 0
   r = run(*base_args(d, path, wd), "--config.train.steps=3")
   assert r.returncode == 2 and "different config" in r.stderr
+
+
+def test_cli_with_own_hf_model(corpus, tmp_path):
+  """README "Use your own model": a tiny model saved in Hugging Face layout, run by the CLI."""
+  from flax import nnx
+  from jbat.data.tokenizer import train_bpe_tokenizer
+  from jbat.models.causal_lm import CausalLM, LMConfig
+  from jbat.models.hf_io import save_causal_lm
+  d, path = corpus
+  texts = [x["text"] for x in synthetic.documents(60)]
+  tok = train_bpe_tokenizer(texts, 300, tmp_path / "tokenizer.json")
+  cfg = LMConfig(vocab_size=len(tok), max_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                 n_kv_heads=2, pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False,
+                 bias=False)
+  hf_dir = tmp_path / "hf_model"
+  save_causal_lm(CausalLM(cfg, rngs=nnx.Rngs(0)), tok, hf_dir)
+  assert (hf_dir / "config.json").exists() and (hf_dir / "model.safetensors").exists()
+  wd = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  r = subprocess.run(
+      [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+       f"--config.model.pretrained={hf_dir}", f"--config.data.path={path}",
+       "--config.data.domain=space", "--config.data.n_adapt=8", "--config.data.n_heldout=16",
+       "--config.data.max_len=32", "--config.train.steps=6", "--config.train.eval_every=3",
+       "--config.train.ckpt_every=3", f"--config.workdir={wd}",
+       f"--config.cache_dir={tmp_path / 'cache'}", "--config.progress=False"],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "loading Hugging Face model" in r.stdout
+  res = json.loads((wd / "results.json").read_text())
+  assert res["lm_config"]["pos"] == "rope" and res["lm_config"]["n_kv_heads"] == 2
+  assert res["arms"][0]["best_loss"] <= res["arms"][0]["backbone_loss"]
+  assert not (tmp_path / "cache" / "backbones").exists()  # Nothing was pretrained.
+  # A wrong path is a clear config error.
+  r = subprocess.run(
+      [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+       f"--config.data.path={path}", f"--config.workdir={tmp_path / 'run2'}"],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+  assert r.returncode == 2 and "model.pretrained" in r.stderr and "my-hf-model" in r.stderr

@@ -4,7 +4,6 @@ Each test saves a random transformers model with `save_pretrained` (safetensors)
 logits on random ids against the jbat model loaded by `load_causal_lm` (max abs diff < 1e-4).
 """
 
-import dataclasses
 import json
 import pathlib
 
@@ -123,9 +122,6 @@ def test_config_mapping_llama():
   assert hf_io.config_from_hf(old_style).rope_theta == 123.0
 
 
-@pytest.mark.skipif("rope_scaling" not in {f.name for f in dataclasses.fields(LMConfig)},
-                    reason="scaled rope needs LMConfig.rope_scaling (causal_lm.py change "
-                           "proposed to the lead, not landed yet)")
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 4.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

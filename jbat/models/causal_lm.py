@@ -39,6 +39,9 @@ class LMConfig:
   head_dim: int | None = None  # None -> d_model // n_heads.
   pos: str = "learned"  # "learned" (GPT-2) | "rope" (Llama).
   rope_theta: float = 10000.0
+  # None | ("linear", factor) | ("llama3", factor, low_freq_factor, high_freq_factor,
+  # original_max_len): rescales the rope frequencies as in HF (see `rope_inv_freq`).
+  rope_scaling: tuple | None = None
   norm: str = "layernorm"  # "layernorm" | "rmsnorm".
   norm_eps: float = 1e-5
   mlp: str = "gelu"  # "gelu" (fc1/fc2, tanh-approximate gelu as GPT-2) | "swiglu".
@@ -78,6 +81,13 @@ class LMConfig:
       raise JbatError(f"model.mlp: expected 'gelu' or 'swiglu', got {self.mlp!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise JbatError(f"model.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+    sc = self.rope_scaling
+    if sc is not None and not (
+        (len(sc) == 2 and sc[0] == "linear" and sc[1] > 0)
+        or (len(sc) == 5 and sc[0] == "llama3" and sc[1] > 0 and sc[4] > 0
+            and 0 < sc[2] < sc[3])):
+      raise JbatError(f"model.rope_scaling: expected None, ('linear', factor) or ('llama3', "
+                      f"factor, low_freq_factor < high_freq_factor, original_max_len), got {sc!r}")
     if self.norm_eps <= 0 or self.rope_theta <= 0:
       raise JbatError("model.norm_eps and model.rope_theta must be positive")
 
@@ -115,14 +125,37 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding: x * cos(p w) + rotate_half(x) * sin(p w), w_i = theta^(-2i/Dh).
+def rope_inv_freq(dh: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+  """Rope frequencies w_i = theta^(-2i/Dh), i < Dh/2, float32 [Dh/2], optionally rescaled:
+
+  ("linear", f):                 w / f  (positions interpolated f times).
+  ("llama3", f, lo, hi, L):      with wavelength lam = 2 pi / w: w if lam < L / hi; w / f if
+                                 lam > L / lo; else (1 - s) w / f + s w,
+                                 where s = (L / lam - lo) / (hi - lo).
+  """
+  inv_freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+  if scaling is None:
+    return inv_freq
+  if scaling[0] == "linear":
+    return inv_freq / scaling[1]
+  _, factor, lo, hi, orig_len = scaling
+  wavelen = 2 * jnp.pi / inv_freq
+  s = (orig_len / wavelen - lo) / (hi - lo)
+  smooth = (1 - s) * inv_freq / factor + s * inv_freq
+  return jnp.where(wavelen < orig_len / hi, inv_freq,
+                   jnp.where(wavelen > orig_len / lo, inv_freq / factor, smooth))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               scaling: tuple | None = None) -> jax.Array:
+  """Rotary embedding: x * cos(p w) + rotate_half(x) * sin(p w), w = rope_inv_freq(Dh, theta,
+  scaling).
 
   x: [B, T, H, Dh]; positions: int [B, T]. Pair (i, i + Dh/2) is rotated by angle p * w_i, so
   <rope(q, m), rope(k, n)> depends on m - n only. Angles are computed in float32.
   """
   dh = x.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [Dh/2]
+  inv_freq = rope_inv_freq(dh, theta, scaling)  # [Dh/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
   x32 = x.astype(jnp.float32)
@@ -148,8 +181,8 @@ class Attention(nnx.Module):
     k = self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.dh)
     v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.dh)
     if cfg.pos == "rope":
-      q = apply_rope(q, positions, cfg.rope_theta)
-      k = apply_rope(k, positions, cfg.rope_theta)
+      q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+      k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
     rep = cfg.n_heads // cfg.kv_heads  # q head h uses kv head h // rep (HF repeat_kv order).
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.dh)

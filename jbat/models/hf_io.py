@@ -55,10 +55,6 @@ Sharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 # config.json <-> LMConfig
 
 
-def _has_rope_scaling_field() -> bool:
-  return "rope_scaling" in {f.name for f in dataclasses.fields(LMConfig)}
-
-
 def _rope_scaling(hf: dict, where: str) -> tuple[float, tuple | None]:
   """(rope_theta, scaling) from a llama/qwen2 config.json.
 
@@ -131,12 +127,6 @@ def config_from_hf(hf: dict, dtype: str = "float32", where: str = "config.json")
           raise JbatError(f"{where}: attention_bias={qkv_bias} with mlp_bias={bias} is not "
                           f"supported (jbat puts o_proj's bias with the MLP's: set both equal)")
       theta, scaling = _rope_scaling(hf, where)
-      extra = {}
-      if scaling is not None:
-        if not _has_rope_scaling_field():
-          raise JbatError(f"{where}: rope scaling {scaling[0]!r} needs LMConfig.rope_scaling, "
-                          f"which this jbat version does not have")
-        extra["rope_scaling"] = scaling
       n_heads = int(hf["num_attention_heads"])
       d = int(hf["hidden_size"])
       cfg = LMConfig(
@@ -147,7 +137,7 @@ def config_from_hf(hf: dict, dtype: str = "float32", where: str = "config.json")
           head_dim=int(hf.get("head_dim") or d // n_heads), pos="rope", rope_theta=theta,
           norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu",
           tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-          bias=bias, dtype=dtype, **extra)
+          bias=bias, dtype=dtype, rope_scaling=scaling)
   except KeyError as e:
     raise JbatError(f"{where}: missing field {e.args[0]!r} for model_type {mt!r}") from e
   except (TypeError, ValueError) as e:

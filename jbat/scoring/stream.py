@@ -183,13 +183,13 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
     out = kernels.surrogate_fit(loss(p), p["phi_s"], b)
     return {"surrogate_fit": out["neg_loss"], "surrogate_grad": out["neg_grad_norm"]}
 
-  jitted = {}
+  kernels_by_name = {}
   if {"surrogate_fit", "surrogate_grad"} & set(names):
-    jitted["surrogate_fit"] = jax.jit(fit)
+    kernels_by_name["surrogate_fit"] = fit
   for name in names:
     if name in fns:
-      jitted[name] = jax.jit(fns[name])
-  return jitted
+      kernels_by_name[name] = fns[name]
+  return {name: jax.jit(fn) for name, fn in kernels_by_name.items()}
 
 
 def _mean_adapt_grad(surrogate: surrogate_lib.Surrogate,

@@ -1,0 +1,70 @@
+"""Peak memory of streaming scoring vs pool size: a 10x larger pool should cost < 10% more RSS.
+
+  .venv/bin/python benchmarks/scoring_memory.py [--n 2000] [--scores align,loss_diff,cosine]
+
+Each pool size runs in a fresh subprocess (tiny GPT-2-like model, random tokens of length
+16..32, batch 32, a random LoRA surrogate); the child reports its peak RSS
+(`resource.getrusage`, ru_maxrss). Prints a table, then one JSON line. ~1-2 min on 2 CPUs.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = """
+import json, resource, sys, time, pathlib
+import jax, numpy as np
+from flax import nnx
+from jbat import lora
+from jbat.models.causal_lm import CausalLM, LMConfig
+from jbat.scoring import stream
+from jbat.surrogate import Surrogate
+n, scores, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+rng = np.random.default_rng(0)
+pool = [{"id": i, "ids": rng.integers(3, 256, int(rng.integers(16, 34))).astype(np.int32)}
+        for i in range(n)]
+model = CausalLM(LMConfig.gpt2_like(256, max_len=32, d_model=64, n_layers=2, n_heads=4),
+                 rngs=nnx.Rngs(0))
+lora.apply_lora(model, lora.LoRAConfig(rank=8), rngs=nnx.Rngs(1))
+graphdef, phi0, rest = lora.split(model)
+phi_s = jax.tree.map(lambda x: x + 0.01 * np.ones_like(x), phi0)
+t = time.perf_counter()
+table = stream.score_pool(scores, Surrogate(graphdef, phi0, phi_s, rest), pool, out,
+                          batch_size=32, max_len=32, pad_id=0, chunk_batches=16, progress=False)
+dt = time.perf_counter() - t
+print(json.dumps({"n": n, "seconds": dt, "examples_per_s": n / dt,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--n", type=int, default=2000)
+  ap.add_argument("--scores", default="align,loss_diff,cosine")
+  args = ap.parse_args()
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo))
+  rows = []
+  for n in (args.n, 10 * args.n):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = subprocess.run([sys.executable, "-c", CHILD, str(n), args.scores, tmp], env=env,
+                           capture_output=True, text=True, check=True)
+    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  print(f"{'pool':>8} {'seconds':>8} {'ex/s':>8} {'peak RSS MB':>12}")
+  for r in rows:
+    print(f"{r['n']:>8} {r['seconds']:>8.1f} {r['examples_per_s']:>8.0f} {r['peak_rss_mb']:>12.1f}")
+  ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+  print(json.dumps({"scores": args.scores.split(","), "pools": [r["n"] for r in rows],
+                    "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in rows],
+                    "rss_ratio_10x": round(ratio, 4), "target_ratio": 1.10,
+                    "pass": ratio <= 1.10}))
+
+
+if __name__ == "__main__":
+  main()
