@@ -15,11 +15,17 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# The test suite also checks Hugging Face parity against transformers' PyTorch models and PEFT:
+# torch (CPU) and peft are an optional extra, pinned in requirements-hf.lock.
+$(VENV)/.installed-hf: $(VENV)/.installed requirements-hf.lock
+	$(PY) -m pip install -q -r requirements-hf.lock
+	touch $@
+
 demo: venv
 	$(PY) -m jbat.train --config configs/demo.py
 
 # pytest exits 5 when it collected no test: that fails here like any other error.
-test: venv
+test: $(VENV)/.installed-hf
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

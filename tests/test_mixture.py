@@ -59,19 +59,20 @@ def test_rows_per_source_and_lam(data):
 
 def test_streams_are_epoch_shuffles(data):
   adapt, backbone = data
-  # 5 adaptation rows and 3 backbone rows per batch.
+  # 5 adaptation rows and 3 backbone rows per batch; 40 batches hold 18 whole adaptation
+  # epochs (of 11) and 7 whole backbone epochs (of 17).
   it = mixture.mixture_loader(adapt, backbone, 8, L, PAD, 1, rho=3 / 8)
-  batches = _take(it, 187)  # 187 * 5 = 85 epochs of 11, 187 * 3 = 33 epochs of 17
+  batches = _take(it, 40)
   a_ids = np.concatenate([b["id"][:5] for b in batches])
   b_ids = np.concatenate([b["id"][5:] for b in batches])
-  epochs_a = a_ids.reshape(-1, 11)
-  epochs_b = b_ids.reshape(-1, 17)
+  epochs_a = a_ids[: 18 * 11].reshape(18, 11)
+  epochs_b = b_ids[: 7 * 17].reshape(7, 17)
   assert all(sorted(e) == list(range(11)) for e in epochs_a)
   assert all(sorted(e) == list(range(1000, 1017)) for e in epochs_b)
   assert len({tuple(e) for e in epochs_a}) > 1  # reshuffled per epoch
   assert len({tuple(e) for e in epochs_b}) > 1
   # Independent streams: the adaptation part equals a plain loader with the same seed.
-  plain = _take(pipeline.train_loader(adapt, 5, L, PAD, 1), 187)
+  plain = _take(pipeline.train_loader(adapt, 5, L, PAD, 1), 40)
   np.testing.assert_array_equal(a_ids, np.concatenate([p["id"] for p in plain]))
 
 

@@ -27,3 +27,5 @@ from jbat.data.tokenizer import (
     load_tokenizer,
     train_bpe_tokenizer,
 )
+from jbat.data.mixture import MixtureIterator, mixture_loader, split_rows
+from jbat.data.tweets import clean_tweet, load_health_tweets, thin_domain, tweets_zip
