@@ -20,8 +20,9 @@ import ml_collections
 from jbat import io
 from jbat.errors import JbatError
 
-SOURCES = ("fortunes", "jsonl", "text_folder")
-ARMS = ("none",)
+SOURCES = ("fortunes", "healthtweets", "jsonl", "text_folder")
+BASE_ARMS = ("none", "random", "oracle", "albat")  # Besides these, any score name is an arm.
+RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "round_robin")
 
 # Keys that change where/how a run reports, not what it computes: ignored by the fingerprint
 # that guards a workdir against resuming a checkpoint of a different config.
@@ -47,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.n_heldout = 200  # Held-out documents of the same domain (evaluation).
   c.data.max_len = 64  # Tokens per example (longer documents are truncated).
   c.data.vocab_size = 1024  # Byte-level BPE trained on the pool.
+  # Fraction of the target domain's pool documents the backbone is pretrained on (1.0: all).
+  # Below 1 the target is rare in pretraining, as niche data is in a real backbone; selection
+  # still draws from the full pool.
+  c.data.backbone_keep = 1.0
 
   c.model = ml_collections.ConfigDict()
   # A local Hugging Face model folder (gpt2 / llama / qwen2, safetensors): when set, it is the
@@ -93,7 +98,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 5
   c.train.eval_batch_size = 32
 
-  c.arms = "none"  # Comma-separated arms to run, from ARMS.
+  # Stage 1: the surrogate adapter, trained on the adaptation set with the train.* settings.
+  c.surrogate = ml_collections.ConfigDict()
+  c.surrogate.steps = 60
+
+  # Stages 2-3: score the pool and select (used by the arm "albat" and by score-named arms).
+  c.select = ml_collections.ConfigDict()
+  c.select.score = "loss_diff"  # The ALBAT default score (arm "albat").
+  c.select.rule = "topk"  # One of RULES.
+  c.select.k = 256  # Backbone documents selected.
+  c.select.top_n = 0  # Threshold rules: sample among the top_n that pass tau (0: all that pass).
+  c.select.tau = "default"  # "default" (0 for align/loss_diff), "none", or a number.
+  c.select.n_clusters = 8  # rule "cluster".
+  c.select.batch_size = 32  # Scoring batch.
+
+  # Stage 4: BAT mixture. Backbone arms add rows so each batch keeps train.batch_size
+  # adaptation rows and a fraction rho of backbone rows, their loss weighted by lam.
+  c.bat = ml_collections.ConfigDict()
+  c.bat.rho = 0.5
+  c.bat.lam = 1.0
+
+  c.arms = "none"  # Comma-separated arms: BASE_ARMS or score names.
+  c.seeds = "0"  # Comma-separated training seeds; arms are paired by seed.
   return c
 
 
@@ -140,9 +166,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "backbone.steps", "backbone.batch_size", "backbone.lr", "backbone.ckpt_every",
             "lora.rank", "lora.alpha", "train.steps", "train.batch_size", "train.lr",
             "train.eval_every", "train.ckpt_every", "train.keep", "train.log_every",
-            "train.eval_batch_size")
+            "train.eval_batch_size", "surrogate.steps", "select.k", "select.n_clusters",
+            "select.batch_size")
   if config.model.n_kv_heads < 0:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
+  if config.select.top_n < 0:
+    raise JbatError(f"config: select.top_n must be >= 0, got {config.select.top_n}")
   if config.train.clip_norm < 0 or config.train.warmup_steps < 0:
     raise JbatError("config: train.clip_norm and train.warmup_steps must be >= 0")
   choices = {"data.source": SOURCES, "model.pos": ("learned", "rope"),
@@ -152,9 +181,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, allowed in choices.items():
     if flat[key] not in allowed:
       raise JbatError(f"config: {key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
-  for arm in arm_list(config):
-    if arm not in ARMS:
-      raise JbatError(f"config: arms: unknown arm {arm!r}; available: {', '.join(ARMS)}")
+  from jbat.scoring.stream import SCORE_NAMES  # Deferred: pulls in jax.
+  known = BASE_ARMS + tuple(SCORE_NAMES)
+  arms = arm_list(config)
+  if not arms:
+    raise JbatError("config: arms is empty; name at least one arm, e.g. 'none'")
+  for arm in arms:
+    if arm not in known:
+      raise JbatError(f"config: arms: unknown arm {arm!r}; available: {', '.join(known)}")
+  if config.select.score not in SCORE_NAMES:
+    raise JbatError(f"config: select.score must be one of {', '.join(SCORE_NAMES)}; "
+                    f"got {config.select.score!r}")
+  if config.select.rule not in RULES:
+    raise JbatError(f"config: select.rule must be one of {', '.join(RULES)}; "
+                    f"got {config.select.rule!r}")
+  if config.select.tau not in ("default", "none"):
+    try:
+      float(config.select.tau)
+    except ValueError:
+      raise JbatError(f"config: select.tau must be 'default', 'none' or a number; "
+                      f"got {config.select.tau!r}") from None
+  if not 0.0 <= config.bat.rho < 1.0:
+    raise JbatError(f"config: bat.rho must be in [0, 1), got {config.bat.rho}")
+  if config.bat.lam < 0:
+    raise JbatError(f"config: bat.lam must be >= 0, got {config.bat.lam}")
+  if not 0.0 < config.data.backbone_keep <= 1.0:
+    raise JbatError(f"config: data.backbone_keep must be in (0, 1], got "
+                    f"{config.data.backbone_keep}")
+  try:
+    seeds = seed_list(config)
+  except ValueError:
+    raise JbatError(
+        f"config: seeds must be comma-separated integers, got {config.seeds!r}") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise JbatError(f"config: seeds must be distinct integers, got {config.seeds!r}")
   try:
     re.compile(config.lora.targets)
   except re.error as e:
@@ -178,6 +238,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def arm_list(config: ml_collections.ConfigDict) -> list[str]:
   return [a.strip() for a in config.arms.split(",") if a.strip()]
+
+
+def seed_list(config: ml_collections.ConfigDict) -> list[int]:
+  return [int(s) for s in config.seeds.split(",") if s.strip()]
 
 
 def workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -212,7 +276,8 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
     try:
       old = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-      raise JbatError(f"{cfg_path}: not valid JSON ({e}); remove the workdir to start over") from None
+      raise JbatError(
+          f"{cfg_path}: not valid JSON ({e}); remove the workdir to start over") from None
     if old.get("fingerprint") != fp:
       raise JbatError(
           f"workdir {str(wd)!r} holds a run of a different config (fingerprint "

@@ -1,24 +1,38 @@
-"""The main job, top to bottom: data -> tokenizer -> backbone -> adaptation arms -> report.
+"""The main job, top to bottom: data -> tokenizer -> backbone -> selection -> BAT arms -> report.
 
 `run(config)` is what `python -m jbat.train --config configs/<name>.py` executes after the config
 has been validated. Each stage is a call into its module; this file only wires them together,
 so a reader can follow an experiment from here.
+
+Arms (`config.arms`), all trained with the same steps, learning rate, adaptation rows per batch
+and seeds (`config.seeds`), paired by seed:
+  none      plain LoRA adaptation on the adaptation set;
+  random    + `select.k` pool documents drawn uniformly;
+  oracle    + `select.k` pool documents of the target domain (a reference, needs labels);
+  albat     + the ALBAT selection: `select.score` ranked by `select.rule`;
+  <score>   + the selection by that score (e.g. align, loss_diff, less, dsir) with `select.rule`.
+Backbone arms put `bat.rho` of each batch on the selected documents (their loss weighted by
+`bat.lam`) on top of the same `train.batch_size` adaptation rows. The selection is computed once
+(with `config.seed`) and shared by all training seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from jbat import backbone, io, lora, report
+from jbat import albat, backbone, io, lora, report
 from jbat import config as config_lib
-from jbat.data import pipeline, sources, tokenizer as tokenizer_lib
+from jbat.data import mixture, pipeline, sources, tokenizer as tokenizer_lib, tweets
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
@@ -26,13 +40,16 @@ from jbat.training import loop
 
 
 def log(msg: str) -> None:
-  print(f"[jbat] {msg}", flush=True)
+  if jax.process_index() == 0:
+    print(f"[jbat] {msg}", flush=True)
 
 
 def load_corpus(config: ml_collections.ConfigDict, cache: pathlib.Path) -> list[sources.Document]:
   d = config.data
   if d.source == "fortunes":
     return sources.load_fortunes(sources.fortunes_dir(cache / "corpora"))
+  if d.source == "healthtweets":
+    return tweets.load_health_tweets(tweets.tweets_zip(cache / "corpora"))
   if d.source == "jsonl":
     return sources.load_jsonl(d.path, text_field=d.text_field, label_field=d.label_field or None)
   return sources.load_text_folder(d.path)
@@ -48,51 +65,29 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
   return cfg
 
 
+def bat_batch_size(config: ml_collections.ConfigDict, arm: str) -> int:
+  """Rows per batch: train.batch_size adaptation rows, plus backbone rows for BAT arms."""
+  if arm == "none":
+    return config.train.batch_size
+  return int(round(config.train.batch_size / (1.0 - config.bat.rho)))
+
+
 def check_batch_sizes(config: ml_collections.ConfigDict, n_devices: int) -> None:
   """Global batch sizes split evenly over devices (and so over processes)."""
-  for key in ("train.batch_size", "train.eval_batch_size", "backbone.batch_size"):
-    section, name = key.split(".")
-    if config[section][name] % n_devices:
-      raise JbatError(f"config: {key}={config[section][name]} must be a multiple of the "
-                      f"number of devices ({n_devices})")
+  sizes = {"train.batch_size": config.train.batch_size,
+           "train.eval_batch_size": config.train.eval_batch_size,
+           "backbone.batch_size": config.backbone.batch_size,
+           "select.batch_size": config.select.batch_size}
+  if any(a != "none" for a in config_lib.arm_list(config)):
+    sizes["train.batch_size / (1 - bat.rho)"] = bat_batch_size(config, "random")
+  for key, size in sizes.items():
+    if size % n_devices:
+      raise JbatError(f"config: {key}={size} must be a multiple of the number of devices "
+                      f"({n_devices})")
 
 
-def train_arm(arm: str, base: CausalLM, config: ml_collections.ConfigDict, adapt, heldout,
-              pad_id: int, workdir: pathlib.Path, mesh) -> dict[str, Any]:
-  """Trains a fresh adapter on the arm's training stream; returns its summary."""
-  if arm != "none":
-    raise JbatError(f"arm {arm!r} is not implemented")
-  model = nnx.clone(base)
-  lcfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
-                         targets=config.lora.targets)
-  lora.apply_lora(model, lcfg, rngs=nnx.Rngs(config.seed))
-  t = config.train
-  train_iter = pipeline.train_loader(adapt, t.batch_size // jax.process_count(),
-                                     config.data.max_len, pad_id, config.seed,
-                                     shard_index=jax.process_index(),
-                                     shard_count=jax.process_count())
-  spec = loop.TrainSpec(steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
-                        weight_decay=t.weight_decay, clip_norm=t.clip_norm,
-                        eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep=t.keep,
-                        log_every=t.log_every, seed=config.seed)
-  arm_dir = workdir / "arms" / arm
-  start = time.perf_counter()
-  result = loop.fit(
-      model, nnx.LoRAParam, train_iter, spec, arm_dir, mesh=mesh, progress=config.progress,
-      desc=f"adapt [{arm}]",
-      eval_batches=lambda: pipeline.eval_batches(
-          heldout, t.eval_batch_size // jax.process_count(), config.data.max_len, pad_id,
-          shard_index=jax.process_index(), shard_count=jax.process_count()))
-  io.save_tree(result.params, arm_dir / "adapter.safetensors")
-  evals = [r for r in result.history if "eval_loss" in r]
-  return {"arm": arm, "backbone_loss": evals[0]["eval_loss"], "best_loss": result.best_loss,
-          "best_step": result.best_step, "final_loss": evals[-1]["eval_loss"],
-          "steps": t.steps, "seconds": time.perf_counter() - start,
-          "adapter_params": lora.count_params(model)["adapter"]}
-
-
-def get_backbone(config: ml_collections.ConfigDict, task: sources.Task, cache: pathlib.Path,
-                 mesh) -> tuple[CausalLM, Any, pathlib.Path, bool]:
+def get_backbone(config: ml_collections.ConfigDict, pretrain_pool: Sequence[sources.Document],
+                 cache: pathlib.Path, mesh) -> tuple[CausalLM, Any, pathlib.Path, bool]:
   """(backbone, tokenizer, where it lives, whether it was loaded rather than trained)."""
   if config.model.pretrained:
     log(f"backbone: loading Hugging Face model {config.model.pretrained}")
@@ -101,8 +96,8 @@ def get_backbone(config: ml_collections.ConfigDict, task: sources.Task, cache: p
       raise JbatError(f"config: data.max_len={config.data.max_len} exceeds the model's "
                       f"max_position_embeddings ({base.cfg.max_len})")
     return base, tok, pathlib.Path(config.model.pretrained), True
-  tok = tokenizer_lib.get_or_train_tokenizer([d.text for d in task.pool], config.data.vocab_size,
-                                             cache / "tokenizers")
+  tok = tokenizer_lib.get_or_train_tokenizer([d.text for d in pretrain_pool],
+                                             config.data.vocab_size, cache / "tokenizers")
   b = config.backbone
   spec = backbone.PretrainSpec(steps=b.steps, batch_size=b.batch_size, lr=b.lr,
                                warmup_steps=b.warmup_steps, weight_decay=b.weight_decay,
@@ -110,9 +105,94 @@ def get_backbone(config: ml_collections.ConfigDict, task: sources.Task, cache: p
                                seed=config.seed)
   log("backbone: looking up cache / pretraining on the pool")
   base, folder, cached = backbone.load_or_pretrain(lm_config(config, vocab_size=len(tok)), spec,
-                                                   task.pool, tok, cache, mesh=mesh,
+                                                   pretrain_pool, tok, cache, mesh=mesh,
                                                    progress=config.progress)
   return base, tok, folder, cached
+
+
+def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int | None = None):
+  t = config.train
+  return loop.TrainSpec(steps=steps or t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
+                        weight_decay=t.weight_decay, clip_norm=t.clip_norm,
+                        eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep=t.keep,
+                        log_every=t.log_every, seed=seed)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
+  return lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                         targets=config.lora.targets)
+
+
+def parse_tau(text: str) -> float | None | str:
+  return {"default": "default", "none": None}.get(text, None if text == "" else float(text))
+
+
+def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,
+                    tok, workdir: pathlib.Path, mesh) -> tuple[list[sources.Document], dict]:
+  """The backbone documents an arm trains on, and facts about the selection."""
+  s = config.select
+  k = min(s.k, len(task.pool))
+  t0 = time.perf_counter()
+  if arm == "none":
+    return [], {}
+  if arm == "random":
+    rng = np.random.default_rng(config.seed + 1)
+    chosen = [task.pool[i] for i in sorted(rng.choice(len(task.pool), size=k, replace=False))]
+  elif arm == "oracle":
+    in_domain = [d for d in task.pool if d.label == config.data.domain]
+    if not in_domain:
+      raise JbatError(f"arm oracle: the pool has no documents labelled {config.data.domain!r}")
+    rng = np.random.default_rng(config.seed + 2)
+    idx = rng.choice(len(in_domain), size=min(k, len(in_domain)), replace=False)
+    chosen = [in_domain[i] for i in sorted(idx)]
+  else:
+    score = s.score if arm == "albat" else arm
+    sur_spec = train_spec(config, config.seed, steps=config.surrogate.steps)
+    sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
+    kwargs = dict(rule=s.rule, top_n=s.top_n, n_clusters=s.n_clusters, select_seed=config.seed)
+    manifest = albat.select_backbone_data(
+        base, lora_config(config), task, tok, score=score, k=k, tau=parse_tau(s.tau),
+        surrogate_spec=sur_spec, batch_size=s.batch_size, max_len=config.data.max_len,
+        seed=config.seed, workdir=workdir / "select" / score, mesh=mesh,
+        progress=config.progress, **kwargs)
+    by_id = {d.id: d for d in task.pool}
+    chosen = [by_id[r["id"]] for r in io.read_jsonl(manifest)]
+  labels: dict[str, int] = {}
+  for d in chosen:
+    labels[str(d.label)] = labels.get(str(d.label), 0) + 1
+  facts = {"n_selected": len(chosen), "select_seconds": time.perf_counter() - t0,
+           "label_counts": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
+           "precision": (labels.get(config.data.domain, 0) / len(chosen)) if chosen else None}
+  return chosen, facts
+
+
+def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.ConfigDict,
+              adapt, heldout, selected, pad_id: int, workdir: pathlib.Path,
+              mesh) -> dict[str, Any]:
+  """Trains a fresh adapter (init and data order from `seed`); returns its summary."""
+  model = nnx.clone(base)
+  lora.apply_lora(model, lora_config(config), rngs=nnx.Rngs(seed))
+  t = config.train
+  n_proc, proc = jax.process_count(), jax.process_index()
+  rho = 0.0 if arm == "none" else config.bat.rho
+  train_iter = mixture.mixture_loader(
+      adapt, selected or None, bat_batch_size(config, arm) // n_proc, config.data.max_len,
+      pad_id, seed, rho=rho, lam=config.bat.lam, shard_index=proc, shard_count=n_proc)
+  run_dir = workdir / "arms" / arm / f"seed_{seed}"
+  start = time.perf_counter()
+  result = loop.fit(
+      model, nnx.LoRAParam, train_iter, train_spec(config, seed), run_dir, mesh=mesh,
+      progress=config.progress, desc=f"adapt [{arm} seed {seed}]",
+      eval_batches=lambda: pipeline.eval_batches(
+          heldout, t.eval_batch_size // n_proc, config.data.max_len, pad_id,
+          shard_index=proc, shard_count=n_proc))
+  io.save_tree(result.params, run_dir / "adapter.safetensors")
+  evals = [r for r in result.history if "eval_loss" in r]
+  return {"seed": seed, "backbone_nll": evals[0]["eval_loss"], "best_nll": result.best_loss,
+          "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
+          "steps": max(r["step"] for r in result.history),
+          "train_seconds": time.perf_counter() - start,
+          "curve": [(r["step"], r["eval_loss"]) for r in evals]}
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -123,38 +203,66 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
   check_batch_sizes(config, jax.device_count())
   mesh = loop.data_mesh()
+  arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
 
   log(f"data: loading {config.data.source} corpus")
   docs = load_corpus(config, cache)
   task = sources.make_task(docs, config.data.domain, config.data.n_adapt, config.data.n_heldout,
                            config.seed)
+  pretrain_pool = task.pool
+  if config.data.backbone_keep < 1.0:
+    pretrain_pool = tweets.thin_domain(task.pool, config.data.domain, config.data.backbone_keep,
+                                       config.seed)
   log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} held-out documents of "
-      f"{config.data.domain!r}; backbone pool {len(task.pool)} documents")
+      f"{config.data.domain!r}; backbone pool {len(task.pool)} documents "
+      f"({len(pretrain_pool)} used for pretraining)")
   workdir = config_lib.prepare_workdir(config)
   log(f"workdir: {workdir}")
 
-  base, tok, folder, cached = get_backbone(config, task, cache, mesh)
-  lm_cfg = base.cfg
+  base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
-  log(f"backbone: {n_params:,} parameters, {'loaded from cache' if cached else 'pretrained'} "
-      f"({folder})")
+  log(f"backbone: {n_params:,} parameters, {'loaded' if cached else 'pretrained'} ({folder})")
 
   adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
   heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
-  results = []
-  for arm in config_lib.arm_list(config):
-    log(f"arm {arm}: training a fresh LoRA adapter")
-    r = train_arm(arm, base, config, adapt, heldout, tok.pad_token_id, workdir, mesh)
-    log(f"arm {arm}: held-out NLL backbone {r['backbone_loss']:.4f} -> best "
-        f"{r['best_loss']:.4f} (step {r['best_step']}), final {r['final_loss']:.4f}")
-    results.append(r)
+  results: dict[str, Any] = {}
+  for arm in arms:
+    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    if arm != "none":
+      log(f"arm {arm}: {len(chosen)} backbone documents selected"
+          + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
+    selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
+    runs = []
+    for seed in seeds:
+      r = train_one(arm, seed, base, config, adapt, heldout, selected, tok.pad_token_id,
+                    workdir, mesh)
+      log(f"arm {arm} seed {seed}: held-out NLL backbone {r['backbone_nll']:.4f} -> best "
+          f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}")
+      runs.append(r)
+    results[arm] = {
+        "best_nll": [r["best_nll"] for r in runs], "final_nll": [r["final_nll"] for r in runs],
+        "best_step": [r["best_step"] for r in runs],
+        "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
+        "train_seconds": [r["train_seconds"] for r in runs],
+        "curves": [r["curve"] for r in runs], **facts}
 
-  summary = {"config": config.name, "domain": config.data.domain, "backbone_params": n_params,
-             "backbone_cached": cached, "backbone_dir": str(folder),
-             "n_adapt": len(task.adapt), "n_heldout": len(task.heldout), "n_pool": len(task.pool),
-             "arms": results, "seconds": time.perf_counter() - t0,
-             "lm_config": dataclasses.asdict(lm_cfg)}
-  io.write_json_atomic(workdir / "results.json", summary)
-  report.write_report(workdir, summary)
+  summary = {
+      "config": config.name, "domain": config.data.domain, "default_score": config.select.score,
+      "seeds": seeds, "arms": results, "backbone_params": n_params, "backbone_cached": cached,
+      "backbone_dir": str(folder), "n_adapt": len(task.adapt), "n_heldout": len(task.heldout),
+      "n_pool": len(task.pool), "n_pretrain_pool": len(pretrain_pool),
+      "adapter_params": lora_param_count(base, config), "select": config.select.to_dict(),
+      "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
+  summary["stats"] = report.paired_stats(results)
+  summary["seconds"] = time.perf_counter() - t0
+  if jax.process_index() == 0:
+    io.write_json_atomic(workdir / "results.json", summary)
+    report.write_report(workdir, summary)
   log(f"report: {workdir / 'report.md'}")
   return summary
+
+
+def lora_param_count(base: CausalLM, config: ml_collections.ConfigDict) -> int:
+  model = nnx.clone(base)
+  lora.apply_lora(model, lora_config(config), rngs=nnx.Rngs(0))
+  return lora.count_params(model)["adapter"]

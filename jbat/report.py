@@ -1,11 +1,20 @@
-"""Evaluation report: `report.md` (a results table) and `loss_curves.png` in the run directory."""
+"""Evaluation report: paired statistics over seeds, `report.md`, and PNG plots.
+
+`paired_stats` compares every arm with `none` and `random` seed by seed (the arms share seeds,
+so differences are paired): mean difference of held-out NLL and its 95% t-interval. Negative
+means the arm is better. `write_report` renders `report.md` from the same `results.json`
+numbers, with `loss_curves.png` (mean held-out NLL per step) and `selected_labels.png`.
+"""
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
 import matplotlib
+import numpy as np
+from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -13,55 +22,137 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jbat import io  # noqa: E402
 
 
-def plot_curves(workdir: pathlib.Path, arms: list[str], path: pathlib.Path) -> None:
-  """Held-out NLL and training loss against step, one line per arm."""
-  fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(10, 4))
-  for arm in arms:
-    records = io.read_jsonl(workdir / "arms" / arm / "metrics.jsonl")
-    ev = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    if ev:
-      ax_eval.plot(*zip(*ev), marker="o", label=arm)
-    if tr:
-      ax_train.plot(*zip(*tr), label=arm)
-  ax_eval.set(xlabel="step", ylabel="held-out NLL (nats/token)", title="Held-out loss")
-  ax_train.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
-  for ax in (ax_eval, ax_train):
-    ax.grid(alpha=0.3)
-    ax.legend()
+def paired_interval(diffs: list[float]) -> dict[str, Any]:
+  """Mean of paired differences with a 95% t-interval (None with a single pair)."""
+  d = np.asarray(diffs, dtype=np.float64)
+  mean = float(d.mean())
+  if len(d) < 2:
+    return {"mean": mean, "lo": None, "hi": None, "n": len(d)}
+  half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+  return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
+
+
+def paired_stats(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Per arm: paired differences of best/final NLL vs `none` and `random`; gap closed."""
+  out: dict[str, Any] = {}
+  for name, a in arms.items():
+    s: dict[str, Any] = {}
+    for ref in ("none", "random"):
+      if ref in arms and ref != name:
+        for metric in ("best_nll", "final_nll"):
+          diffs = [x - y for x, y in zip(a[metric], arms[ref][metric])]
+          s[f"{metric}_vs_{ref}"] = paired_interval(diffs)
+    if "random" in arms and "oracle" in arms and name not in ("none", "random", "oracle"):
+      l_rand = float(np.mean(arms["random"]["best_nll"]))
+      l_orc = float(np.mean(arms["oracle"]["best_nll"]))
+      gap = l_rand - l_orc
+      s["gap_closed"] = (l_rand - float(np.mean(a["best_nll"]))) / gap if gap > 0 else None
+    out[name] = s
+  return out
+
+
+def _mean_sd(x: list[float]) -> str:
+  return f"{np.mean(x):.4f} ± {np.std(x, ddof=1):.4f}" if len(x) > 1 else f"{x[0]:.4f}"
+
+
+def _interval(s: dict[str, Any] | None) -> str:
+  if not s:
+    return "-"
+  if s["lo"] is None:
+    return f"{s['mean']:+.4f}"
+  return f"{s['mean']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}]"
+
+
+def results_table(summary: dict[str, Any]) -> str:
+  rows = ["| arm | best NLL | final NLL | best - none [95% CI] | best - random [95% CI] | "
+          "gap closed | precision | top labels | select s | train s/seed |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  for name, a in summary["arms"].items():
+    s = summary["stats"].get(name, {})
+    prec = "-" if a.get("precision") is None else f"{a['precision']:.2f}"
+    top = ", ".join(f"{k} {v}" for k, v in list(a.get("label_counts", {}).items())[:3]) or "-"
+    gap = s.get("gap_closed")
+    rows.append(
+        f"| {name} | {_mean_sd(a['best_nll'])} | {_mean_sd(a['final_nll'])} | "
+        f"{_interval(s.get('best_nll_vs_none'))} | {_interval(s.get('best_nll_vs_random'))} | "
+        f"{'-' if gap is None else f'{100 * gap:.0f}%'} | {prec} | {top} | "
+        f"{a.get('select_seconds', 0.0):.0f} | {np.mean(a['train_seconds']):.0f} |")
+  return "\n".join(rows)
+
+
+def plot_curves(summary: dict[str, Any], path: pathlib.Path) -> None:
+  """Held-out NLL against step, mean over seeds, one line per arm."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, a in summary["arms"].items():
+    steps = [s for s, _ in a["curves"][0]]
+    losses = np.mean([[v for _, v in c] for c in a["curves"]], axis=0)
+    ax.plot(steps, losses, marker="o", ms=3, label=name)
+  ax.set(xlabel="step", ylabel="held-out NLL (nats/token)",
+         title=f"Held-out loss, mean over {len(summary['seeds'])} seed(s)")
+  ax.grid(alpha=0.3)
+  ax.legend()
   fig.tight_layout()
   with io.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
 
 
-def results_table(arms: list[dict[str, Any]]) -> str:
-  rows = ["| arm | backbone NLL | best NLL (step) | final NLL | best - backbone | adapter params |",
-          "|---|---|---|---|---|---|"]
-  for r in arms:
-    rows.append(f"| {r['arm']} | {r['backbone_loss']:.4f} | {r['best_loss']:.4f} "
-                f"({r['best_step']}) | {r['final_loss']:.4f} | "
-                f"{r['best_loss'] - r['backbone_loss']:+.4f} | {r['adapter_params']:,} |")
-  return "\n".join(rows)
+def plot_labels(summary: dict[str, Any], path: pathlib.Path, top: int = 8) -> bool:
+  """Grouped bars: how many selected documents each arm took from the most common labels."""
+  arms = {n: a["label_counts"] for n, a in summary["arms"].items() if a.get("label_counts")}
+  if not arms:
+    return False
+  totals: dict[str, int] = {}
+  for counts in arms.values():
+    for k, v in counts.items():
+      totals[k] = totals.get(k, 0) + v
+  labels = sorted(totals, key=lambda k: -totals[k])[:top]
+  fig, ax = plt.subplots(figsize=(max(7, len(labels) * 1.1), 4.5))
+  width = 0.8 / len(arms)
+  for i, (name, counts) in enumerate(arms.items()):
+    ax.bar(np.arange(len(labels)) + i * width, [counts.get(k, 0) for k in labels], width,
+           label=name)
+  ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=30, ha="right")
+  ax.set(ylabel="selected documents", title="Labels of the selected backbone documents")
+  ax.legend()
+  fig.tight_layout()
+  with io.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
+  plt.close(fig)
+  return True
 
 
 def write_report(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
   workdir = pathlib.Path(workdir)
-  arms = [r["arm"] for r in summary["arms"]]
-  plot_curves(workdir, arms, workdir / "loss_curves.png")
+  plot_curves(summary, workdir / "loss_curves.png")
+  has_labels = plot_labels(summary, workdir / "selected_labels.png")
+  hists = sorted(p.relative_to(workdir) for p in workdir.glob("select/*/selection/score_hist.png"))
+  sel = summary["select"]
   text = f"""# jbat report: {summary['config']}
 
 Adaptation domain `{summary['domain']}`: {summary['n_adapt']} adaptation documents,
-{summary['n_heldout']} held-out documents, backbone pool of {summary['n_pool']:,} documents.
+{summary['n_heldout']} held-out documents; backbone pool of {summary['n_pool']:,} documents
+({summary['n_pretrain_pool']:,} of them used to pretrain the backbone).
 Backbone: {summary['backbone_params']:,} parameters
-({'loaded from cache' if summary['backbone_cached'] else 'pretrained in this run'}).
-Held-out NLL is the mean token negative log-likelihood in nats/token; "backbone" is the model
-before adaptation (step 0), "best" the best evaluated step.
+({'loaded' if summary['backbone_cached'] else 'pretrained in this run'}); LoRA adapter:
+{summary['adapter_params']:,} parameters. Seeds: {', '.join(map(str, summary['seeds']))}
+(arms paired by seed). Backbone arms: {sel['k']} selected documents, rho={summary['bat']['rho']}
+of each batch, loss weight lam={summary['bat']['lam']}; ALBAT default score `{sel['score']}`,
+rule `{sel['rule']}`{f" among the top {sel['top_n']}" if sel['top_n'] else ''}.
 
-{results_table(summary['arms'])}
+Held-out NLL in nats/token (lower is better), mean ± sd over seeds; "best" is the best
+evaluated step, "final" the last. Differences are paired by seed with 95% t-intervals: an
+interval entirely below zero means the arm beats the reference. Gap closed =
+(random - arm) / (random - oracle) on mean best NLL. Backbone (before adaptation):
+{next(iter(summary['arms'].values()))['backbone_nll']:.4f}.
 
-![loss curves](loss_curves.png)
+{results_table(summary)}
 
-Wall time: {summary['seconds']:.0f} s.
+![held-out loss curves](loss_curves.png)
 """
+  if has_labels:
+    text += "\n![selected labels](selected_labels.png)\n"
+  for h in hists:
+    text += f"\n![score histogram {h.parts[1]}]({h})\n"
+  text += f"\nWall time: {summary['seconds']:.0f} s.\n"
   io.write_text_atomic(workdir / "report.md", text)

@@ -15,6 +15,30 @@ associative), then each shard proposes its own top k of the surviving rows and t
 are merged and cut to k. Every row of the global top k is in its shard's top k, so the result
 is exactly the global one, whatever `shard_count` is.
 
+Rules (`rule=`; all run the same threshold + dedup first, all deterministic given `seed`, and
+all return the chosen ids in rank order, i.e. by (-s, id), so `write_manifest` is unchanged):
+
+  topk                    the first k survivors (the default; the description above).
+  threshold_uniform       C = the first `top_n` survivors (top_n = 0: all survivors); k drawn
+                          uniformly without replacement from C (numpy Generator(seed)).
+  threshold_proportional  as above, but drawn with probability proportional to
+                          w_i = s_i - min_C s + 0.01 (max_C s - min_C s) + 1e-12 (successive
+                          sampling without replacement): the best of C is at most ~101x as
+                          likely as the worst; all equal scores give uniform sampling.
+  cluster                 k-means (k-means++ init from Generator(seed), Lloyd iterations) of
+                          the L2-normalised `features` rows of C into `n_clusters` clusters;
+                          then round-robin over the clusters (in the order of their best
+                          member), each turn taking the best-scored remaining member, until k.
+                          Every non-empty cluster gets one pick before any gets a second.
+  round_robin             `per_example[i, j]` = similarity of pool row i to adaptation example
+                          j (e.g. LESS cosine of projected gradients, `stream.cosine_matrix`);
+                          round-robin over j = 0..M-1, each turn taking j's most similar
+                          remaining member of C (ties: better score, then smaller id), until k.
+                          No randomness: the seed does not matter.
+
+If C has at most k members, every rule selects all of C (with the fewer-than-k warning when
+fewer than k survive).
+
 Outputs (`write_manifest`): `selection/manifest.jsonl` (one record per selected example, in
 rank order: id, source, score, rank, and label when the document has one),
 `selection/summary.json` (counts, counts per label, score quantiles) and
@@ -39,6 +63,8 @@ from jbat.scoring.stream import ScoreTable
 
 # tau used when the caller passes "default": the sign condition for the first-order scores.
 SIGN_SCORES = ("align", "loss_diff")
+RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "round_robin")
+KMEANS_ITERS = 20
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
 
@@ -55,6 +81,8 @@ class Selection:
   n_pool: int
   n_pass_tau: int  # Rows with score > tau.
   n_candidates: int  # Rows left after tau and dedup.
+  rule: str = "topk"
+  rule_settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # top_n, seed, ...
 
 
 def default_tau(score: str) -> float | None:
@@ -115,26 +143,11 @@ def _best_per_key(rows: np.ndarray, key: np.ndarray, scores: np.ndarray,
   return np.sort(ranked[first])
 
 
-def select(table: ScoreTable, score: str, *, k: int, tau: float | None | str = "default",
-           ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None = None,
-           shard_count: int = 16) -> Selection:
-  """The top-k pool examples by `score` after the tau threshold and dedup (see module doc).
-
-  Args:
-    table: scores from `score_pool`.
-    score: which column to rank by.
-    k: how many to select (absolute; use `resolve_k` for multiples of |D_A|).
-    tau: keep score > tau; None keeps all; "default" = `default_tau(score)`.
-    ids_to_hash: text hash per example (mapping id -> hash, or an array parallel to
-      table.ids); None skips text dedup.
-    shard_count: number of contiguous shards the top-k runs over (does not change the result).
-  Returns:
-    Selection (ids and scores in rank order). If fewer than k rows pass tau and dedup, all of
-    them are selected and a warning says how many.
-  Raises:
-    JbatError: unknown score, empty table, NaN/inf scores (lists ids), k not a positive int,
-      k larger than the pool, shard_count < 1.
-  """
+def _survivors(table: ScoreTable, score: str, tau: float | None | str,
+               ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None,
+               shard_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | None, int,
+                                          list[np.ndarray]]:
+  """Validation, threshold and sharded dedup: (ids, s, survivors bool[N], tau, n_pass, shards)."""
   if score not in table.scores:
     raise JbatError(f"selection.score: {score!r} is not in the score table (has "
                     f"{sorted(table.scores)})")
@@ -147,10 +160,6 @@ def select(table: ScoreTable, score: str, *, k: int, tau: float | None | str = "
   if bad.any():
     raise JbatError(f"selection: {int(bad.sum())} non-finite '{score}' scores; first example "
                     f"ids: {ids[bad][:10].tolist()}")
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-    raise JbatError(f"selection.k: expected a positive int (see resolve_k), got {k!r}")
-  if k > n:
-    raise JbatError(f"selection.k: k = {k} is larger than the backbone pool ({n} examples)")
   if not isinstance(shard_count, int) or shard_count < 1:
     raise JbatError(f"selection: shard_count must be a positive int, got {shard_count!r}")
   tau = default_tau(score) if isinstance(tau, str) and tau == "default" else tau
@@ -174,20 +183,194 @@ def select(table: ScoreTable, score: str, *, k: int, tau: float | None | str = "
     rows = [r[keep[r]] for r in rows]
   survivors = np.zeros(n, bool)
   survivors[np.concatenate(rows)] = True
-  n_candidates = int(survivors.sum())
-  # 3. Per-shard top k of the survivors, then merge the proposals and cut to k.
+  return ids, s, survivors, tau, n_pass, shards
+
+
+def _top_rows(ids: np.ndarray, s: np.ndarray, survivors: np.ndarray, shards: list[np.ndarray],
+              k: int) -> np.ndarray:
+  """Row indices of the first k survivors in rank order: per-shard top k, merged, cut to k."""
   proposals = []
   for shard in shards:
     mine = shard[survivors[shard]]
     proposals.append(mine[_order(s[mine], ids[mine])][:k])
   merged = np.concatenate(proposals)
-  chosen = merged[_order(s[merged], ids[merged])][:k]
+  return merged[_order(s[merged], ids[merged])][:k]
+
+
+def _check_k(k: Any, n: int) -> None:
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+    raise JbatError(f"selection.k: expected a positive int (see resolve_k), got {k!r}")
+  if k > n:
+    raise JbatError(f"selection.k: k = {k} is larger than the backbone pool ({n} examples)")
+
+
+def candidate_rows(table: ScoreTable, score: str, *, tau: float | None | str = "default",
+                   top_n: int = 0,
+                   ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None = None,
+                   shard_count: int = 16) -> np.ndarray:
+  """Row indices (into table.ids) of C: the first `top_n` rows surviving tau and dedup (top_n
+  = 0: all of them), in rank order. What the non-topk rules choose from; callers use it to
+  compute features for C only (e.g. `stream.pool_grad_features` on C's examples).
+  """
+  if not isinstance(top_n, (int, np.integer)) or isinstance(top_n, bool) or top_n < 0:
+    raise JbatError(f"selection.top_n: expected an int >= 0 (0: no cap), got {top_n!r}")
+  ids, s, survivors, _, _, shards = _survivors(table, score, tau, ids_to_hash, shard_count)
+  return _top_rows(ids, s, survivors, shards, int(top_n) or int(survivors.sum()))
+
+
+def _weighted_sample(rng: np.random.Generator, weights: np.ndarray, k: int) -> np.ndarray:
+  """k distinct indices drawn with probability proportional to `weights` (successively)."""
+  return rng.choice(weights.size, size=k, replace=False, p=weights / weights.sum())
+
+
+def kmeans(x: np.ndarray, n_clusters: int, seed: int, iters: int = KMEANS_ITERS) -> np.ndarray:
+  """Cluster labels int64[N] of rows of x [N, d]: k-means++ init from Generator(seed), then
+  `iters` Lloyd steps (stops early when labels stop changing). Empty clusters keep their centre.
+  Deterministic given (x, n_clusters, seed); n_clusters is capped at N.
+  """
+  x = np.asarray(x, np.float64)
+  n = x.shape[0]
+  c = min(int(n_clusters), n)
+  rng = np.random.default_rng(seed)
+  centres = [x[rng.integers(n)]]
+  d2 = np.sum((x - centres[0]) ** 2, axis=1)
+  for _ in range(1, c):
+    total = d2.sum()
+    i = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+    centres.append(x[i])
+    d2 = np.minimum(d2, np.sum((x - x[i]) ** 2, axis=1))
+  centres = np.stack(centres)
+  labels = np.full(n, -1, np.int64)
+  for _ in range(iters):
+    dist = (np.sum(x * x, axis=1)[:, None] - 2 * x @ centres.T
+            + np.sum(centres * centres, axis=1)[None, :])
+    new = np.argmin(dist, axis=1)
+    if np.array_equal(new, labels):
+      break
+    labels = new
+    for j in range(c):
+      members = x[labels == j]
+      if members.shape[0]:
+        centres[j] = members.mean(axis=0)
+  return labels
+
+
+def _round_robin(groups: list[np.ndarray], k: int) -> list[int]:
+  """Turn by turn over `groups` (each an ordered array of positions), each turn taking the
+  group's first position not taken yet, until k are taken or every group is exhausted."""
+  taken: set[int] = set()
+  out: list[int] = []
+  ptr = [0] * len(groups)
+  while len(out) < k:
+    progressed = False
+    for g, order in enumerate(groups):
+      while ptr[g] < order.size and int(order[ptr[g]]) in taken:
+        ptr[g] += 1
+      if ptr[g] < order.size:
+        pos = int(order[ptr[g]])
+        taken.add(pos)
+        out.append(pos)
+        progressed = True
+        if len(out) == k:
+          break
+    if not progressed:
+      break
+  return out
+
+
+def select(table: ScoreTable, score: str, *, k: int, tau: float | None | str = "default",
+           rule: str = "topk", top_n: int = 0, seed: int = 0,
+           ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None = None,
+           features: np.ndarray | None = None, per_example: np.ndarray | None = None,
+           n_clusters: int = 8, shard_count: int = 16) -> Selection:
+  """k pool examples by `score` after the tau threshold and dedup, chosen by `rule`.
+
+  Args:
+    table: scores from `score_pool`.
+    score: which column to rank by.
+    k: how many to select (absolute; use `resolve_k` for multiples of |D_A|).
+    tau: keep score > tau; None keeps all; "default" = `default_tau(score)`.
+    rule: one of RULES (module docstring). "topk" ignores top_n, seed, features, per_example.
+    top_n: the non-topk rules choose among the first top_n survivors (0: all survivors).
+    seed: numpy Generator seed of threshold_uniform / threshold_proportional / cluster.
+    ids_to_hash: text hash per example (mapping id -> hash, or an array parallel to
+      table.ids); None skips text dedup.
+    features: float[N, d] parallel to table rows (rule "cluster"; only C's rows are read).
+    per_example: float[N, M] parallel to table rows, similarity to each of M adaptation
+      examples (rule "round_robin"; only C's rows are read).
+    n_clusters: clusters for rule "cluster" (capped at |C|).
+    shard_count: number of contiguous shards the top-k runs over (does not change the result).
+  Returns:
+    Selection (ids and scores in rank order; rule and its settings recorded). If fewer than k
+    rows pass tau and dedup, all of them are selected and a warning says how many.
+  Raises:
+    JbatError: unknown score or rule, empty table, NaN/inf scores (lists ids), k not a
+      positive int, k larger than the pool, bad top_n / n_clusters, missing or misshaped
+      features / per_example, shard_count < 1.
+  """
+  if rule not in RULES:
+    raise JbatError(f"selection.rule: expected one of {list(RULES)}, got {rule!r}")
+  if not isinstance(top_n, (int, np.integer)) or isinstance(top_n, bool) or top_n < 0:
+    raise JbatError(f"selection.top_n: expected an int >= 0 (0: no cap), got {top_n!r}")
+  ids, s, survivors, tau, n_pass, shards = _survivors(table, score, tau, ids_to_hash,
+                                                      shard_count)
+  n = int(ids.shape[0])
+  _check_k(k, n)
+  n_candidates = int(survivors.sum())
+  settings: dict[str, Any] = {}
+  if rule == "topk":
+    chosen = _top_rows(ids, s, survivors, shards, int(k))
+  else:
+    settings = {"top_n": int(top_n), "seed": int(seed)}
+    cand = _top_rows(ids, s, survivors, shards, int(top_n) or n_candidates)
+    if rule == "cluster":
+      settings["n_clusters"] = int(n_clusters)
+      if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
+        raise JbatError(f"selection.n_clusters: expected a positive int, got {n_clusters!r}")
+    extra = features if rule == "cluster" else per_example if rule == "round_robin" else None
+    if rule in ("cluster", "round_robin"):
+      what = "features" if rule == "cluster" else "per_example"
+      if extra is None:
+        raise JbatError(f"selection: rule {rule!r} needs {what} (an array parallel to the "
+                        f"table rows)")
+      extra = np.asarray(extra)
+      if extra.ndim != 2 or extra.shape[0] != n:
+        raise JbatError(f"selection: {what} must be [{n}, d] (one row per table row), got "
+                        f"{list(extra.shape)}")
+      sub = extra[cand].astype(np.float64)
+      if not np.isfinite(sub).all():
+        raise JbatError(f"selection: non-finite {what} for candidate ids "
+                        f"{ids[cand][~np.isfinite(sub).all(axis=1)][:10].tolist()}")
+    if cand.size <= k:
+      chosen = cand
+    elif rule in ("threshold_uniform", "threshold_proportional"):
+      rng = np.random.default_rng(seed)
+      if rule == "threshold_uniform":
+        pick = rng.choice(cand.size, size=int(k), replace=False)
+      else:
+        sc = s[cand].astype(np.float64)
+        w = sc - sc.min() + 0.01 * (sc.max() - sc.min()) + 1e-12
+        pick = _weighted_sample(rng, w, int(k))
+      chosen = cand[np.sort(pick)]
+    elif rule == "cluster":
+      norms = np.linalg.norm(sub, axis=1, keepdims=True)
+      labels = kmeans(sub / np.where(norms > 0, norms, 1.0), int(n_clusters), int(seed))
+      # Positions in C are rank order, so each group is already best-scored first; groups
+      # are visited in the order of their best member.
+      groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+      groups.sort(key=lambda g: int(g[0]))
+      chosen = cand[np.sort(_round_robin(groups, int(k)))]
+    else:  # round_robin
+      pos = np.arange(cand.size)
+      groups = [np.lexsort((pos, -sub[:, j])) for j in range(sub.shape[1])]
+      chosen = cand[np.sort(_round_robin(groups, int(k)))]
   if chosen.size < k:
     warnings.warn(f"selection: only {chosen.size} of the requested k = {k} examples pass "
                   f"'{score}' > {tau} and dedup ({n_pass} of {n} pass tau); selecting "
                   f"{chosen.size}", stacklevel=2)
   return Selection(score=score, tau=tau, k=int(k), ids=ids[chosen], scores=s[chosen],
-                   pool_scores=s, n_pool=n, n_pass_tau=n_pass, n_candidates=n_candidates)
+                   pool_scores=s, n_pool=n, n_pass_tau=n_pass, n_candidates=n_candidates,
+                   rule=rule, rule_settings=settings)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -201,11 +384,13 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
 
 
 def write_manifest(selection: Selection, docs_by_id: Mapping[int, Any],
-                   out_dir: str | pathlib.Path) -> pathlib.Path:
+                   out_dir: str | pathlib.Path,
+                   extra_summary: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Writes out_dir/selection/{manifest.jsonl, summary.json, score_hist.png}; returns the manifest.
 
   Manifest records (rank order, sorted keys): {"id", "source", "score", "rank" (1-based),
-  "label" (only when the document has one)}. `docs_by_id` maps id -> Document (anything with
+  "label" (only when the document has one)}. summary.json also records "rule" and
+  "rule_settings", plus the keys of `extra_summary` (e.g. albat's "request"). `docs_by_id` maps id -> Document (anything with
   .source and .label). All files are written atomically; the manifest is the last one written,
   so its presence means the selection stage finished.
   """
@@ -229,6 +414,8 @@ def write_manifest(selection: Selection, docs_by_id: Mapping[int, Any],
       "selected_per_label": dict(sorted(labels.items())),
       "pool_score_quantiles": _quantiles(selection.pool_scores),
       "selected_score_quantiles": _quantiles(selection.scores),
+      "rule": selection.rule, "rule_settings": selection.rule_settings,
+      **(extra_summary or {}),
   }
   io.write_json_atomic(folder / "summary.json", summary)
   _plot_hist(selection, folder / "score_hist.png")

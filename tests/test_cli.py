@@ -47,11 +47,11 @@ def test_end_to_end_report(corpus):
   r = run(*base_args(d, path, wd))
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.loads((wd / "results.json").read_text())
-  arm = results["arms"][0]
-  assert arm["arm"] == "none" and arm["best_loss"] <= arm["backbone_loss"]
-  assert f"held-out NLL backbone {arm['backbone_loss']:.4f}" in r.stdout
+  arm = results["arms"]["none"]
+  assert arm["best_nll"][0] <= arm["backbone_nll"]
+  assert f"held-out NLL backbone {arm['backbone_nll']:.4f}" in r.stdout
   report = (wd / "report.md").read_text()
-  assert "| none |" in report and f"{arm['best_loss']:.4f}" in report
+  assert "| none |" in report and f"{arm['best_nll'][0]:.4f}" in report
   assert (wd / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((wd / "config.json").read_text())
   assert saved["config"]["data"]["domain"] == "space"
@@ -59,7 +59,7 @@ def test_end_to_end_report(corpus):
   r2 = run(*base_args(d, path, wd))
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "loaded from cache" in r2.stdout
-  assert json.loads((wd / "results.json").read_text())["arms"][0]["best_loss"] == arm["best_loss"]
+  assert json.loads((wd / "results.json").read_text())["arms"]["none"] == arm
 
 
 def test_kill_and_rerun_equals_straight_run(corpus):
@@ -74,7 +74,7 @@ def test_kill_and_rerun_equals_straight_run(corpus):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.Popen(cli_cmd(*base_args(d, path, killed), *extra), env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = killed / "arms" / "none" / "checkpoints"
+  ckpts = killed / "arms" / "none" / "seed_0" / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
@@ -83,19 +83,19 @@ def test_kill_and_rerun_equals_straight_run(corpus):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
-  assert not (killed / "arms" / "none" / "adapter.safetensors").exists(), "finished before kill"
+  assert not (killed / "arms/none/seed_0/adapter.safetensors").exists(), "finished before kill"
 
   r = run(*base_args(d, path, killed), *extra)
   assert r.returncode == 0, r.stderr[-3000:]
-  a = safetensors.numpy.load_file(str(straight / "arms/none/adapter.safetensors"))
-  b = safetensors.numpy.load_file(str(killed / "arms/none/adapter.safetensors"))
+  a = safetensors.numpy.load_file(str(straight / "arms/none/seed_0/adapter.safetensors"))
+  b = safetensors.numpy.load_file(str(killed / "arms/none/seed_0/adapter.safetensors"))
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   strip = lambda rs: [{k: v for k, v in x.items() if k != "examples_per_s"} for x in rs]
   from jbat import io
-  assert strip(io.read_jsonl(straight / "arms/none/metrics.jsonl")) == strip(
-      io.read_jsonl(killed / "arms/none/metrics.jsonl"))
+  assert strip(io.read_jsonl(straight / "arms/none/seed_0/metrics.jsonl")) == strip(
+      io.read_jsonl(killed / "arms/none/seed_0/metrics.jsonl"))
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -165,7 +165,7 @@ def test_cli_with_own_hf_model(corpus, tmp_path):
   assert "loading Hugging Face model" in r.stdout
   res = json.loads((wd / "results.json").read_text())
   assert res["lm_config"]["pos"] == "rope" and res["lm_config"]["n_kv_heads"] == 2
-  assert res["arms"][0]["best_loss"] <= res["arms"][0]["backbone_loss"]
+  assert res["arms"]["none"]["best_nll"][0] <= res["arms"]["none"]["backbone_nll"]
   assert not (tmp_path / "cache" / "backbones").exists()  # Nothing was pretrained.
   # A wrong path is a clear config error.
   r = subprocess.run(

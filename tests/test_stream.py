@@ -51,7 +51,12 @@ def setup(tmp_path_factory):
   sur = surrogate_lib.train_surrogate(base, LORA, adapt, SPEC, root / "surrogate", batch_size=4,
                                       max_len=MAX_LEN, pad_id=tok.pad_token_id, seed=0,
                                       progress=False)
-  return dict(root=root, task=task, tok=tok, base=base, adapt=adapt, pool=pool, sur=sur)
+  # Control surrogate: same spec / seed / init, trained on |D_A| pool documents.
+  control = surrogate_lib.train_surrogate(base, LORA, pool[:len(adapt)], SPEC, root / "control",
+                                          batch_size=4, max_len=MAX_LEN,
+                                          pad_id=tok.pad_token_id, seed=0, progress=False)
+  return dict(root=root, task=task, tok=tok, base=base, adapt=adapt, pool=pool, sur=sur,
+              control=control)
 
 
 def _direct(setup, names):
@@ -78,6 +83,23 @@ def _direct(setup, names):
     }
 
   out = dict(model_scores(sur.phi0, sur.phi_s, batch, abatch))
+  # The new scores by brute force: one example at a time (batch of 1), float64 arithmetic.
+  phi_c = setup["control"].phi_s
+  one = jax.jit(lambda phi, b: loss_fn(phi, b)[0])
+  rel, con = [], []
+  for ex in pool:
+    b1 = {k: jnp.asarray(v) for k, v in pipeline.pad_batch([ex], 1, MAX_LEN,
+                                                           tok.pad_token_id).items() if k != "id"}
+    l0, ls, lc = (float(one(phi, b1)) for phi in (sur.phi0, sur.phi_s, phi_c))
+    rel.append((l0 - ls) / l0)
+    con.append(lc - ls)
+  out["rel_loss_diff"], out["contrast"] = np.asarray(rel), np.asarray(con)
+  # contrast_align = -<grad l(z; phi0), phi_s - phi_c> from explicit per-example gradients.
+  grads = jax.jit(kernels.per_example_grads, static_argnums=0)(loss_fn, sur.phi0, batch)
+  delta_c = kernels.tree_sub(sur.phi_s, phi_c)
+  out["contrast_align"] = -sum(
+      np.asarray(g, np.float64).reshape(len(pool), -1) @ np.asarray(d, np.float64).reshape(-1)
+      for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(delta_c)))
   out["random"] = kernels.random_scores(jax.random.key(0), stream._id_words(ids))
   task = setup["task"]
   out["dsir"] = dsir.dsir_scores([d.text for d in task.pool],
@@ -107,13 +129,13 @@ def test_scores_equal_kernels(setup, tmp_path):
       names, setup["sur"], setup["pool"], tmp_path / "s", batch_size=8, max_len=MAX_LEN,
       pad_id=setup["tok"].pad_token_id, adapt_examples=setup["adapt"],
       pool_texts=[d.text for d in task.pool], adapt_texts=[d.text for d in task.adapt], seed=0,
-      chunk_batches=2, progress=False)
+      chunk_batches=2, progress=False, control=setup["control"])
   ids, want = _direct(setup, names)
   np.testing.assert_array_equal(table.ids, ids)
   for name in names:
     assert table.scores[name].dtype == np.float32
     # loss_diff is a difference of two ~4-nat losses: float32 cancellation needs atol 1e-5.
-    atol = 1e-5 if name == "loss_diff" else 1e-6
+    atol = 1e-5 if name in ("loss_diff", "rel_loss_diff", "contrast") else 1e-6
     np.testing.assert_allclose(table.scores[name], want[name], rtol=1e-5, atol=atol,
                                err_msg=name)
 
@@ -185,4 +207,32 @@ def test_bad_inputs(setup, tmp_path):
   assert not (tmp_path / "n" / "chunk_000000.npz").exists()
   with pytest.raises(JbatError, match="need a surrogate"):
     stream.score_pool(["align"], None, pool, tmp_path / "s", **kw)
+  with pytest.raises(JbatError, match="need a control surrogate"):
+    stream.score_pool(["contrast"], sur, pool, tmp_path / "c", **kw)
+
+
+def test_grad_features_and_cosine_matrix(setup, tmp_path):
+  """Features equal the projection of explicit per-example gradients; resumable; cosines."""
+  sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
+  kw = dict(proj_dim=16, batch_size=8, max_len=MAX_LEN, pad_id=tok.pad_token_id, seed=3,
+            chunk_batches=2, progress=False)
+  ids, feats = stream.pool_grad_features(sur, pool, tmp_path, **kw)
+  assert feats.shape == (len(pool), 16) and feats.dtype == np.float32
+  np.testing.assert_array_equal(ids, [ex["id"] for ex in pool])
+  loss_fn = surrogate_lib.per_example_loss_fn(sur.graphdef, sur.rest)
+  batch = {k: jnp.asarray(v) for k, v in
+           pipeline.pad_batch(pool, len(pool), MAX_LEN, tok.pad_token_id).items() if k != "id"}
+  grads = kernels.per_example_grads(loss_fn, sur.phi_s, batch)
+  mats = kernels.rademacher_projection(jax.random.key(3), sur.phi_s, 16)
+  want = sum(np.asarray(g).reshape(len(pool), -1) @ np.asarray(m)
+             for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mats)))
+  np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+  stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("chunk_*.npz")}
+  ids2, feats2 = stream.pool_grad_features(sur, pool, tmp_path, **kw)  # Cached: no recompute.
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("chunk_*.npz")} == stamp
+  np.testing.assert_array_equal(feats2, feats)
+  c = stream.cosine_matrix(feats, feats[:3], chunk=7)
+  brute = np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in feats[:3]]
+                    for a in feats])
+  np.testing.assert_allclose(c, brute, rtol=1e-5, atol=1e-6)
 

@@ -24,8 +24,20 @@ Score names (method.md, Stage 2; every score is "higher = select first"):
   surrogate_fit   -l(z; phi_s)                               (vmap grads, ~3F)
   surrogate_grad  -||grad l(z; phi_s)||                      (shares surrogate_fit's kernel)
   less            cos(grad l(z; phi_s), mean D_A grad at phi_s), optional Rademacher projection
+  rel_loss_diff   (l(z; phi0) - l(z; phi_s)) / l(z; phi0)    (~2F; 0 where l(z; phi0) <= 0)
+  contrast        l(z; phi_c) - l(z; phi_s)                  (~2F; needs a control surrogate)
+  contrast_align  -<grad l(z; phi0), phi_s - phi_c>          (one jvp, ~2F; control surrogate)
   dsir            hashed n-gram log importance ratio D_A vs pool (host, no model)
   random          uniform [0, 1) from (seed, example id)
+
+All losses are per-token means (`surrogate.per_example_loss_fn`). phi_c is the trained adapter
+of a *control* surrogate (`control=`): same spec, seed and init as the surrogate, trained on
+|D_A| random pool documents, so `contrast` is Moore & Lewis's cross-entropy difference in
+adapter space and `contrast_align` its first-order form.
+
+`pool_grad_features` streams the same way and returns seeded Rademacher projections of the
+per-example gradients at phi_s (f32[N, d]): the features of the `cluster` and `round_robin`
+selection rules (jbat.selection).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -52,8 +65,10 @@ from jbat import surrogate as surrogate_lib  # Module import: jbat.surrogate imp
 from jbat.training import loop
 
 SCORE_NAMES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less", "dsir",
-               "random")
-MODEL_SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less")
+               "random", "rel_loss_diff", "contrast", "contrast_align")
+MODEL_SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less",
+                "rel_loss_diff", "contrast", "contrast_align")
+CONTROL_SCORES = ("contrast", "contrast_align")  # Need the control surrogate's phi_c.
 CURSOR_FILE = "cursor.json"
 
 
@@ -77,15 +92,19 @@ def chunk_path(out_dir: pathlib.Path, index: int) -> pathlib.Path:
 
 def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                  pool_examples: Sequence[dict[str, Any]], settings: dict[str, Any],
-                 pool_texts: Sequence[str] | None, adapt_texts: Sequence[str] | None) -> str:
+                 pool_texts: Sequence[str] | None, adapt_texts: Sequence[str] | None,
+                 control_phi: Any = None) -> str:
   """sha256 (first 16 hex) of everything that determines the chunk files."""
   h = hashlib.sha256(json.dumps({"scores": list(scores), **settings}, sort_keys=True).encode())
   for ex in pool_examples:
     h.update(np.int64(ex["id"]).tobytes())
     h.update(np.asarray(ex["ids"], np.int32).tobytes())
     h.update(b"\x00")
-  if surrogate is not None:
-    for tree in (surrogate.phi0, surrogate.phi_s):
+  trees = () if surrogate is None else (surrogate.phi0, surrogate.phi_s)
+  if control_phi is not None:
+    trees += (control_phi,)
+  if trees:
+    for tree in trees:
       for key, value in sorted(io.tree_to_flat(tree).items()):
         h.update(key.encode())
         h.update(np.ascontiguousarray(value).tobytes())
@@ -162,8 +181,9 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
                         less_proj_dim: int | None) -> dict[str, Any]:
   """One jitted function per kernel: (params, batch) -> {score name: f32[B]}.
 
-  `params` = {"rest", "phi0", "phi_s", "delta", "target", "key"} are passed as arguments (not
-  baked in as constants), so the compiled programs do not grow with the model.
+  `params` = {"rest", "phi0", "phi_s", "delta", "target", "key", "phi_c", "delta_c"} are
+  passed as arguments (not baked in as constants), so the compiled programs do not grow with
+  the model. rel_loss_diff and contrast share one kernel, so l(z; phi_s) is computed once.
   """
   graphdef = surrogate.graphdef
 
@@ -183,7 +203,27 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
     out = kernels.surrogate_fit(loss(p), p["phi_s"], b)
     return {"surrogate_fit": out["neg_loss"], "surrogate_grad": out["neg_grad_norm"]}
 
+  rel_contrast = [n for n in ("rel_loss_diff", "contrast") if n in names]
+
+  def losses_vs(p, b):
+    valid = b["valid"]
+    ls = loss(p)(p["phi_s"], b).astype(jnp.float32)
+    out = {}
+    if "rel_loss_diff" in rel_contrast:
+      l0 = loss(p)(p["phi0"], b).astype(jnp.float32)
+      ok = valid & (l0 > 0)
+      out["rel_loss_diff"] = jnp.where(ok, (l0 - ls) / jnp.where(ok, l0, 1.0), 0.0)
+    if "contrast" in rel_contrast:
+      lc = loss(p)(p["phi_c"], b).astype(jnp.float32)
+      out["contrast"] = jnp.where(valid, lc - ls, 0.0)
+    return out
+
+  fns["contrast_align"] = lambda p, b: {
+      "contrast_align": kernels.align(loss(p), p["phi0"], p["delta_c"], b)}
+
   kernels_by_name = {}
+  if rel_contrast:
+    kernels_by_name["rel_contrast"] = losses_vs
   if {"surrogate_fit", "surrogate_grad"} & set(names):
     kernels_by_name["surrogate_fit"] = fit
   for name in names:
@@ -230,7 +270,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                pool_texts: Sequence[str] | None = None,
                adapt_texts: Sequence[str] | None = None, seed: int = 0,
                less_proj_dim: int | None = None, chunk_batches: int = 64,
-               progress: bool = True) -> ScoreTable:
+               progress: bool = True,
+               control: surrogate_lib.Surrogate | None = None) -> ScoreTable:
   """Scores every pool example with each named score; resumable; returns the whole table.
 
   Args:
@@ -244,6 +285,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     seed: `random` scores and the `less` projection key.
     less_proj_dim: project gradients to this many dims for `less` (None: exact cosine).
     chunk_batches: batches per chunk file (and per cursor update).
+    control: the control surrogate (its phi_s is phi_c; its phi0 must equal the surrogate's
+      structure); needed by `contrast` and `contrast_align`, ignored otherwise.
   Returns:
     ScoreTable(ids int64[N], {name: float32[N]}) in pool order.
   Raises:
@@ -273,6 +316,11 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     raise JbatError(f"scoring: {model_names} need a surrogate (got None)")
   if surrogate is not None:
     kernels.check_same_structure(surrogate.phi0, surrogate.phi_s, name="phi_s")
+  control_names = [s for s in scores if s in CONTROL_SCORES]
+  if control_names:
+    if control is None:
+      raise JbatError(f"scoring: {control_names} need a control surrogate (control=None)")
+    kernels.check_same_structure(surrogate.phi0, control.phi_s, name="control phi_s")
   if "less" in scores and not adapt_examples:
     raise JbatError("scoring: 'less' needs adapt_examples (the mean adaptation gradient)")
   if "dsir" in scores:
@@ -291,7 +339,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
   uses_texts = "dsir" in scores
   fingerprint = _fingerprint(scores, surrogate if model_names else None, pool_examples,
                              settings, pool_texts if uses_texts else None,
-                             adapt_texts if uses_texts else None)
+                             adapt_texts if uses_texts else None,
+                             control.phi_s if control_names else None)
   start = _read_cursor(out_dir, fingerprint, n_chunks)
   if start == n_chunks:
     return load_table(out_dir, scores)
@@ -301,6 +350,9 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     params = loop.replicate({"rest": surrogate.rest, "phi0": surrogate.phi0,
                              "phi_s": surrogate.phi_s, "delta": surrogate.delta}, mesh)
     params["key"] = jax.random.key(seed)
+    if control_names:
+      params["phi_c"] = loop.replicate(control.phi_s, mesh)
+      params["delta_c"] = loop.replicate(kernels.tree_sub(surrogate.phi_s, control.phi_s), mesh)
     if "less" in scores:
       params["target"] = _mean_adapt_grad(surrogate, adapt_examples, batch_size, max_len, pad_id,
                                           mesh, params["rest"], params["phi_s"])
@@ -352,3 +404,124 @@ def _check_finite(ids: np.ndarray, chunk: dict[str, np.ndarray]) -> None:
       raise JbatError(f"scoring: {int(bad.sum())} non-finite (NaN/inf) '{name}' scores; first "
                       f"example ids: {ids[bad][:10].tolist()} (check these documents and the "
                       f"adapters; scoring stopped)")
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def load_features(out_dir: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int64[N], features float32[N, d]) of a finished `pool_grad_features` folder."""
+  out_dir = pathlib.Path(out_dir)
+  path = out_dir / CURSOR_FILE
+  cursor = json.loads(path.read_text()) if path.exists() else {}
+  if not cursor.get("done"):
+    raise JbatError(f"{out_dir}: feature extraction is not finished (cursor "
+                    f"{cursor or 'missing'}); run pool_grad_features again to continue it")
+  ids, feats = [], []
+  for i in range(int(cursor["n_chunks"])):
+    with np.load(chunk_path(out_dir, i)) as z:
+      ids.append(z["ids"])
+      feats.append(z["features"])
+  return (np.concatenate(ids).astype(np.int64),
+          np.concatenate(feats).astype(np.float32))
+
+
+def pool_grad_features(surrogate: surrogate_lib.Surrogate,
+                       examples: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, *,
+                       proj_dim: int, batch_size: int, max_len: int, pad_id: int,
+                       mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                       chunk_batches: int = 64,
+                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Projected per-example gradients at phi_s: f_i = R^T flat(grad_phi l(z_i; phi_s)).
+
+  R is the seeded Rademacher matrix of `kernels.project` (key = jax.random.key(seed), entries
+  +-1/sqrt(d)), so <f_i, f_j> ~ <g_i, g_j> (the LESS features). Use the same seed for the pool
+  and the adaptation set when comparing them. Streamed, chunked and resumable exactly like
+  `score_pool` (chunk files hold "ids" and "features" f32[n, d]; cursor fingerprinted).
+  Cost: ~3F per example plus |phi| x d multiply-adds; memory B x |phi| per batch.
+
+  Returns:
+    (ids int64[N] in the order of `examples`, features float32[N, proj_dim]); invalid
+    (padding) rows never appear.
+  Raises:
+    JbatError: empty examples, bad proj_dim / batch sizes, non-finite features, or a cursor
+      from other inputs.
+  """
+  n = len(examples)
+  if n == 0:
+    raise JbatError("features: no examples to compute gradient features for")
+  if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
+    raise JbatError(f"features: proj_dim must be a positive int, got {proj_dim!r}")
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise JbatError(f"features: batch_size must be a positive int, got {batch_size!r}")
+  if not isinstance(chunk_batches, int) or chunk_batches <= 0:
+    raise JbatError(f"features: chunk_batches must be a positive int, got {chunk_batches!r}")
+  mesh = mesh or loop.data_mesh()
+  if batch_size % mesh.shape["data"]:
+    raise JbatError(f"features: batch_size {batch_size} must be a multiple of the number of "
+                    f"devices on the mesh's data axis ({mesh.shape['data']})")
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  chunk_size = chunk_batches * batch_size
+  n_chunks = -(-n // chunk_size)
+  settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
+              "chunk_batches": chunk_batches, "proj_dim": proj_dim, "version": 1}
+  fingerprint = _fingerprint(["grad_features"], surrogate, examples, settings, None, None)
+  start = _read_cursor(out_dir, fingerprint, n_chunks)
+  if start == n_chunks:
+    return load_features(out_dir)
+
+  graphdef = surrogate.graphdef
+
+  @jax.jit
+  def feats(rest, phi_s, key, batch):
+    loss_fn = surrogate_lib.per_example_loss_fn(graphdef, rest)
+    return kernels.project(kernels.per_example_grads(loss_fn, phi_s, batch), key, proj_dim)
+
+  params = loop.replicate({"rest": surrogate.rest, "phi_s": surrogate.phi_s}, mesh)
+  key = jax.random.key(seed)
+  bar = tqdm(total=n, initial=min(start * chunk_size, n), desc="grad features", unit="ex",
+             disable=not progress, dynamic_ncols=True)
+  for c in range(start, n_chunks):
+    lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
+    ids, rows = [], []
+    for batch in pipeline.eval_batches(examples[lo:hi], batch_size, max_len, pad_id):
+      valid = batch["valid"]
+      f = np.asarray(feats(params["rest"], params["phi_s"], key, _put_batch(batch, mesh)))
+      ids.append(batch["id"][valid])
+      rows.append(f[valid].astype(np.float32))
+      bar.update(int(valid.sum()))
+    chunk_ids = np.concatenate(ids).astype(np.int64)
+    chunk = np.concatenate(rows)
+    bad = ~np.isfinite(chunk).all(axis=1)
+    if bad.any():
+      raise JbatError(f"features: {int(bad.sum())} non-finite gradient features; first example "
+                      f"ids: {chunk_ids[bad][:10].tolist()}")
+    with io.atomic_path(chunk_path(out_dir, c)) as tmp:
+      with open(tmp, "wb") as fh:
+        np.savez(fh, ids=chunk_ids, features=chunk)
+    _write_cursor(out_dir, fingerprint, c + 1, n_chunks, n)
+  bar.close()
+  return load_features(out_dir)
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray, *, chunk: int = 8192,
+                  eps: float = 1e-12) -> np.ndarray:
+  """C[i, j] = <a_i, b_j> / (||a_i|| ||b_j||), float32[N, M], computed `chunk` rows at a time.
+
+  a: [N, d], b: [M, d]. Rows with norm <= eps give 0. Memory: the N x M output plus one
+  chunk x d block (60k x 32 floats is 7.7 MB). The per-adaptation-example similarities of the
+  `round_robin` rule: a = pool features, b = adaptation features (`pool_grad_features`).
+  """
+  a = np.asarray(a, np.float32)
+  b = np.asarray(b, np.float32)
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+    raise JbatError(f"cosine_matrix: expected [N, d] and [M, d], got {a.shape} and {b.shape}")
+  nb = np.linalg.norm(b, axis=1)
+  bn = b / np.where(nb > eps, nb, np.inf)[:, None]
+  out = np.empty((a.shape[0], b.shape[0]), np.float32)
+  for lo in range(0, a.shape[0], chunk):
+    blk = a[lo:lo + chunk]
+    na = np.linalg.norm(blk, axis=1)
+    out[lo:lo + chunk] = (blk / np.where(na > eps, na, np.inf)[:, None]) @ bn.T
+  return out
