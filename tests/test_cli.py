@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from jbat import io
 from tests import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,11 +48,29 @@ def test_end_to_end_report(corpus):
   r = run(*base_args(d, path, wd))
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.loads((wd / "results.json").read_text())
+  # The tiny demo runs two arms over two paired seeds.
+  assert sorted(results["arms"]) == ["albat", "none"] and results["seeds"] == [0, 1]
+  assert results["default_score"] == "rel_loss_diff"
   arm = results["arms"]["none"]
-  assert arm["best_nll"][0] <= arm["backbone_nll"]
+  assert all(b <= arm["backbone_nll"] for b in arm["best_nll"])
   assert f"held-out NLL backbone {arm['backbone_nll']:.4f}" in r.stdout
   report = (wd / "report.md").read_text()
-  assert "| none |" in report and f"{arm['best_nll'][0]:.4f}" in report
+  steps = set()
+  for name, a in results["arms"].items():
+    assert len(a["best_nll"]) == len(a["final_nll"]) == 2
+    steps.add(a["steps"])
+    row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+    for metric in ("best_nll", "final_nll"):
+      assert f"{np.mean(a[metric]):.4f} ± {np.std(a[metric], ddof=1):.4f}" in row
+    for seed, best in zip(results["seeds"], a["best_nll"]):
+      history = io.read_jsonl(wd / "arms" / name / f"seed_{seed}" / "metrics.jsonl")
+      assert best == min(h["eval_loss"] for h in history if "eval_loss" in h)
+  assert steps == {10}, "every arm must train the same number of steps"
+  diff = results["stats"]["albat"]["best_nll_vs_none"]
+  expected = np.mean(np.array(results["arms"]["albat"]["best_nll"]) - arm["best_nll"])
+  assert abs(diff["mean"] - expected) < 1e-12 and f"{diff['mean']:+.4f} [" in report
+  manifest = io.read_jsonl(wd / "select" / "rel_loss_diff" / "selection" / "manifest.jsonl")
+  assert len(manifest) == 16 and results["arms"]["albat"]["n_selected"] == 16
   assert (wd / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((wd / "config.json").read_text())
   assert saved["config"]["data"]["domain"] == "space"
@@ -59,13 +78,15 @@ def test_end_to_end_report(corpus):
   r2 = run(*base_args(d, path, wd))
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "loaded from cache" in r2.stdout
-  assert json.loads((wd / "results.json").read_text())["arms"]["none"] == arm
+  timeless = lambda a: {k: v for k, v in a.items() if not k.endswith("seconds")}
+  again = json.loads((wd / "results.json").read_text())["arms"]["none"]
+  assert timeless(again) == timeless(arm)
 
 
 def test_kill_and_rerun_equals_straight_run(corpus):
   d, path = corpus
-  extra = ["--config.train.steps=300", "--config.train.ckpt_every=5",
-           "--config.train.eval_every=100", "--config.model.d_model=64"]
+  extra = ["--config.train.steps=300", "--config.train.ckpt_every=5", "--config.arms=none",
+           "--config.seeds=0", "--config.train.eval_every=100", "--config.model.d_model=64"]
   straight = d / "straight"
   r = run(*base_args(d, path, straight), *extra)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -93,7 +114,6 @@ def test_kill_and_rerun_equals_straight_run(corpus):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   strip = lambda rs: [{k: v for k, v in x.items() if k != "examples_per_s"} for x in rs]
-  from jbat import io
   assert strip(io.read_jsonl(straight / "arms/none/seed_0/metrics.jsonl")) == strip(
       io.read_jsonl(killed / "arms/none/seed_0/metrics.jsonl"))
 
