@@ -16,16 +16,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 # The test suite also checks Hugging Face parity against transformers' PyTorch models and PEFT:
-# torch (CPU) and peft are an optional extra, pinned in requirements-hf.lock.
-$(VENV)/.installed-hf: $(VENV)/.installed requirements-hf.lock
-	$(PY) -m pip install -q -r requirements-hf.lock
+# torch (CPU) and peft (the `hf` extra) and the notebook runner, pinned in requirements-test.lock.
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
+	$(PY) -m pip install -q -r requirements-test.lock
 	touch $@
 
 demo: venv
 	$(PY) -m jbat.train --config configs/demo.py
 
 # pytest exits 5 when it collected no test: that fails here like any other error.
-test: $(VENV)/.installed-hf
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
