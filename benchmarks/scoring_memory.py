@@ -11,11 +11,9 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 CHILD = """
 import json, resource, sys, time, pathlib

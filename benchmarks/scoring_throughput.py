@@ -12,6 +12,8 @@ them), it times, in examples/s (B / median seconds per call):
   loss_diff  l(z_i; phi0) - l(z_i; phi_s), two forwards                        (2F)
   cosine     vmap per-example gradients, dot with delta and norms               (~3F)
   less       vmap per-example gradients, Rademacher projection to d, cosine     (~3F + B|phi|d)
+             with the packed matrix and the projected target made once (as score_pool does)
+  less_rng   the same, regenerating the matrix from the key on every call (32 signs per word)
   grads      vmap per-example gradients alone (the tree with leading axis B)    (~3F)
   loop       B calls of one jitted batch-1 gradient (the LESS / DataInf pattern)
 
@@ -55,7 +57,7 @@ from jbat.losses import lm_per_example_loss  # noqa: E402
 from jbat.models.causal_lm import CausalLM, LMConfig  # noqa: E402
 from jbat.scoring import kernels  # noqa: E402
 
-METHODS = ("forward", "align", "loss_diff", "cosine", "less", "grads", "loop")
+METHODS = ("forward", "align", "loss_diff", "cosine", "less", "less_rng", "grads", "loop")
 
 # name -> LMConfig (d_ff = 4 D, L = max_len). "demo" is configs/demo.py's model; "25m" has
 # 7 x 12 D^2 (~22.0M) in its blocks plus an 8192 x 512 tied embedding (~4.2M): ~26.3M in all.
@@ -123,8 +125,13 @@ def make_methods(m: dict[str, Any], batch: dict[str, jax.Array], proj_dim: int,
   cosine = kernel_jit(kernels.cosine)
   grads = kernel_jit(kernels.per_example_grads)
   key = jax.random.key(seed + 3)
-  less = jax.jit(lambda rest, phi, tg, b, k: kernels.less(
-      functools.partial(loss, rest), phi, tg, b, key=k, proj_dim=proj_dim))
+  # As stream.score_pool: the target is projected once per run (not timed), and the packed
+  # Rademacher matrix is made once and passed as an argument (less) or regenerated (less_rng).
+  words = jax.jit(kernels.rademacher_words, static_argnums=2)(key, m["phi_s"], proj_dim)
+  target = jax.jit(kernels.project_target, static_argnums=2)(m["target_grad"], key, proj_dim,
+                                                             words=words)
+  less = jax.jit(lambda rest, phi, tg, b, k, w: kernels.less(
+      functools.partial(loss, rest), phi, tg, b, key=k, proj_dim=proj_dim, words=w))
   # The LESS / DataInf pattern: one jitted batch-1 gradient, called once per example. Rows are
   # sliced before timing (a data loader would hand them over one by one).
   grad1 = jax.jit(jax.grad(lambda phi, rest, row: loss(rest, phi, row)[0]))
@@ -135,7 +142,8 @@ def make_methods(m: dict[str, Any], batch: dict[str, jax.Array], proj_dim: int,
       "align": lambda: align(rest, phi0, delta, batch),
       "loss_diff": lambda: loss_diff(rest, phi0, m["phi_s"], batch),
       "cosine": lambda: cosine(rest, phi0, delta, batch),
-      "less": lambda: less(rest, m["phi_s"], m["target_grad"], batch, key),
+      "less": lambda: less(rest, m["phi_s"], target, batch, None, words),
+      "less_rng": lambda: less(rest, m["phi_s"], target, batch, key, None),
       "grads": lambda: grads(rest, phi0, batch),
       "loop": lambda: [grad1(phi0, rest, row) for row in rows],
   }

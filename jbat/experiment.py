@@ -19,7 +19,6 @@ Backbone arms put `bat.rho` of each batch on the selected documents (their loss 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Sequence

@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 
 from jbat.errors import JbatError  # noqa: E402
 from jbat.models import hf_io  # noqa: E402
-from jbat.models.causal_lm import LMConfig  # noqa: E402
 
 VOCAB = 48
 TOL = 1e-4

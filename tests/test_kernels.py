@@ -163,7 +163,8 @@ def _all_scores(fn, batch, key):
       "neg_loss": sf["neg_loss"],
       "neg_grad_norm": sf["neg_grad_norm"],
       "less": J(K.less, fn)(PHIS, tg, batch),
-      "less_proj": J(K.less, fn, proj_dim=16)(PHIS, tg, batch, key=key),
+      "less_proj": J(K.less, fn, proj_dim=16)(PHIS, K.project_target(tg, key, 16), batch,
+                                               key=key),
       "random": K.random_scores(key, jnp.arange(batch["valid"].shape[0]), batch["valid"]),
   }
 
@@ -199,7 +200,13 @@ def test_delta_structure_errors_name_the_leaf():
   with pytest.raises(JbatError, match="valid"):
     K.align(loss_fn, PHI0, DELTA, {k: v for k, v in BATCH.items() if k != "valid"})
   with pytest.raises(JbatError, match="key"):
-    K.less(loss_fn, PHIS, DELTA, BATCH, proj_dim=8)
+    K.less(loss_fn, PHIS, jnp.zeros(8), BATCH, proj_dim=8)
+  # Projected: the target must be the projected vector, not the gradient tree.
+  with pytest.raises(JbatError, match=r"project_target.*got dict"):
+    K.less(loss_fn, PHIS, DELTA, BATCH, key=jax.random.key(0), proj_dim=8)
+  with pytest.raises(JbatError, match=r"words leaf 0.*uint32\[1, 18, 1\]"):
+    K.project(jax.tree.map(lambda x: x[None], DELTA), None, 8,
+              words=K.rademacher_words(jax.random.key(0), DELTA, 40))
   # Also at trace time under jit.
   with pytest.raises(JbatError, match=r"\['b'\]"):
     K.jit_kernel(K.align, loss_fn)(PHI0, bad_shape, BATCH)
@@ -223,10 +230,41 @@ def test_rademacher_projection_preserves_inner_products():
   # Matches the explicit matrix, is deterministic in the key, and changes with it.
   mats = K.rademacher_projection(key, jax.tree.map(lambda x: x[0], tree), d, block=1024)
   m = np.concatenate([np.asarray(mats["x"]), np.asarray(mats["y"])], 0)
+  assert m.shape == (5000, d)
   assert set(np.unique(np.abs(m) * np.sqrt(d)).round(5)) == {1.0}
   np.testing.assert_allclose(p, u @ m, rtol=1e-4, atol=1e-3)
   np.testing.assert_array_equal(proj(tree, key, d, block=1024), p.astype(np.float32))
   assert not np.allclose(proj(tree, jax.random.key(4), d, block=1024), p)
+  # The stored packed matrix gives the same projection without drawing random numbers.
+  words = K.rademacher_words(key, jax.tree.map(lambda x: x[0], tree), d, block=1024)
+  assert words["y"].shape == (3, 1024, d // 32) and words["y"].dtype == jnp.uint32
+  assert K.words_nbytes(jax.tree.map(lambda x: x[0], tree), d, block=1024) == sum(
+      w.nbytes for w in jax.tree.leaves(words))
+  pw = jax.jit(lambda t, w: K.project(t, None, d, block=1024, words=w))(tree, words)
+  np.testing.assert_allclose(pw, p, rtol=1e-6, atol=1e-5)
+
+
+def test_rademacher_signs_are_the_bits_of_the_random_words():
+  # The definition: column c of row r (block j = r // rows of leaf i) is the sign of bit c % 32
+  # of word c // 32 of jax.random.bits(fold_in(fold_in(key, i), j)); d not a multiple of 32.
+  key, d, rows = jax.random.key(7), 40, 4
+  tree = {"a": jnp.zeros((3, 3)), "b": jnp.zeros((10,))}  # b: blocks of 4 rows, 3 blocks.
+  mats = K.rademacher_projection(key, tree, d, block=rows)
+  for i, name in enumerate(["a", "b"]):
+    n = tree[name].size
+    r_per = min(rows, n)
+    for j in range(-(-n // r_per)):
+      k = jax.random.fold_in(jax.random.fold_in(key, i), j)
+      w = np.asarray(jax.random.bits(k, (r_per, 2), jnp.uint32))
+      bits = (w[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
+      want = np.where(bits.reshape(r_per, 64)[:, :d] == 0, 1.0, -1.0) / np.sqrt(d)
+      got = np.asarray(mats[name])[j * r_per:(j + 1) * r_per]
+      np.testing.assert_array_equal(got, want[:got.shape[0]].astype(np.float32))
+  # Fair, independent signs: mean ~0, columns nearly orthogonal over many rows.
+  big = np.asarray(K.rademacher_projection(key, jnp.zeros(8192), 64)) * 8.0
+  assert abs(big.mean()) < 0.03
+  gram = big.T @ big / big.shape[0]
+  assert np.abs(gram - np.eye(64)).max() < 0.06
 
 
 def test_less_matches_brute_force_cosine():
@@ -239,8 +277,20 @@ def test_less_matches_brute_force_cosine():
   want = (g @ t) / (np.linalg.norm(g, axis=1) * np.linalg.norm(t))
   np.testing.assert_allclose(J(K.less)(PHIS, target, BATCH), want, rtol=1e-5, atol=1e-6)
   # 36 parameters projected to 4096 dims: cosines within JL error.
-  proj = J(K.less, proj_dim=4096)(PHIS, target, BATCH, key=jax.random.key(0))
+  key = jax.random.key(0)
+  pt = K.project_target(target, key, 4096)
+  proj = J(K.less, proj_dim=4096)(PHIS, pt, BATCH, key=key)
   np.testing.assert_allclose(proj, want, atol=0.1)
+  # Exactly the cosine of the explicitly projected vectors; the stored words give the same.
+  mats = K.rademacher_projection(key, PHIS, 4096)
+  m = np.concatenate([np.asarray(mats["a"]), np.asarray(mats["b"])], 0)
+  pg, pt_want = g @ m, t @ m
+  np.testing.assert_allclose(pt, pt_want, rtol=1e-4, atol=1e-5)
+  cos = (pg @ pt_want) / (np.linalg.norm(pg, axis=1) * np.linalg.norm(pt_want))
+  np.testing.assert_allclose(proj, cos, rtol=1e-4, atol=1e-5)
+  words = K.rademacher_words(key, PHIS, 4096)
+  np.testing.assert_allclose(J(K.less, proj_dim=4096)(PHIS, pt, BATCH, words=words), proj,
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_random_scores_independent_of_batch_order():

@@ -236,3 +236,34 @@ def test_grad_features_and_cosine_matrix(setup, tmp_path):
                     for a in feats])
   np.testing.assert_allclose(c, brute, rtol=1e-5, atol=1e-6)
 
+
+
+def test_projected_less_equals_kernel_with_and_without_stored_matrix(setup, tmp_path,
+                                                                     monkeypatch):
+  """less with less_proj_dim: target projected once; stored words and on-the-fly RNG agree."""
+  sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
+  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=tok.pad_token_id, adapt_examples=setup["adapt"],
+            seed=2, less_proj_dim=64, chunk_batches=2, progress=False)
+  stored = stream.score_pool(["less"], sur, pool, tmp_path / "w", **kw).scores["less"]
+  monkeypatch.setattr(stream, "MAX_PROJECTION_WORDS_BYTES", 0)  # Regenerate per batch instead.
+  fresh = stream.score_pool(["less"], sur, pool, tmp_path / "k", **kw).scores["less"]
+  np.testing.assert_allclose(stored, fresh, rtol=1e-5, atol=1e-6)
+  # Direct: the cosine of the explicitly projected gradients (same key, explicit matrix).
+  loss_fn = surrogate_lib.per_example_loss_fn(sur.graphdef, sur.rest)
+  pad = lambda exs: {k: jnp.asarray(v) for k, v in
+                     pipeline.pad_batch(exs, len(exs), MAX_LEN, tok.pad_token_id).items()
+                     if k != "id"}
+  flat = lambda tree, b: np.concatenate(
+      [np.asarray(x, np.float64).reshape(b, -1) for x in jax.tree.leaves(tree)], 1)
+  g = flat(kernels.per_example_grads(loss_fn, sur.phi_s, pad(pool)), len(pool))
+  t = flat(kernels.mean_grad(loss_fn, sur.phi_s, pad(setup["adapt"])), 1)[0]
+  m = np.concatenate([np.asarray(x, np.float64) for x in jax.tree.leaves(
+      kernels.rademacher_projection(jax.random.key(2), sur.phi_s, 64))], 0)
+  pg, pt = g @ m, t @ m
+  want = pg @ pt / (np.linalg.norm(pg, axis=1) * np.linalg.norm(pt))
+  np.testing.assert_allclose(stored, want, rtol=1e-4, atol=1e-5)
+  # A finished folder is reused; another projection size is refused (fingerprint).
+  again = stream.score_pool(["less"], sur, pool, tmp_path / "w", **kw).scores["less"]
+  np.testing.assert_array_equal(again, stored)
+  with pytest.raises(JbatError, match="fingerprint"):
+    stream.score_pool(["less"], sur, pool, tmp_path / "w", **{**kw, "less_proj_dim": 32})

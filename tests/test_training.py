@@ -1,13 +1,11 @@
 """The training loop: only the adapter moves, resume is bitwise, 1 device == 8 devices."""
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy

@@ -19,7 +19,8 @@ Structure checks (delta vs phi0) run at trace time, so they cost nothing per cal
 Cost, in units of one forward pass F of the batch (method.md, Cost model):
   align 2F, loss_diff 2F, per-example gradients ~3F plus B x |phi| floats of memory (cosine,
   grad_norm, surrogate_fit, less, mean_grad), random 0F. `less` with projection adds a
-  B x |phi| x d matmul.
+  B x |phi| x d matmul (project the target once with `project_target`; pass the packed matrix
+  `rademacher_words` to skip the per-call random-number generation).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbat.errors import JbatError
 
@@ -249,6 +251,11 @@ def mean_grad(loss_fn: LossFn, phi: PyTree, batch: Batch) -> PyTree:
 
 # ----------------------------------------------------------------------------- projection
 
+# Names the definition of the Rademacher matrix below (fingerprinted by jbat.scoring.stream, so
+# scores or features computed with an older definition are never mixed with new ones).
+PROJECTION_VERSION = "bits32-v2"
+_WORD_BITS = 32
+
 
 def _blocking(n: int, block: int) -> tuple[int, int]:
   """(rows per block, number of blocks) for a leaf of n parameters: min(block, n), ceil."""
@@ -258,48 +265,117 @@ def _blocking(n: int, block: int) -> tuple[int, int]:
   return rows, -(-max(n, 1) // rows)
 
 
-def _leaf_block(key: jax.Array, leaf_index: int, block_index: jax.Array | int,
-                block: int, d: int) -> jax.Array:
-  """Rademacher block [block, d] of +-1/sqrt(d) for rows block_index*block.. of one leaf."""
+def _check_dim(d: Any, where: str) -> None:
+  if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+    raise JbatError(f"scoring.{where}: proj_dim must be a positive int (static under jit), got "
+                    f"{d!r}")
+
+
+def _block_words(key: jax.Array, leaf_index: int, block_index: jax.Array | int, rows: int,
+                 d: int) -> jax.Array:
+  """uint32[rows, ceil(d/32)]: the random words of block `block_index` of leaf `leaf_index`.
+
+  Drawn with `jax.random.bits(fold_in(fold_in(key, leaf_index), block_index))`.
+  """
   k = jax.random.fold_in(jax.random.fold_in(key, leaf_index), block_index)
-  return jax.random.rademacher(k, (block, d), dtype=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  return jax.random.bits(k, (rows, -(-d // _WORD_BITS)), jnp.uint32)
+
+
+def _unpack_signs(words: jax.Array, d: int) -> jax.Array:
+  """uint32[..., w] -> f32[..., d]: column 32*t + k is +1/sqrt(d) if bit k of word t is 0,
+  else -1/sqrt(d) (bit k = (word >> k) & 1), for k < 32 and the first d columns."""
+  shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
+  bits = (words[..., None] >> shifts) & jnp.uint32(1)  # [..., w, 32]
+  bits = bits.reshape(words.shape[:-1] + (-1,))[..., :d]
+  scale = 1.0 / jnp.sqrt(jnp.float32(d))
+  return jnp.where(bits == 0, scale, -scale).astype(jnp.float32)
+
+
+def rademacher_words(key: jax.Array, tree_like: PyTree, d: int, *,
+                     block: int = PROJ_BLOCK) -> PyTree:
+  """The packed projection matrix: per leaf uint32[n_blocks, rows, ceil(d/32)], 32 signs a word.
+
+  Block j of leaf i (leaf order of `jax.tree.leaves`) is `_block_words(key, i, j, rows, d)`
+  with rows = min(block, leaf.size), n_blocks = ceil(leaf.size / rows); the signs are unpacked
+  by bit (see `rademacher_projection`). Memory: about |phi| x d / 8 bytes (9.4 MB for 73,728
+  parameters at d=1024), 32x less than the float matrix. Pass it as `words=` to `project` /
+  `less` to skip the random-number generation (the words are what the RNG would produce).
+  `tree_like` is only used for its leaf sizes (an un-batched tree such as phi).
+  """
+  _check_dim(d, "rademacher_words")
+
+  def leaf_words(i, x):
+    rows, n_blocks = _blocking(int(x.size), block)
+    return jnp.stack([_block_words(key, i, j, rows, d) for j in range(n_blocks)])
+  leaves, treedef = jax.tree.flatten(tree_like)
+  return jax.tree.unflatten(treedef, [leaf_words(i, x) for i, x in enumerate(leaves)])
+
+
+def words_nbytes(tree_like: PyTree, d: int, *, block: int = PROJ_BLOCK) -> int:
+  """Bytes that `rademacher_words(key, tree_like, d, block=block)` will occupy."""
+  total = 0
+  for x in jax.tree.leaves(tree_like):
+    rows, n_blocks = _blocking(int(x.size), block)
+    total += n_blocks * rows * (-(-d // _WORD_BITS)) * 4
+  return total
 
 
 def rademacher_projection(key: jax.Array, tree_like: PyTree, d: int, *,
                           block: int = PROJ_BLOCK) -> PyTree:
   """The explicit projection matrix `project` uses, one f32[leaf.size, d] per leaf.
 
-  Entries are +-1/sqrt(d), so E[<P^T u, P^T v>] = <u, v>. Leaf i, parameter rows
-  [j*block, (j+1)*block) come from `jax.random.fold_in(fold_in(key, i), j)` (leaf order of
-  `jax.tree.leaves`), with rows = min(block, leaf.size) rows per block. `block` is part of
-  the definition: change it and the matrix of leaves larger than `block` changes.
+  Entries are +-1/sqrt(d), i.i.d. fair signs, so E[<P^T u, P^T v>] = <u, v>. Row r of leaf i
+  lies in block j = r // rows (rows = min(block, leaf.size)); its column c is the sign of bit
+  c % 32 of word c // 32 of row r % rows of `jax.random.bits(fold_in(fold_in(key, i), j),
+  (rows, ceil(d/32)), uint32)`: 0 -> +1/sqrt(d), 1 -> -1/sqrt(d). `block` is part of the
+  definition: change it and the matrix of leaves larger than `block` changes.
   Memory: |phi| x d floats, so use this only for small trees and tests; `project` never holds
-  more than one block.
+  more than one unpacked block.
   """
-  def leaf_matrix(i, x):
-    n = int(x.size)
-    rows, n_blocks = _blocking(n, block)
-    mats = [_leaf_block(key, i, j, rows, d) for j in range(n_blocks)]
-    return jnp.concatenate(mats, axis=0)[:n]
-  leaves, treedef = jax.tree.flatten(tree_like)
-  return jax.tree.unflatten(treedef, [leaf_matrix(i, x) for i, x in enumerate(leaves)])
+  words = rademacher_words(key, tree_like, d, block=block)
+
+  def leaf_matrix(x, w):
+    return _unpack_signs(w, d).reshape(-1, d)[:max(int(x.size), 1)]
+  return jax.tree.map(leaf_matrix, tree_like, words)
 
 
-def project(grads_tree: PyTree, key: jax.Array, d: int, *, block: int = PROJ_BLOCK) -> jax.Array:
+def _check_words(words: PyTree, leaves: list[jax.Array], d: int, block: int) -> list[jax.Array]:
+  """The leaves of `words` after checking they are the packed matrix for these leaves and d."""
+  w_leaves = jax.tree.leaves(words)
+  if len(w_leaves) != len(leaves):
+    raise JbatError(f"scoring.project: words has {len(w_leaves)} leaves, the gradient tree "
+                    f"{len(leaves)}; build it with rademacher_words(key, phi, d)")
+  for i, (w, g) in enumerate(zip(w_leaves, leaves)):
+    rows, n_blocks = _blocking(int(g[0].size), block)
+    want = (n_blocks, rows, -(-d // _WORD_BITS))
+    if tuple(w.shape) != want or w.dtype != jnp.uint32:
+      raise JbatError(f"scoring.project: words leaf {i} is {w.dtype}{list(w.shape)}, expected "
+                      f"uint32{list(want)} for d={d}, block={block}; build it with "
+                      f"rademacher_words(key, phi, d, block=block)")
+  return w_leaves
+
+
+def project(grads_tree: PyTree, key: jax.Array | None, d: int, *, block: int = PROJ_BLOCK,
+            words: PyTree | None = None) -> jax.Array:
   """Seeded Rademacher projection of flattened per-example gradients to d dims. f32[B, d].
 
   `grads_tree` has a leading axis B on every leaf. Returns sum over leaves of
-  flat(g_leaf) @ R_leaf with R from `rademacher_projection(key, ., d, block=block)`: inner
+  flat(g_leaf) @ R_leaf with R = `rademacher_projection(key, ., d, block=block)`: inner
   products are preserved in expectation (Johnson-Lindenstrauss; the error of <Pu, Pv> has
   standard deviation about ||u|| ||v|| sqrt(2/d)). Use the same key for every vector compared.
-  Memory: one block x d matrix at a time inside a `lax.fori_loop` plus B x d accumulators;
-  compute B x |phi| x d multiply-adds.
+  The signs come 32 per random uint32 word. With `words` (from `rademacher_words(key, phi, d,
+  block=block)`, e.g. made once per run) no random numbers are drawn and `key` may be None;
+  the result is the same.
+  Memory: one unpacked block x d matrix at a time inside a `lax.fori_loop` plus B x d
+  accumulators; compute B x |phi| x d multiply-adds.
   """
-  if not isinstance(d, int) or d <= 0:
-    raise JbatError(f"scoring.project: proj_dim must be a positive int, got {d!r}")
+  _check_dim(d, "project")
   leaves = jax.tree.leaves(grads_tree)
   if not leaves:
     raise JbatError("scoring.project: the gradient tree has no leaves")
+  if words is None and key is None:
+    raise JbatError("scoring.project: pass a PRNG key or the packed matrix (words=...)")
+  w_leaves = None if words is None else _check_words(words, leaves, d, block)
   b = leaves[0].shape[0]
   out = jnp.zeros((b, d), jnp.float32)
   hi = jax.lax.Precision.HIGHEST
@@ -307,44 +383,76 @@ def project(grads_tree: PyTree, key: jax.Array, d: int, *, block: int = PROJ_BLO
     flat = g.astype(jnp.float32).reshape(b, -1)
     n = flat.shape[1]
     rows, n_blocks = _blocking(n, block)
+
+    def signs(j, i=i, rows=rows):
+      if w_leaves is None:
+        return _unpack_signs(_block_words(key, i, j, rows, d), d)
+      return _unpack_signs(jax.lax.dynamic_index_in_dim(w_leaves[i], j, keepdims=False), d)
+
     if n_blocks == 1:
-      out = out + jnp.dot(flat, _leaf_block(key, i, 0, rows, d), precision=hi)
+      out = out + jnp.dot(flat, signs(0)[:n], precision=hi)
       continue
     flat = jnp.pad(flat, ((0, 0), (0, n_blocks * rows - n))).reshape(b, n_blocks, rows)
 
-    def body(j, acc, flat=flat, i=i, rows=rows):
+    def body(j, acc, flat=flat, signs=signs):
       chunk = jax.lax.dynamic_index_in_dim(flat, j, axis=1, keepdims=False)
-      return acc + jnp.dot(chunk, _leaf_block(key, i, j, rows, d), precision=hi)
+      return acc + jnp.dot(chunk, signs(j), precision=hi)
 
     out = jax.lax.fori_loop(0, n_blocks, body, out)
   return out
 
 
-def less(loss_fn: LossFn, phi_s: PyTree, target_grad: PyTree, batch: Batch, *,
-         key: jax.Array | None = None, proj_dim: int | None = None,
-         eps: float = 1e-12) -> jax.Array:
-  """LESS anchor: cos(grad_phi l(z_i; phi_s), target_grad), f32[B], invalid rows 0.
+def project_target(target_grad: PyTree, key: jax.Array | None, d: int, *,
+                   block: int = PROJ_BLOCK, words: PyTree | None = None) -> jax.Array:
+  """P^T flat(target_grad) for ONE un-batched tree (e.g. the mean adaptation gradient). f32[d].
 
-  `target_grad` is the mean adaptation-set gradient at phi_s (`mean_grad` / `grad_sum`). With
-  `proj_dim` both sides go through the same seeded Rademacher projection (`project`, same
-  `key`) before the cosine, as in LESS. `proj_dim` is static under jit. Zero norms give 0.
-  Cost: ~3F, memory B x |phi|, plus B x |phi| x proj_dim multiply-adds when projecting.
+  The same projection as `project` (same key, d, block): compute it once and pass it to `less`
+  as its target when projecting, instead of re-projecting the target for every batch.
   """
-  check_same_structure(phi_s, target_grad, name="target_grad", reference_name="phi_s")
-  if proj_dim is not None and key is None:
-    raise JbatError("scoring.less: proj_dim is set, so a PRNG key is required (key=...)")
-  if proj_dim is not None and (not isinstance(proj_dim, int) or proj_dim <= 0):
-    raise JbatError(f"scoring.less: proj_dim must be a positive int (static under jit), got "
-                    f"{proj_dim!r}")
+  return project(jax.tree.map(lambda x: x[None], target_grad), key, d, block=block,
+                 words=words)[0]
+
+
+def less(loss_fn: LossFn, phi_s: PyTree, target: PyTree | jax.Array, batch: Batch, *,
+         key: jax.Array | None = None, proj_dim: int | None = None,
+         words: PyTree | None = None, eps: float = 1e-12) -> jax.Array:
+  """LESS anchor: cos(grad_phi l(z_i; phi_s), target direction), f32[B], invalid rows 0.
+
+  Exact (proj_dim None): `target` is the mean adaptation-set gradient at phi_s (a tree like
+  phi_s, from `mean_grad` / `grad_sum`) and s_i = <g_i, t> / (||g_i|| ||t||).
+  Projected (proj_dim = d, static under jit), as in LESS: `target` is the already projected
+  target f32[d] = `project_target(target_grad, key, d)`, computed once per run, and
+  s_i = <P^T g_i, target> / (||P^T g_i|| ||target||) with P^T g_i = `project(g, key, d)`.
+  Pass the same `key` used for the target, or `words = rademacher_words(key, phi_s, d)` (made
+  once; then no random numbers are drawn per call and `key` may be None).
+  Zero norms give 0. Cost: ~3F, memory B x |phi|, plus B x |phi| x d multiply-adds when
+  projecting (and drawing |phi| x d / 32 random words per call unless `words` is given).
+  """
+  if proj_dim is None:
+    if key is not None or words is not None:
+      raise JbatError("scoring.less: key / words are only used with proj_dim (the projected "
+                      "cosine); set proj_dim or drop them")
+    check_same_structure(phi_s, target, name="target_grad", reference_name="phi_s")
+  else:
+    _check_dim(proj_dim, "less")
+    if key is None and words is None:
+      raise JbatError("scoring.less: proj_dim is set, so a PRNG key (key=...) or the packed "
+                      "matrix (words=rademacher_words(key, phi_s, proj_dim)) is required")
+    if not isinstance(target, (jax.Array, np.ndarray)) or tuple(target.shape) != (proj_dim,):
+      got = (f"{target.dtype}{list(target.shape)}" if hasattr(target, "shape")
+             else type(target).__name__)
+      raise JbatError(f"scoring.less: with proj_dim={proj_dim} the target must be the projected "
+                      f"target f32[{proj_dim}] = project_target(target_grad, key, {proj_dim}), "
+                      f"got {got}")
   valid = _valid(batch)
   grads = per_example_grads(loss_fn, phi_s, batch)
   if proj_dim is None:
-    dots = _batched_dot(grads, target_grad)
-    denom = jnp.sqrt(_batched_sq_norm(grads)) * tree_norm(target_grad)
+    dots = _batched_dot(grads, target)
+    denom = jnp.sqrt(_batched_sq_norm(grads)) * tree_norm(target)
   else:
-    pg = project(grads, key, proj_dim)
-    pt = project(jax.tree.map(lambda x: x[None], target_grad), key, proj_dim)[0]
-    dots = pg @ pt
+    pg = project(grads, key, proj_dim, words=words)
+    pt = jnp.asarray(target, jnp.float32)
+    dots = jnp.dot(pg, pt, precision=jax.lax.Precision.HIGHEST)
     denom = jnp.linalg.norm(pg, axis=1) * jnp.linalg.norm(pt)
   return _mask(valid, _safe_cos(dots, denom, eps))
 

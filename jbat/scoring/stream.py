@@ -70,6 +70,8 @@ MODEL_SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad
                 "rel_loss_diff", "contrast", "contrast_align")
 CONTROL_SCORES = ("contrast", "contrast_align")  # Need the control surrogate's phi_c.
 CURSOR_FILE = "cursor.json"
+# Largest packed Rademacher matrix (|phi| x d / 8 bytes) that is made once and kept on device.
+MAX_PROJECTION_WORDS_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,16 @@ def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | Non
   for texts in (pool_texts, adapt_texts):
     for t in texts or ():
       h.update(t.encode("utf-8", errors="replace") + b"\x01")
+  return h.hexdigest()[:16]
+
+
+def _examples_digest(examples: Sequence[dict[str, Any]]) -> str:
+  """sha256 (first 16 hex) of the ids and token ids of encoded examples, in order."""
+  h = hashlib.sha256()
+  for ex in examples:
+    h.update(np.int64(ex["id"]).tobytes())
+    h.update(np.asarray(ex["ids"], np.int32).tobytes())
+    h.update(b"\x00")
   return h.hexdigest()[:16]
 
 
@@ -181,9 +193,11 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
                         less_proj_dim: int | None) -> dict[str, Any]:
   """One jitted function per kernel: (params, batch) -> {score name: f32[B]}.
 
-  `params` = {"rest", "phi0", "phi_s", "delta", "target", "key", "phi_c", "delta_c"} are
-  passed as arguments (not baked in as constants), so the compiled programs do not grow with
-  the model. rel_loss_diff and contrast share one kernel, so l(z; phi_s) is computed once.
+  `params` = {"rest", "phi0", "phi_s", "delta", "target", "key", "words", "phi_c", "delta_c"}
+  are passed as arguments (not baked in as constants), so the compiled programs do not grow
+  with the model. With `less_proj_dim`, "target" is the projected target f32[d] and "words"
+  (when present) the packed projection matrix, both made once per run (`_less_projection`).
+  rel_loss_diff and contrast share one kernel, so l(z; phi_s) is computed once.
   """
   graphdef = surrogate.graphdef
 
@@ -195,8 +209,9 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
       "loss_diff": lambda p, b: {"loss_diff": kernels.loss_diff(loss(p), p["phi0"], p["phi_s"],
                                                                 b)},
       "cosine": lambda p, b: {"cosine": kernels.cosine(loss(p), p["phi0"], p["delta"], b)},
-      "less": lambda p, b: {"less": kernels.less(loss(p), p["phi_s"], p["target"], b,
-                                                 key=p["key"], proj_dim=less_proj_dim)},
+      "less": lambda p, b: {"less": kernels.less(
+          loss(p), p["phi_s"], p["target"], b, proj_dim=less_proj_dim,
+          **({} if less_proj_dim is None else {"key": p["key"], "words": p.get("words")}))},
   }
 
   def fit(p, b):
@@ -250,6 +265,31 @@ def _mean_adapt_grad(surrogate: surrogate_lib.Surrogate,
   return kernels.finish_mean(total, np.float32(count))
 
 
+def _projection_words(phi_s: Any, key: jax.Array, proj_dim: int,
+                      mesh: jax.sharding.Mesh) -> Any:
+  """`kernels.rademacher_words(key, phi_s, proj_dim)` replicated on the mesh, or None when it
+  would take MAX_PROJECTION_WORDS_BYTES or more (then kernels regenerate it from the key)."""
+  if kernels.words_nbytes(phi_s, proj_dim) >= MAX_PROJECTION_WORDS_BYTES:
+    return None
+  return loop.replicate(jax.jit(kernels.rademacher_words, static_argnums=2)(
+      key, phi_s, proj_dim), mesh)
+
+
+def _less_projection(phi_s: Any, target_grad: Any, key: jax.Array, proj_dim: int,
+                     mesh: jax.sharding.Mesh) -> tuple[jax.Array, Any]:
+  """(projected target f32[d], packed matrix or None), computed once per run for `less`.
+
+  The packed matrix (`kernels.rademacher_words`, |phi| x d / 8 bytes) is materialised and
+  replicated when it is under MAX_PROJECTION_WORDS_BYTES; the kernel then draws no random
+  numbers per batch. Otherwise (None) each batch regenerates it block by block from the key.
+  Both give the same scores.
+  """
+  words = _projection_words(phi_s, key, proj_dim, mesh)
+  target = jax.jit(kernels.project_target, static_argnums=2)(target_grad, key, proj_dim,
+                                                             words=words)
+  return loop.replicate(target, mesh), words
+
+
 def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Model inputs (loop.shard_batch), the valid mask and the id words, split over `data`."""
   out = loop.shard_batch(batch, mesh)
@@ -283,7 +323,9 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     adapt_examples: needed by `less` (mean adaptation gradient at phi_s).
     pool_texts, adapt_texts: needed by `dsir` (pool_texts parallel to pool_examples).
     seed: `random` scores and the `less` projection key.
-    less_proj_dim: project gradients to this many dims for `less` (None: exact cosine).
+    less_proj_dim: project gradients to this many dims for `less` (None: exact cosine). The
+      projected target and (when under MAX_PROJECTION_WORDS_BYTES) the packed projection
+      matrix are computed once per run, not per batch.
     chunk_batches: batches per chunk file (and per cursor update).
     control: the control surrogate (its phi_s is phi_c; its phi0 must equal the surrogate's
       structure); needed by `contrast` and `contrast_align`, ignored otherwise.
@@ -336,6 +378,12 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
   n_chunks = -(-n // chunk_size)
   settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
               "chunk_batches": chunk_batches, "less_proj_dim": less_proj_dim, "version": 1}
+  if "less" in scores:
+    # The LESS target is the mean gradient over adapt_examples, and a projected score depends
+    # on the definition of the Rademacher matrix.
+    settings["less_adapt"] = _examples_digest(adapt_examples or ())
+    if less_proj_dim is not None:
+      settings["projection"] = kernels.PROJECTION_VERSION
   uses_texts = "dsir" in scores
   fingerprint = _fingerprint(scores, surrogate if model_names else None, pool_examples,
                              settings, pool_texts if uses_texts else None,
@@ -356,6 +404,11 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     if "less" in scores:
       params["target"] = _mean_adapt_grad(surrogate, adapt_examples, batch_size, max_len, pad_id,
                                           mesh, params["rest"], params["phi_s"])
+      if less_proj_dim is not None:
+        params["target"], words = _less_projection(params["phi_s"], params["target"],
+                                                   params["key"], less_proj_dim, mesh)
+        if words is not None:
+          params["words"] = words
     jitted = _make_model_kernels(model_names, surrogate, less_proj_dim)
   random_fn = jax.jit(lambda key, words, valid: kernels.random_scores(key, words, valid))
   if "dsir" in scores:
@@ -438,7 +491,8 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
   +-1/sqrt(d)), so <f_i, f_j> ~ <g_i, g_j> (the LESS features). Use the same seed for the pool
   and the adaptation set when comparing them. Streamed, chunked and resumable exactly like
   `score_pool` (chunk files hold "ids" and "features" f32[n, d]; cursor fingerprinted).
-  Cost: ~3F per example plus |phi| x d multiply-adds; memory B x |phi| per batch.
+  Cost: ~3F per example plus |phi| x d multiply-adds; memory B x |phi| per batch, plus the
+  packed matrix (|phi| x d / 8 bytes, made once when under MAX_PROJECTION_WORDS_BYTES).
 
   Returns:
     (ids int64[N] in the order of `examples`, features float32[N, proj_dim]); invalid
@@ -465,7 +519,8 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
   chunk_size = chunk_batches * batch_size
   n_chunks = -(-n // chunk_size)
   settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
-              "chunk_batches": chunk_batches, "proj_dim": proj_dim, "version": 1}
+              "chunk_batches": chunk_batches, "proj_dim": proj_dim, "version": 1,
+              "projection": kernels.PROJECTION_VERSION}
   fingerprint = _fingerprint(["grad_features"], surrogate, examples, settings, None, None)
   start = _read_cursor(out_dir, fingerprint, n_chunks)
   if start == n_chunks:
@@ -474,12 +529,14 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
   graphdef = surrogate.graphdef
 
   @jax.jit
-  def feats(rest, phi_s, key, batch):
+  def feats(rest, phi_s, key, words, batch):
     loss_fn = surrogate_lib.per_example_loss_fn(graphdef, rest)
-    return kernels.project(kernels.per_example_grads(loss_fn, phi_s, batch), key, proj_dim)
+    return kernels.project(kernels.per_example_grads(loss_fn, phi_s, batch), key, proj_dim,
+                           words=words)
 
   params = loop.replicate({"rest": surrogate.rest, "phi_s": surrogate.phi_s}, mesh)
   key = jax.random.key(seed)
+  words = _projection_words(surrogate.phi_s, key, proj_dim, mesh)  # None: regenerate per batch.
   bar = tqdm(total=n, initial=min(start * chunk_size, n), desc="grad features", unit="ex",
              disable=not progress, dynamic_ncols=True)
   for c in range(start, n_chunks):
@@ -487,7 +544,8 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
     ids, rows = [], []
     for batch in pipeline.eval_batches(examples[lo:hi], batch_size, max_len, pad_id):
       valid = batch["valid"]
-      f = np.asarray(feats(params["rest"], params["phi_s"], key, _put_batch(batch, mesh)))
+      f = np.asarray(feats(params["rest"], params["phi_s"], key, words,
+                           _put_batch(batch, mesh)))
       ids.append(batch["id"][valid])
       rows.append(f[valid].astype(np.float32))
       bar.update(int(valid.sum()))

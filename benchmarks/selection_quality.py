@@ -1,0 +1,86 @@
+"""Selection quality: every arm on both demo tasks; gap closed between random and the oracle.
+
+  python benchmarks/selection_quality.py                  # both demo tasks, their default arms
+  python benchmarks/selection_quality.py --arms none,random,oracle,albat,loss_diff,align,dsir
+  python benchmarks/selection_quality.py --tiny           # toy size, a smoke run
+
+For each task it runs `jbat.experiment.run` (resumable: finished arms are read back from the
+workdir, `runs/bench_<task>` by default) and prints a table of best held-out NLL per arm (mean
+over seeds) with the paired difference to random and
+`gap_closed = (L_random - L_arm) / (L_random - L_oracle)`. The last line is one JSON object:
+`{"tasks": {task: {"gap_closed": {arm: g}, "best_nll": {arm: mean}, "beats_random": {arm:
+bool}}}}`, where beats_random means the 95% interval of the paired difference is below zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jbat import config as config_lib  # noqa: E402
+from jbat import experiment  # noqa: E402
+
+TASKS = {"tweets": "configs/demo.py", "fortunes": "configs/demo_fortunes.py"}
+
+
+def load_config(path: str, arg: str | None):
+  spec = importlib.util.spec_from_file_location("bench_cfg", ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tasks", default="tweets,fortunes")
+  p.add_argument("--arms", default="", help="comma-separated arms (default: the config's)")
+  p.add_argument("--seeds", default="", help="comma-separated seeds (default: the config's)")
+  p.add_argument("--tiny", action="store_true", help="toy-size configs (smoke run)")
+  p.add_argument("--workdir", default="runs")
+  args = p.parse_args()
+
+  out = {}
+  for task in args.tasks.split(","):
+    cfg = load_config(TASKS[task], "tiny" if args.tiny else None)
+    if args.arms:
+      cfg.arms = args.arms
+    if args.seeds:
+      cfg.seeds = args.seeds
+    if "random" not in cfg.arms.split(","):
+      cfg.arms = "random," + cfg.arms
+    cfg.name = f"bench_{task}{'_tiny' if args.tiny else ''}"
+    cfg.workdir = str(pathlib.Path(args.workdir) / cfg.name)
+    cfg.progress = False
+    config_lib.validate(cfg)
+    summary = experiment.run(cfg)
+    arms, st = summary["arms"], summary["stats"]
+    print(f"\n== {task}: domain {summary['domain']}, seeds {summary['seeds']} ==")
+    print(f"{'arm':<16}{'best NLL':>10}{'vs random [95% CI]':>32}{'gap closed':>12}"
+          f"{'precision':>11}")
+    res = {"gap_closed": {}, "best_nll": {}, "beats_random": {}}
+    for name, a in arms.items():
+      mean = sum(a["best_nll"]) / len(a["best_nll"])
+      vs = st.get(name, {}).get("best_nll_vs_random")
+      ci = "-" if not vs else (f"{vs['mean']:+.4f}" + (
+          f" [{vs['lo']:+.4f}, {vs['hi']:+.4f}]" if vs["lo"] is not None else ""))
+      gap = st.get(name, {}).get("gap_closed")
+      prec = a.get("precision")
+      print(f"{name:<16}{mean:>10.4f}{ci:>32}{'-' if gap is None else f'{100 * gap:.0f}%':>12}"
+            f"{'-' if prec is None else f'{prec:.2f}':>11}")
+      res["best_nll"][name] = mean
+      if gap is not None:
+        res["gap_closed"][name] = gap
+      if vs:
+        res["beats_random"][name] = vs["hi"] is not None and vs["hi"] < 0
+    out[task] = res
+  print(json.dumps({"tasks": out}, sort_keys=True))
+
+
+if __name__ == "__main__":
+  main()
