@@ -2,6 +2,7 @@
 
 from jbat.scoring.dsir import dsir_scores, fit_ngram_model, hash_ngrams
 from jbat.scoring.kernels import (
+    PROJECTION_VERSION,
     align,
     check_same_structure,
     cosine,
@@ -15,20 +16,23 @@ from jbat.scoring.kernels import (
     per_example_grads,
     per_example_losses_and_grads,
     project,
+    project_target,
     rademacher_projection,
+    rademacher_words,
     random_scores,
     surrogate_fit,
     tree_dot,
     tree_norm,
     tree_sub,
+    words_nbytes,
 )
 # After kernels: stream imports jbat.surrogate, which imports jbat.scoring.kernels.
 from jbat.scoring.stream import SCORE_NAMES, ScoreTable, load_table, score_pool
 
 __all__ = [
-    "SCORE_NAMES", "ScoreTable", "load_table", "score_pool",
+    "PROJECTION_VERSION", "SCORE_NAMES", "ScoreTable", "load_table", "score_pool",
     "align", "check_same_structure", "cosine", "dsir_scores", "finish_mean", "fit_ngram_model",
     "grad_norm", "grad_sum", "hash_ngrams", "jit_kernel", "less", "loss_diff", "mean_grad",
-    "per_example_grads", "per_example_losses_and_grads", "project", "rademacher_projection",
-    "random_scores", "surrogate_fit", "tree_dot", "tree_norm", "tree_sub",
+    "per_example_grads", "per_example_losses_and_grads", "project", "project_target", "rademacher_projection", "rademacher_words",
+    "random_scores", "surrogate_fit", "tree_dot", "tree_norm", "tree_sub", "words_nbytes",
 ]
