@@ -39,7 +39,8 @@ def load_config(path: str, arg: str | None):
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tasks", default="tweets,fortunes")
-  p.add_argument("--arms", default="", help="comma-separated arms (default: the config's)")
+  p.add_argument("--arms", default="none,random,oracle,albat,dsir,loss_diff",
+                 help="comma-separated arms ('' = the config's)")
   p.add_argument("--seeds", default="", help="comma-separated seeds (default: the config's)")
   p.add_argument("--tiny", action="store_true", help="toy-size configs (smoke run)")
   p.add_argument("--workdir", default="runs")

@@ -12,6 +12,7 @@ with the same workdir resumes from the latest checkpoint and reaches bitwise the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -58,11 +59,46 @@ class FitResult:
 
 
 def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
-  """AdamW on a warmup + cosine schedule, after global-norm clipping (clip_norm 0: none)."""
-  schedule = make_optimizer_schedule(spec)
-  parts = [optax.clip_by_global_norm(spec.clip_norm)] if spec.clip_norm > 0 else []
-  parts.append(optax.adamw(schedule, weight_decay=spec.weight_decay))
+  """AdamW on a warmup + cosine schedule, after global-norm clipping (clip_norm 0: none).
+
+  Cached on the optimisation settings, so runs that share them (arms, seeds) get the same
+  object and so reuse the compiled training step.
+  """
+  return _optimizer(spec.steps, spec.lr, spec.warmup_steps, spec.weight_decay, spec.clip_norm)
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(steps: int, lr: float, warmup_steps: int, weight_decay: float,
+               clip_norm: float) -> optax.GradientTransformation:
+  schedule = _schedule(steps, lr, warmup_steps)
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, weight_decay=weight_decay))
   return optax.chain(*parts)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
+def train_step(params: nnx.State, opt_state: Any, frozen: nnx.State, rng: jax.Array,
+               batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation):
+  """One optimizer step on the trainable `params` (a pure function; compiled once per shape)."""
+  def loss_fn(p):
+    return losses.lm_loss(nnx.merge(graphdef, p, frozen), batch)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  rng, _ = jax.random.split(jax.random.wrap_key_data(rng))
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return params, opt_state, jax.random.key_data(rng), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_sums(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
+              graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted token NLL, sum of weights) of one batch."""
+  model = nnx.merge(graphdef, params, frozen)
+  logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+  nll = losses.token_nll(logits, batch["targets"])
+  return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
 
 def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
@@ -87,17 +123,10 @@ def make_eval_fn(graphdef: nnx.GraphDef, frozen: nnx.State, batches: Callable[[]
                  mesh: jax.sharding.Mesh) -> Callable[[nnx.State], float]:
   """Returns params -> mean token NLL (nats/token) over one pass of `batches()`."""
 
-  @jax.jit
-  def sums(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-    nll = losses.token_nll(logits, batch["targets"])
-    return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
-
   def evaluate(params: nnx.State) -> float:
     total, count = 0.0, 0.0
     for batch in batches():
-      s, c = sums(params, frozen, shard_batch(batch, mesh))
+      s, c = eval_sums(params, frozen, shard_batch(batch, mesh), graphdef=graphdef)
       total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
 
@@ -151,17 +180,6 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   history = io.truncate_jsonl(metrics_path, keep=lambda r: 0 < start and r["step"] <= start)
   best_path = workdir / "best.safetensors"
 
-  @jax.jit
-  def train_step(params, opt_state, frozen, rng, batch):
-    def loss_fn(p):
-      return losses.lm_loss(nnx.merge(graphdef, p, frozen), batch)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    rng, _ = jax.random.split(jax.random.wrap_key_data(rng))
-    return params, opt_state, jax.random.key_data(rng), {"loss": loss,
-                                                         "grad_norm": optax.tree.norm(grads)}
-
   evaluate = make_eval_fn(graphdef, frozen, eval_batches, mesh) if eval_batches else None
   schedule_lr = make_optimizer_schedule(spec)
 
@@ -185,7 +203,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   for step in range(start + 1, spec.steps + 1):
     batch = next(train_iter)
     n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch["tokens"])
-    params, opt_state, rng, m = train_step(params, opt_state, frozen, rng, shard_batch(batch, mesh))
+    params, opt_state, rng, m = train_step(params, opt_state, frozen, rng,
+                                           shard_batch(batch, mesh), graphdef=graphdef, tx=tx)
     if step % spec.log_every == 0 or step == spec.steps:
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # Waits for the step to finish.
       dt = time.perf_counter() - t0
@@ -212,9 +231,13 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
 
 def make_optimizer_schedule(spec: TrainSpec) -> optax.Schedule:
   """The learning-rate schedule `make_optimizer` uses (for logging)."""
+  return _schedule(spec.steps, spec.lr, spec.warmup_steps)
+
+
+def _schedule(steps: int, lr: float, warmup_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=spec.lr, warmup_steps=spec.warmup_steps,
-      decay_steps=max(spec.steps, spec.warmup_steps + 1), end_value=spec.lr * 0.1)
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+      decay_steps=max(steps, warmup_steps + 1), end_value=lr * 0.1)
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
