@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from collections.abc import Callable, Iterator
@@ -238,10 +237,3 @@ def _schedule(steps: int, lr: float, warmup_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
       decay_steps=max(steps, warmup_steps + 1), end_value=lr * 0.1)
-
-
-def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
-  path = pathlib.Path(path)
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
