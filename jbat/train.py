@@ -1,7 +1,8 @@
 """Command line: `python -m jbat.train --config configs/demo.py [--config.train.steps=50 ...]`.
 
 A thin layer: parse the ml_collections config (with `--config.x.y=v` overrides), validate it,
-run `jbat.experiment.run`. Any problem with the user's input exits with code 2 and a message
+run `jbat.experiment.run` (or, for configs with `pipeline = "personalize"`, the diffusion
+personalization experiment `jbat.diffusion.personalize.run`). Any problem with the user's input exits with code 2 and a message
 naming the file or field; nothing is written before the config is known to be valid.
 """
 
@@ -36,11 +37,16 @@ def main(argv: list[str] | None = None) -> int:
   if config is None:
     print("jbat: error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     return 2
-  from jbat import config as config_lib
   try:
-    config_lib.validate(config)
-    from jbat import experiment  # Heavy imports only after the config is known to be good.
-    experiment.run(config)
+    if config.get("pipeline", "lm") == "personalize":
+      from jbat.diffusion import personalize
+      personalize.validate(config)
+      personalize.run(config)
+    else:
+      from jbat import config as config_lib
+      config_lib.validate(config)
+      from jbat import experiment  # Heavy imports only after the config is known to be good.
+      experiment.run(config)
   except JbatError as e:
     print(f"jbat: error: {e}", file=sys.stderr)
     return e.exit_code

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -75,29 +75,49 @@ def _optimizer(steps: int, lr: float, warmup_steps: int, weight_decay: float,
   return optax.chain(*parts)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], jax.Array]
+EvalFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+
+
+def lm_train_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
+  """The default training loss: weighted mean token NLL of a causal LM (`rng` unused)."""
+  del rng
+  return losses.lm_loss(model, batch)
+
+
+def lm_eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The default evaluation: (sum of weighted token NLL, sum of weights) of one batch."""
+  logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+  nll = losses.token_nll(logits, batch["targets"])
+  return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "loss_fn"))
 def train_step(params: nnx.State, opt_state: Any, frozen: nnx.State, rng: jax.Array,
                batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation):
-  """One optimizer step on the trainable `params` (a pure function; compiled once per shape)."""
-  def loss_fn(p):
-    return losses.lm_loss(nnx.merge(graphdef, p, frozen), batch)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+               tx: optax.GradientTransformation, loss_fn: LossFn = lm_train_loss):
+  """One optimizer step on the trainable `params` (a pure function; compiled once per shape).
+
+  `rng` is raw key data; the loss gets a fresh key split from it and the other half is
+  returned for the next step, so the key sequence is a function of the seed and the step.
+  """
+  rng, step_key = jax.random.split(jax.random.wrap_key_data(rng))
+
+  def objective(p):
+    return loss_fn(nnx.merge(graphdef, p, frozen), batch, step_key)
+  loss, grads = jax.value_and_grad(objective)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  rng, _ = jax.random.split(jax.random.wrap_key_data(rng))
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return params, opt_state, jax.random.key_data(rng), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "eval_fn"))
 def eval_sums(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
-              graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
-  """(sum of weighted token NLL, sum of weights) of one batch."""
-  model = nnx.merge(graphdef, params, frozen)
-  logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-  nll = losses.token_nll(logits, batch["targets"])
-  return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+              graphdef: nnx.GraphDef, eval_fn: EvalFn = lm_eval_sums
+              ) -> tuple[jax.Array, jax.Array]:
+  """(sum, count) of one held-out batch under `eval_fn` (default: weighted token NLL)."""
+  return eval_fn(nnx.merge(graphdef, params, frozen), batch)
 
 
 def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
@@ -107,11 +127,12 @@ def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
                            axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Places the model inputs of a host-local numpy batch on the mesh, split over `data`."""
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                keys: Sequence[str] = MODEL_KEYS) -> dict[str, jax.Array]:
+  """Places the `keys` arrays of a host-local numpy batch on the mesh, split over `data`."""
   sharding = NamedSharding(mesh, P("data"))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in MODEL_KEYS if k in batch}
+          for k in keys if k in batch}
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -119,13 +140,16 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def make_eval_fn(graphdef: nnx.GraphDef, frozen: nnx.State, batches: Callable[[], Iterator],
-                 mesh: jax.sharding.Mesh) -> Callable[[nnx.State], float]:
-  """Returns params -> mean token NLL (nats/token) over one pass of `batches()`."""
+                 mesh: jax.sharding.Mesh, *, eval_fn: EvalFn = lm_eval_sums,
+                 batch_keys: Sequence[str] = MODEL_KEYS) -> Callable[[nnx.State], float]:
+  """Returns params -> sum of `eval_fn` sums / sum of its counts over one pass of `batches()`
+  (by default the mean token NLL in nats/token)."""
 
   def evaluate(params: nnx.State) -> float:
     total, count = 0.0, 0.0
     for batch in batches():
-      s, c = eval_sums(params, frozen, shard_batch(batch, mesh), graphdef=graphdef)
+      s, c = eval_sums(params, frozen, shard_batch(batch, mesh, batch_keys), graphdef=graphdef,
+                       eval_fn=eval_fn)
       total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
 
@@ -135,7 +159,8 @@ def make_eval_fn(graphdef: nnx.GraphDef, frozen: nnx.State, batches: Callable[[]
 def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: pathlib.Path,
         *, eval_batches: Callable[[], Iterator] | None = None,
         mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", loss_fn: LossFn = lm_train_loss, eval_fn: EvalFn = lm_eval_sums,
+        batch_keys: Sequence[str] = MODEL_KEYS) -> FitResult:
   """Trains the `wrt` parameters of `model` for `spec.steps` steps; resumes from `workdir`.
 
   Args:
@@ -146,6 +171,10 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     workdir: holds `checkpoints/`, `metrics.jsonl` and `best.safetensors`.
     eval_batches: a callable returning one pass of held-out batches; evaluated at step 0, every
       `eval_every` steps and at the end; the best trainable params are kept.
+    loss_fn: (model, batch, rng key) -> scalar training loss; a module-level function (it is a
+      static jit argument). Default: the causal-LM token NLL.
+    eval_fn: (model, batch) -> (sum, count); the evaluation loss is sum / count over the pass.
+    batch_keys: the arrays of each batch placed on the devices (split over `data`).
   Returns:
     FitResult with the final and best parameters and the metric history.
   """
@@ -179,7 +208,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   history = io.truncate_jsonl(metrics_path, keep=lambda r: 0 < start and r["step"] <= start)
   best_path = workdir / "best.safetensors"
 
-  evaluate = make_eval_fn(graphdef, frozen, eval_batches, mesh) if eval_batches else None
+  evaluate = (make_eval_fn(graphdef, frozen, eval_batches, mesh, eval_fn=eval_fn,
+                           batch_keys=batch_keys) if eval_batches else None)
   schedule_lr = make_optimizer_schedule(spec)
 
   def record(rec: dict[str, Any]) -> None:
@@ -201,9 +231,11 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   t0, n_seen = time.perf_counter(), 0
   for step in range(start + 1, spec.steps + 1):
     batch = next(train_iter)
-    n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch["tokens"])
+    first = next(k for k in batch_keys if k in batch)
+    n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch[first])
     params, opt_state, rng, m = train_step(params, opt_state, frozen, rng,
-                                           shard_batch(batch, mesh), graphdef=graphdef, tx=tx)
+                                           shard_batch(batch, mesh, batch_keys),
+                                           graphdef=graphdef, tx=tx, loss_fn=loss_fn)
     if step % spec.log_every == 0 or step == spec.steps:
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # Waits for the step to finish.
       dt = time.perf_counter() - t0
