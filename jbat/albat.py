@@ -8,6 +8,9 @@
                         adapt_d<dim>/ and pool_<hash of the candidate ids and dim>/
   workdir/selection/    manifest.jsonl, summary.json, score_hist.png
 
+Multi-process: every process calls this with the same arguments (each feeds its rows of the
+scoring batches); process 0 writes every file, the others wait at barriers.
+
 Every stage skips work already in `workdir`: a finished surrogate is loaded, scoring continues
 from its cursor, and a finished manifest is returned as is when summary.json's "request"
 (score, k, tau, rule, top_n, n_clusters, select_seed, feature_dim) equals this call's. When the
@@ -26,7 +29,7 @@ import pathlib
 import jax
 import numpy as np
 
-from jbat import lora, selection, surrogate as surrogate_lib
+from jbat import distributed, lora, selection, surrogate as surrogate_lib
 from jbat.data import pipeline, sources
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM
@@ -77,7 +80,9 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
   request = json.loads(json.dumps(request))
   if manifest.exists() and _stored_request(workdir) == request:
     return manifest
-  manifest.unlink(missing_ok=True)
+  distributed.barrier("jbat-albat-request")  # Every process has read the stored request.
+  if distributed.is_main():
+    manifest.unlink(missing_ok=True)
   mesh = mesh or loop.data_mesh()
   pad_id = tokenizer.pad_token_id
   adapt = pipeline.encode(task.adapt, tokenizer, max_len)
@@ -110,8 +115,12 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
   chosen = selection.select(table, score, k=k, tau=tau, rule=rule, top_n=int(top_n),
                             seed=int(select_seed), ids_to_hash=hashes, features=features,
                             per_example=per_example, n_clusters=int(n_clusters))
-  return selection.write_manifest(chosen, {d.id: d for d in task.pool}, workdir,
-                                  extra_summary={"request": request})
+  # Every process holds the same selection; process 0 writes it, the others wait for it.
+  if distributed.is_main():
+    selection.write_manifest(chosen, {d.id: d for d in task.pool}, workdir,
+                             extra_summary={"request": request})
+  distributed.barrier("jbat-albat-manifest")
+  return manifest
 
 
 def control_indices(n_pool: int, n_adapt: int, seed: int) -> list[int]:

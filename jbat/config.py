@@ -15,6 +15,7 @@ import pathlib
 import re
 from typing import Any
 
+import jax
 import ml_collections
 
 from jbat import io
@@ -26,7 +27,9 @@ RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "roun
 
 # Keys that change where/how a run reports, not what it computes: ignored by the fingerprint
 # that guards a workdir against resuming a checkpoint of a different config.
-NON_SEMANTIC_KEYS = ("workdir", "cache_dir", "progress", "train.log_every")
+NON_SEMANTIC_KEYS = ("workdir", "cache_dir", "progress", "train.log_every", "stop_after",
+                     "distributed.coordinator", "distributed.num_processes",
+                     "distributed.process_id", "distributed.auto")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,7 +39,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = ""  # Empty: runs/<name>.
   c.cache_dir = ""  # Empty: $JBAT_CACHE or ~/.cache/jbat. Holds corpora, tokenizers, backbones.
   c.seed = 0
-  c.progress = True  # tqdm progress bars.
+  c.progress = True  # tqdm progress bars (process 0 only).
+  c.pipeline = "lm"  # "lm": this schema; "personalize": jbat.diffusion.personalize's schema.
+  # "": run everything; "select": stop once the ALBAT selection (manifest.jsonl) is written,
+  # e.g. to score a big pool on a pod and train the adapters elsewhere.
+  c.stop_after = ""
+
+  # Multi-process runs (jbat.distributed). Empty: one process, or the JBAT_COORDINATOR /
+  # JBAT_NUM_PROCESSES / JBAT_PROCESS_ID environment; auto: let JAX find a TPU pod / SLURM job.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ""  # "host:port" of process 0.
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.auto = False
+  # Device mesh over all processes' devices: `data` x `model`. model > 1 splits the backbone's
+  # parameters over that many devices (for backbones that do not fit one device).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.model = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "fortunes"  # One of SOURCES.
@@ -69,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.qkv_bias = False
   c.model.bias = True
   c.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
+  c.model.remat = False  # Recompute each block in the backward pass (less activation memory).
 
   # Stage 0: full-parameter pretraining of the backbone on the pool (cached by content hash).
   c.backbone = ml_collections.ConfigDict()
@@ -97,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep = 2  # Checkpoints kept (the best adapter is kept separately).
   c.train.log_every = 5
   c.train.eval_batch_size = 32
+  # Micro-batches per step (gradients averaged): the same step with 1/grad_accum the
+  # activation memory. Used by the adapters and the surrogate.
+  c.train.grad_accum = 1
 
   # Stage 1: the surrogate adapter, trained on the adaptation set with the train.* settings.
   c.surrogate = ml_collections.ConfigDict()
@@ -110,7 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.select.top_n = 0  # Threshold rules: sample among the top_n that pass tau (0: all that pass).
   c.select.tau = "default"  # "default" (0 for align/loss_diff), "none", or a number.
   c.select.n_clusters = 8  # rule "cluster".
-  c.select.batch_size = 32  # Scoring batch.
+  c.select.batch_size = 32  # Scoring batch (global: split over all devices).
+  c.select.chunk_batches = 64  # Scoring batches per chunk file / resume point.
 
   # Stage 4: BAT mixture. Backbone arms add rows so each batch keeps train.batch_size
   # adaptation rows and a fraction rho of backbone rows, their loss weighted by lam.
@@ -167,7 +191,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "lora.rank", "lora.alpha", "train.steps", "train.batch_size", "train.lr",
             "train.eval_every", "train.ckpt_every", "train.keep", "train.log_every",
             "train.eval_batch_size", "surrogate.steps", "select.k", "select.n_clusters",
-            "select.batch_size")
+            "select.batch_size", "select.chunk_batches", "train.grad_accum", "mesh.model")
   if config.model.n_kv_heads < 0:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
   if config.select.top_n < 0:
@@ -176,7 +200,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise JbatError("config: train.clip_norm and train.warmup_steps must be >= 0")
   choices = {"data.source": SOURCES, "model.pos": ("learned", "rope"),
              "model.norm": ("layernorm", "rmsnorm"), "model.mlp": ("gelu", "swiglu"),
-             "model.dtype": ("float32", "bfloat16")}
+             "model.dtype": ("float32", "bfloat16"), "pipeline": ("lm",),
+             "stop_after": ("", "select")}
   flat = _flatten(config)
   for key, allowed in choices.items():
     if flat[key] not in allowed:
@@ -232,6 +257,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (p / "config.json").is_file():
       raise JbatError(f"config: model.pretrained: {str(p)!r} is not a Hugging Face model folder "
                       "(expected a config.json in it)")
+  if config.train.batch_size % config.train.grad_accum:
+    raise JbatError(f"config: train.batch_size={config.train.batch_size} must be a multiple of "
+                    f"train.grad_accum={config.train.grad_accum}")
   if not config.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
     raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
 
@@ -264,7 +292,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Creates the workdir (or checks it belongs to this config) and saves config.json.
+  """Creates the workdir (or checks it belongs to this config) and saves config.json
+  (process 0 writes it).
 
   A workdir that already holds a run of a different config (different fingerprint) is refused:
   resuming its checkpoints would silently mix two experiments.
@@ -286,5 +315,6 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
     if (wd / "adapt").exists() or (wd / "checkpoints").exists():
       raise JbatError(f"workdir {str(wd)!r} holds checkpoints but no config.json; "
                       "use another --config.workdir or delete it")
-  io.write_json_atomic(cfg_path, {"fingerprint": fp, "config": to_dict(config)})
+  if jax.process_index() == 0:
+    io.write_json_atomic(cfg_path, {"fingerprint": fp, "config": to_dict(config)})
   return wd

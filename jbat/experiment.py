@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jbat import albat, backbone, io, lora, report
+from jbat import albat, backbone, distributed, io, lora, report
 from jbat import config as config_lib
 from jbat.data import mixture, pipeline, sources, tokenizer as tokenizer_lib, tweets
 from jbat.errors import JbatError
@@ -59,7 +59,8 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
   cfg = LMConfig(vocab_size=vocab_size, max_len=config.data.max_len, d_model=m.d_model,
                  n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or None,
                  d_ff=m.d_ff, pos=m.pos, norm=m.norm, mlp=m.mlp,
-                 tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias, bias=m.bias, dtype=m.dtype)
+                 tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias, bias=m.bias, dtype=m.dtype,
+                 remat=m.remat)
   cfg.validate()
   return cfg
 
@@ -91,6 +92,7 @@ def get_backbone(config: ml_collections.ConfigDict, pretrain_pool: Sequence[sour
   if config.model.pretrained:
     log(f"backbone: loading Hugging Face model {config.model.pretrained}")
     base, tok = load_causal_lm(config.model.pretrained, dtype=config.model.dtype, mesh=mesh)
+    base.cfg = dataclasses.replace(base.cfg, remat=config.model.remat)
     if config.data.max_len > base.cfg.max_len:
       raise JbatError(f"config: data.max_len={config.data.max_len} exceeds the model's "
                       f"max_position_embeddings ({base.cfg.max_len})")
@@ -114,7 +116,7 @@ def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int | None =
   return loop.TrainSpec(steps=steps or t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
                         weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                         eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep=t.keep,
-                        log_every=t.log_every, seed=seed)
+                        log_every=t.log_every, seed=seed, grad_accum=t.grad_accum)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
@@ -156,7 +158,7 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
         base, lora_config(config), task, tok, score=score, k=k, tau=parse_tau(s.tau),
         surrogate_spec=sur_spec, batch_size=s.batch_size, max_len=config.data.max_len,
         seed=config.seed, workdir=workdir / "select" / score, mesh=mesh,
-        progress=config.progress, **kwargs)
+        progress=config.progress, chunk_batches=s.chunk_batches, **kwargs)
     by_id = {d.id: d for d in task.pool}
     chosen = [by_id[r["id"]] for r in io.read_jsonl(manifest)]
   labels: dict[str, int] = {}
@@ -188,7 +190,8 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
       eval_batches=lambda: pipeline.eval_batches(
           heldout, t.eval_batch_size // n_proc, config.data.max_len, pad_id,
           shard_index=proc, shard_count=n_proc))
-  io.save_tree(result.params, run_dir / "adapter.safetensors")
+  if jax.process_index() == 0:
+    io.save_tree(result.params, run_dir / "adapter.safetensors")
   evals = [r for r in result.history if "eval_loss" in r]
   return {"seed": seed, "backbone_nll": evals[0]["eval_loss"], "best_nll": result.best_loss,
           "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
@@ -203,8 +206,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   cache = config_lib.cache_dir(config)
   if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.
     jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
-  check_batch_sizes(config, jax.device_count())
-  mesh = loop.data_mesh()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  mesh = distributed.make_mesh(config.mesh.model)
+  check_batch_sizes(config, mesh.shape["data"])
   arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
 
   log(f"data: loading {config.data.source} corpus")
@@ -219,7 +223,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"{config.data.domain!r}; backbone pool {len(task.pool)} documents "
       f"({len(pretrain_pool)} used for pretraining)")
   workdir = config_lib.prepare_workdir(config)
-  log(f"workdir: {workdir}")
+  distributed.barrier("jbat-workdir")
+  log(f"workdir: {workdir}" + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
+                               if jax.process_count() > 1 else ""))
 
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -229,6 +235,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
   heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
+  if config.stop_after == "select":
+    return stop_after_select(config, arms, task, base, tok, workdir, mesh)
   results: dict[str, Any] = {}
   for arm in arms:
     chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
@@ -264,6 +272,22 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     report.write_report(workdir, summary)
   log(f"report: {workdir / 'report.md'}")
   return summary
+
+
+def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: sources.Task,
+                      base: CausalLM, tok, workdir: pathlib.Path, mesh) -> dict[str, Any]:
+  """`stop_after = "select"`: the selections of the selecting arms (albat, score names), no
+  adapter training. Returns {arm: facts}; the manifests are under workdir/select/<score>/."""
+  out = {}
+  for arm in arms:
+    if arm in config_lib.BASE_ARMS and arm != "albat":
+      continue
+    _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    score = config.select.score if arm == "albat" else arm
+    log(f"arm {arm}: {facts['n_selected']} documents selected -> "
+        f"{workdir / 'select' / score / 'selection' / 'manifest.jsonl'}")
+    out[arm] = facts
+  return out
 
 
 def lora_param_count(base: CausalLM, config: ml_collections.ConfigDict) -> int:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jbat import io, lora, losses
+from jbat import distributed, io, lora, losses
 from jbat.data import pipeline
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM
@@ -63,7 +63,8 @@ def per_example_loss_fn(graphdef: nnx.GraphDef,
 
 def _host(tree: Any) -> Any:
   """The tree with numpy leaves (gathered from devices), for saving and deterministic reuse."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  return jax.tree.map(lambda x: np.asarray(distributed.host_array(x)) if isinstance(x, jax.Array)
+                      else np.asarray(x), tree)
 
 
 def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
@@ -97,10 +98,16 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
   if phi0_path.exists() and phi_s_path.exists():
     return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0),
                      rest)
-  io.save_tree(phi0, phi0_path)
+  if distributed.is_main():
+    io.save_tree(phi0, phi0_path)
+  # Every process reads the whole (small) adaptation set and every device computes the whole
+  # batch: no cross-device gradient sum, so phi_s is bitwise the same however the run is split
+  # into processes.
   train_iter = pipeline.train_loader(adapt_examples, batch_size, max_len, pad_id, seed)
   result = loop.fit(model, nnx.LoRAParam, train_iter, spec, workdir / "fit", mesh=mesh,
-                    progress=progress, desc="surrogate")
-  io.save_tree(result.params, phi_s_path)
+                    progress=progress, desc="surrogate", replicate_batches=True)
+  if distributed.is_main():
+    io.save_tree(_host(result.params), phi_s_path)
+  distributed.barrier(f"jbat-surrogate-{workdir}")
   # Reload both from disk so a fresh run and a resumed run hold bitwise the same values.
   return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0), rest)

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
       from jbat import config as config_lib
       config_lib.validate(config)
-      from jbat import experiment  # Heavy imports only after the config is known to be good.
+      from jbat import distributed, experiment  # Heavy imports only after a good config.
+      distributed.initialize(config.distributed)
       experiment.run(config)
   except JbatError as e:
     print(f"jbat: error: {e}", file=sys.stderr)

@@ -49,6 +49,9 @@ class LMConfig:
   qkv_bias: bool = False  # Bias on q/k/v projections (GPT-2 and Qwen2: yes).
   bias: bool = True  # Bias on o_proj, MLP linears and LayerNorm (GPT-2: yes, Llama: no).
   dtype: str = "float32"  # Compute dtype: "float32" | "bfloat16". Params are always float32.
+  # Rematerialise each block in the backward pass (jax.checkpoint): activation memory O(1) blocks
+  # instead of O(n_layers), for about one extra forward pass. Same values either way.
+  remat: bool = False
 
   @property
   def kv_heads(self) -> int:
@@ -259,7 +262,11 @@ class CausalLM(nnx.Module):
     if self.cfg.pos == "learned":
       x = x + self.pos_embed(positions)
     for layer in self.layers:
-      x = layer(x, positions, mask)
+      if self.cfg.remat:  # jax.checkpoint of the block as a pure function of its state.
+        gdef, state = nnx.split(layer)
+        x = jax.checkpoint(lambda st, h: nnx.merge(gdef, st)(h, positions, mask))(state, x)
+      else:
+        x = layer(x, positions, mask)
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
     return logits.astype(jnp.float32)

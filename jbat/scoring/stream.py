@@ -56,7 +56,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jbat import io
+from jbat import distributed, io
 from jbat.data import pipeline
 from jbat.errors import JbatError
 from jbat.scoring import dsir as dsir_lib
@@ -150,12 +150,6 @@ def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int, n_ch
   io.write_json_atomic(out_dir / CURSOR_FILE, {
       "fingerprint": fingerprint, "next_chunk": next_chunk, "n_chunks": n_chunks,
       "n_examples": n_examples, "done": next_chunk == n_chunks})
-
-
-def _write_chunk(path: pathlib.Path, ids: np.ndarray, scores: dict[str, np.ndarray]) -> None:
-  with io.atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:  # A file object: np.savez would otherwise append ".npz".
-      np.savez(f, ids=ids, **{f"score_{k}": v for k, v in scores.items()})
 
 
 def load_table(out_dir: str | pathlib.Path, scores: Sequence[str] | None = None) -> ScoreTable:
@@ -258,10 +252,11 @@ def _mean_adapt_grad(surrogate: surrogate_lib.Surrogate,
     return kernels.grad_sum(surrogate_lib.per_example_loss_fn(graphdef, rest), phi_s, batch)
 
   total, count = None, 0.0
-  for batch in pipeline.eval_batches(adapt_examples, batch_size, max_len, pad_id):
-    s, c = step(rest, phi_s, _put_batch(batch, mesh))
+  for _, _, dev in global_batches(adapt_examples, batch_size, max_len, pad_id, mesh):
+    s, c = step(rest, phi_s, dev)
+    s = jax.tree.map(distributed.host_array, s)
     total = s if total is None else jax.tree.map(np.add, total, s)
-    count += float(c)
+    count += float(distributed.host_array(c))
   return kernels.finish_mean(total, np.float32(count))
 
 
@@ -291,12 +286,73 @@ def _less_projection(phi_s: Any, target_grad: Any, key: jax.Array, proj_dim: int
 
 
 def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Model inputs (loop.shard_batch), the valid mask and the id words, split over `data`."""
+  """This process's rows of a global batch -> global arrays split over `data`: the model
+  inputs (loop.shard_batch), the valid mask and the id words."""
   out = loop.shard_batch(batch, mesh)
   sharding = NamedSharding(mesh, P("data"))
   out["valid"] = jax.make_array_from_process_local_data(sharding, np.asarray(batch["valid"]))
   out["id_words"] = jax.make_array_from_process_local_data(sharding, _id_words(batch["id"]))
   return out
+
+
+def global_batches(examples: Sequence[dict[str, Any]], batch_size: int, max_len: int,
+                   pad_id: int, mesh: jax.sharding.Mesh):
+  """One ordered pass over `examples` in global batches of `batch_size` rows (the last one
+  padded): yields (ids int64[B], valid bool[B], device batch). Every process walks the same
+  batches, but pads and feeds only its own rows (`distributed.local_rows`)."""
+  rows = distributed.local_rows(batch_size, mesh)
+  for lo in range(0, len(examples), batch_size):
+    part = list(examples[lo:lo + batch_size])
+    ids = np.full(batch_size, -1, np.int64)
+    ids[:len(part)] = [ex["id"] for ex in part]
+    valid = np.arange(batch_size) < len(part)
+    local = pipeline.pad_batch(part[rows], rows.stop - rows.start, max_len, pad_id)
+    yield ids, valid, _put_batch(local, mesh)
+
+
+def _stream_chunks(examples: Sequence[dict[str, Any]], out_dir: pathlib.Path, fingerprint: str,
+                   compute, *, batch_size: int, max_len: int, pad_id: int,
+                   mesh: jax.sharding.Mesh, chunk_batches: int, desc: str, progress: bool,
+                   finish_chunk=None, check=None) -> None:
+  """The resumable chunk loop shared by `score_pool` and `pool_grad_features`.
+
+  From the cursor on, every chunk of `chunk_batches` global batches is computed by
+  `compute(device batch) -> {name: array [B, ...]}` (gathered to every process), restricted to
+  the valid rows, completed by `finish_chunk(lo, hi, ids, columns) -> columns` (host-side
+  scores), checked by `check(ids, columns)` (raises), and written by process 0: the chunk file
+  (atomically), then the cursor. Ends with a barrier, so every process can read all chunks.
+  """
+  n = len(examples)
+  chunk_size = chunk_batches * batch_size
+  n_chunks = -(-n // chunk_size)
+  start = _read_cursor(out_dir, fingerprint, n_chunks)
+  bar = tqdm(total=n, initial=min(start * chunk_size, n), desc=desc, unit="ex",
+             disable=not progress or not distributed.is_main(), dynamic_ncols=True)
+  t0, done = time.perf_counter(), 0
+  for c in range(start, n_chunks):
+    lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
+    ids, cols = [], {}
+    for batch_ids, valid, dev in global_batches(examples[lo:hi], batch_size, max_len, pad_id,
+                                                mesh):
+      for name, value in compute(dev).items():
+        cols.setdefault(name, []).append(distributed.host_array(value)[valid])
+      ids.append(batch_ids[valid])
+      bar.update(int(valid.sum()))
+    chunk_ids = np.concatenate(ids).astype(np.int64)
+    chunk = {k: np.concatenate(v) for k, v in cols.items()}
+    if finish_chunk is not None:
+      chunk = finish_chunk(lo, hi, chunk_ids, chunk)
+    if check is not None:
+      check(chunk_ids, chunk)
+    if distributed.is_main():
+      with io.atomic_path(chunk_path(out_dir, c)) as tmp:
+        with open(tmp, "wb") as f:  # A file object: np.savez would otherwise append ".npz".
+          np.savez(f, ids=chunk_ids, **chunk)
+      _write_cursor(out_dir, fingerprint, c + 1, n_chunks, n)
+    done += hi - lo
+    bar.set_postfix(ex_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
+  bar.close()
+  distributed.barrier(f"jbat-stream-{fingerprint}")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -395,7 +451,7 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
 
   params, jitted = {}, {}
   if model_names:
-    params = loop.replicate({"rest": surrogate.rest, "phi0": surrogate.phi0,
+    params = distributed.place_params({"rest": surrogate.rest, "phi0": surrogate.phi0,
                              "phi_s": surrogate.phi_s, "delta": surrogate.delta}, mesh)
     params["key"] = jax.random.key(seed)
     if control_names:
@@ -415,37 +471,25 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     target_logp = dsir_lib.fit_ngram_model(adapt_texts)
     pool_logp = dsir_lib.fit_ngram_model(pool_texts)
 
-  bar = tqdm(total=n, initial=min(start * chunk_size, n), desc="score pool", unit="ex",
-             disable=not progress, dynamic_ncols=True)
-  t0, done0 = time.perf_counter(), 0
-  for c in range(start, n_chunks):
-    lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
-    cols: dict[str, list[np.ndarray]] = {s: [] for s in scores}
-    ids = []
-    for batch in pipeline.eval_batches(pool_examples[lo:hi], batch_size, max_len, pad_id):
-      valid = batch["valid"]
-      dev = _put_batch(batch, mesh)
-      out: dict[str, np.ndarray] = {}
-      for name, fn in jitted.items():
-        out.update({k: np.asarray(v) for k, v in fn(params, dev).items()})
-      if "random" in scores:
-        out["random"] = np.asarray(random_fn(jax.random.key(seed), dev["id_words"],
-                                             dev["valid"]))
-      ids.append(batch["id"][valid])
-      for s in scores:
-        if s != "dsir":
-          cols[s].append(out[s][valid].astype(np.float32))
-      bar.update(int(valid.sum()))
-    chunk_ids = np.concatenate(ids).astype(np.int64)
-    chunk = {s: np.concatenate(v) for s, v in cols.items() if s != "dsir"}
+  def compute(dev):
+    out = {}
+    for fn in jitted.values():
+      out.update(fn(params, dev))
+    if "random" in scores:
+      out["random"] = random_fn(jax.random.key(seed), dev["id_words"], dev["valid"])
+    return {f"score_{k}": v.astype(jnp.float32) for k, v in out.items() if k in scores}
+
+  def finish_chunk(lo, hi, ids, chunk):
     if "dsir" in scores:
-      chunk["dsir"] = dsir_lib.dsir_scores(pool_texts[lo:hi], target_logp, pool_logp)
-    _check_finite(chunk_ids, chunk)
-    _write_chunk(chunk_path(out_dir, c), chunk_ids, {s: chunk[s] for s in scores})
-    _write_cursor(out_dir, fingerprint, c + 1, n_chunks, n)
-    done0 += hi - lo
-    bar.set_postfix(ex_s=f"{done0 / max(time.perf_counter() - t0, 1e-9):.0f}")
-  bar.close()
+      chunk["score_dsir"] = dsir_lib.dsir_scores(pool_texts[lo:hi], target_logp, pool_logp)
+    return {f"score_{s}": chunk[f"score_{s}"] for s in scores}
+
+  def check(ids, chunk):
+    _check_finite(ids, {k[len("score_"):]: v for k, v in chunk.items()})
+
+  _stream_chunks(pool_examples, out_dir, fingerprint, compute, batch_size=batch_size,
+                 max_len=max_len, pad_id=pad_id, mesh=mesh, chunk_batches=chunk_batches,
+                 desc="score pool", progress=progress, finish_chunk=finish_chunk, check=check)
   return load_table(out_dir, scores)
 
 
@@ -534,32 +578,21 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
     return kernels.project(kernels.per_example_grads(loss_fn, phi_s, batch), key, proj_dim,
                            words=words)
 
-  params = loop.replicate({"rest": surrogate.rest, "phi_s": surrogate.phi_s}, mesh)
+  params = distributed.place_params({"rest": surrogate.rest, "phi_s": surrogate.phi_s}, mesh)
   key = jax.random.key(seed)
   words = _projection_words(surrogate.phi_s, key, proj_dim, mesh)  # None: regenerate per batch.
-  bar = tqdm(total=n, initial=min(start * chunk_size, n), desc="grad features", unit="ex",
-             disable=not progress, dynamic_ncols=True)
-  for c in range(start, n_chunks):
-    lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
-    ids, rows = [], []
-    for batch in pipeline.eval_batches(examples[lo:hi], batch_size, max_len, pad_id):
-      valid = batch["valid"]
-      f = np.asarray(feats(params["rest"], params["phi_s"], key, words,
-                           _put_batch(batch, mesh)))
-      ids.append(batch["id"][valid])
-      rows.append(f[valid].astype(np.float32))
-      bar.update(int(valid.sum()))
-    chunk_ids = np.concatenate(ids).astype(np.int64)
-    chunk = np.concatenate(rows)
-    bad = ~np.isfinite(chunk).all(axis=1)
+  def compute(dev):
+    return {"features": feats(params["rest"], params["phi_s"], key, words, dev)}
+
+  def check(ids, chunk):
+    bad = ~np.isfinite(chunk["features"]).all(axis=1)
     if bad.any():
       raise JbatError(f"features: {int(bad.sum())} non-finite gradient features; first example "
-                      f"ids: {chunk_ids[bad][:10].tolist()}")
-    with io.atomic_path(chunk_path(out_dir, c)) as tmp:
-      with open(tmp, "wb") as fh:
-        np.savez(fh, ids=chunk_ids, features=chunk)
-    _write_cursor(out_dir, fingerprint, c + 1, n_chunks, n)
-  bar.close()
+                      f"ids: {ids[bad][:10].tolist()}")
+
+  _stream_chunks(examples, out_dir, fingerprint, compute, batch_size=batch_size,
+                 max_len=max_len, pad_id=pad_id, mesh=mesh, chunk_batches=chunk_batches,
+                 desc="grad features", progress=progress, check=check)
   return load_features(out_dir)
 
 

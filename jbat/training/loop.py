@@ -27,8 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jbat import losses
-from jbat import io
+from jbat import distributed, io, losses
 
 MODEL_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 
@@ -46,6 +45,9 @@ class TrainSpec:
   keep: int = 2
   log_every: int = 10
   seed: int = 0
+  # Split each batch into this many micro-batches and average their gradients (one optimizer
+  # step per batch): activation memory of B / grad_accum rows. Must divide the batch rows.
+  grad_accum: int = 1
 
 
 @dataclasses.dataclass
@@ -92,20 +94,41 @@ def lm_eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Ar
   return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "loss_fn"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "loss_fn", "grad_accum"))
 def train_step(params: nnx.State, opt_state: Any, frozen: nnx.State, rng: jax.Array,
                batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss_fn: LossFn = lm_train_loss):
+               tx: optax.GradientTransformation, loss_fn: LossFn = lm_train_loss,
+               grad_accum: int = 1):
   """One optimizer step on the trainable `params` (a pure function; compiled once per shape).
 
   `rng` is raw key data; the loss gets a fresh key split from it and the other half is
   returned for the next step, so the key sequence is a function of the seed and the step.
+  With grad_accum = A > 1 the B rows are split into A micro-batches (row i goes to micro-batch
+  i mod A, so each one keeps its share of every device's rows) scanned one at a time; loss and
+  gradient are the means over micro-batches, the full-batch values when every micro-batch
+  carries the same loss weight.
   """
   rng, step_key = jax.random.split(jax.random.wrap_key_data(rng))
 
-  def objective(p):
-    return loss_fn(nnx.merge(graphdef, p, frozen), batch, step_key)
-  loss, grads = jax.value_and_grad(objective)(params)
+  def objective(p, b, key):
+    return loss_fn(nnx.merge(graphdef, p, frozen), b, key)
+
+  if grad_accum == 1:
+    loss, grads = jax.value_and_grad(objective)(params, batch, step_key)
+  else:
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate(carry, xs):
+      b, key = xs
+      value, g = jax.value_and_grad(objective)(params, b, key)
+      return jax.tree.map(jnp.add, carry, (value, g)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros,
+                                    (micro, jax.random.split(step_key, grad_accum)))
+    loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -136,7 +159,8 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """The pytree (same value on every process) replicated on every device of the mesh."""
+  return distributed.put_global(tree, mesh)
 
 
 def make_eval_fn(graphdef: nnx.GraphDef, frozen: nnx.State, batches: Callable[[], Iterator],
@@ -160,7 +184,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
         *, eval_batches: Callable[[], Iterator] | None = None,
         mesh: jax.sharding.Mesh | None = None, progress: bool = True,
         desc: str = "train", loss_fn: LossFn = lm_train_loss, eval_fn: EvalFn = lm_eval_sums,
-        batch_keys: Sequence[str] = MODEL_KEYS) -> FitResult:
+        batch_keys: Sequence[str] = MODEL_KEYS, replicate_batches: bool = False) -> FitResult:
   """Trains the `wrt` parameters of `model` for `spec.steps` steps; resumes from `workdir`.
 
   Args:
@@ -175,6 +199,12 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
       static jit argument). Default: the causal-LM token NLL.
     eval_fn: (model, batch) -> (sum, count); the evaluation loss is sum / count over the pass.
     batch_keys: the arrays of each batch placed on the devices (split over `data`).
+    replicate_batches: every device computes the whole batch instead of its share (each process
+      then passes the whole global batch). For tiny training sets such as the surrogate's: no
+      cross-device gradient sum, so the result is bitwise the same however the devices are
+      split into processes.
+  Multi-process: call on every process with the same arguments; only process 0 writes
+  metrics.jsonl and best.safetensors, orbax coordinates the checkpoint writes.
   Returns:
     FitResult with the final and best parameters and the metric history.
   """
@@ -183,9 +213,9 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   workdir.mkdir(parents=True, exist_ok=True)
   graphdef, params, frozen = nnx.split(model, wrt, ...)
   tx = make_optimizer(spec)
-  params, frozen = replicate(params, mesh), replicate(frozen, mesh)
-  opt_state = replicate(tx.init(params), mesh)
-  rng = jax.random.key_data(jax.random.key(spec.seed))
+  params, frozen = distributed.place_params(params, mesh), distributed.place_params(frozen, mesh)
+  opt_state = jax.jit(tx.init)(params)
+  rng = np.asarray(jax.random.key_data(jax.random.key(spec.seed)))
 
   mngr = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
@@ -198,14 +228,19 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     restored = mngr.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state, "rng": rng}),
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    params = replicate(restored.state["params"], mesh)
-    opt_state = replicate(restored.state["opt_state"], mesh)
-    rng = restored.state["rng"]
+    # Restored with the shardings of the targets above.
+    params, opt_state = restored.state["params"], restored.state["opt_state"]
+    rng = np.asarray(restored.state["rng"])
     train_iter.set_state(restored.data)
     meta = restored.meta
   metrics_path = workdir / "metrics.jsonl"
   # Records past the restored checkpoint came from an interrupted run: they are written again.
-  history = io.truncate_jsonl(metrics_path, keep=lambda r: 0 < start and r["step"] <= start)
+  keep = lambda r: 0 < start and r["step"] <= start  # noqa: E731
+  history = [r for r in io.read_jsonl(metrics_path) if keep(r)]
+  if distributed.is_main():
+    io.truncate_jsonl(metrics_path, keep=keep)
+  put = functools.partial(replicate, mesh=mesh) if replicate_batches else (
+      lambda b: shard_batch(b, mesh, batch_keys))
   best_path = workdir / "best.safetensors"
 
   evaluate = (make_eval_fn(graphdef, frozen, eval_batches, mesh, eval_fn=eval_fn,
@@ -214,7 +249,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
 
   def record(rec: dict[str, Any]) -> None:
     history.append(rec)
-    io.append_jsonl(metrics_path, rec)
+    if distributed.is_main():
+      io.append_jsonl(metrics_path, rec)
 
   def maybe_eval(step: int, params) -> None:
     if evaluate is None:
@@ -223,19 +259,21 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     record({"step": step, "eval_loss": loss})
     if loss < meta["best_loss"]:
       meta.update(best_loss=loss, best_step=step)
-      io.save_tree(params, best_path)
+      if distributed.is_main():
+        io.save_tree(params, best_path)
 
   if start == 0:
     maybe_eval(0, params)
-  bar = tqdm(total=spec.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+  bar = tqdm(total=spec.steps, initial=start, desc=desc, dynamic_ncols=True,
+             disable=not progress or not distributed.is_main())
   t0, n_seen = time.perf_counter(), 0
   for step in range(start + 1, spec.steps + 1):
     batch = next(train_iter)
     first = next(k for k in batch_keys if k in batch)
     n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch[first])
-    params, opt_state, rng, m = train_step(params, opt_state, frozen, rng,
-                                           shard_batch(batch, mesh, batch_keys),
-                                           graphdef=graphdef, tx=tx, loss_fn=loss_fn)
+    params, opt_state, rng, m = train_step(
+        params, opt_state, frozen, rng, put({k: batch[k] for k in batch_keys if k in batch}),
+        graphdef=graphdef, tx=tx, loss_fn=loss_fn, grad_accum=spec.grad_accum)
     if step % spec.log_every == 0 or step == spec.steps:
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # Waits for the step to finish.
       dt = time.perf_counter() - t0
@@ -255,6 +293,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   bar.close()
   mngr.wait_until_finished()
   mngr.close()
+  distributed.barrier(f"jbat-fit-{workdir.name}-{spec.steps}")  # best.safetensors is written.
   best = io.load_tree(best_path, params) if evaluate is not None and best_path.exists() else None
   return FitResult(params=params, best_params=best, best_step=meta["best_step"],
                    best_loss=meta["best_loss"], history=history)

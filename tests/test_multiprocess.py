@@ -1,0 +1,128 @@
+"""Multi-process runs (jax.distributed with a localhost coordinator, gloo CPU collectives).
+
+The CLI runs surrogate -> score -> select (`stop_after=select`) on a small pool as 1 process and
+as 2 processes over the same global mesh; the manifests must be byte-identical. A run whose
+process 1 is SIGKILLed mid-scoring is rerun and must resume to the identical manifest.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MANIFEST = pathlib.Path("select/loss_diff/selection/manifest.jsonl")
+CURSOR = pathlib.Path("select/loss_diff/scores/cursor.json")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  from flax import nnx
+  from jbat.data.tokenizer import train_bpe_tokenizer
+  from jbat.models.causal_lm import CausalLM, LMConfig
+  from jbat.models.hf_io import save_causal_lm
+  d = tmp_path_factory.mktemp("mp")
+  corpus = synthetic.write_jsonl(d / "corpus.jsonl", 150)
+  tok = train_bpe_tokenizer([x["text"] for x in synthetic.documents(60)], 300,
+                            d / "tokenizer.json")
+  cfg = LMConfig(vocab_size=len(tok), max_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                 qkv_bias=True)
+  save_causal_lm(CausalLM(cfg, rngs=nnx.Rngs(0)), tok, d / "hf")
+  return d, corpus
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def launch(d, corpus, workdir, n_proc, devices_per_proc):
+  """Starts the CLI as `n_proc` processes of `devices_per_proc` CPU devices each."""
+  args = [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+          f"--config.model.pretrained={d / 'hf'}", f"--config.data.path={corpus}",
+          "--config.data.domain=space", "--config.data.n_adapt=8", "--config.data.n_heldout=16",
+          "--config.data.max_len=32", "--config.surrogate.steps=10",
+          "--config.select.batch_size=8", "--config.select.chunk_batches=1",
+          "--config.select.k=32", "--config.arms=albat", "--config.stop_after=select",
+          "--config.progress=False", f"--config.workdir={workdir}",
+          f"--config.cache_dir={d / 'cache'}"]
+  port = _free_port()
+  procs = []
+  for i in range(n_proc):
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}")
+    if n_proc > 1:
+      env.update(JBAT_COORDINATOR=f"localhost:{port}", JBAT_NUM_PROCESSES=str(n_proc),
+                 JBAT_PROCESS_ID=str(i))
+    log = open(f"{workdir}.log{i}", "w")
+    procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def finish(procs, workdir, timeout=300):
+  for i, p in enumerate(procs):
+    rc = p.wait(timeout=timeout)
+    assert rc == 0, pathlib.Path(f"{workdir}.log{i}").read_text()[-3000:]
+
+
+def run(d, corpus, name, n_proc, devices_per_proc) -> bytes:
+  workdir = d / name
+  finish(launch(d, corpus, workdir, n_proc, devices_per_proc), workdir)
+  return (workdir / MANIFEST).read_bytes()
+
+
+REFERENCE = {}
+
+
+def test_two_processes_match_one_process(setup):
+  d, corpus = setup
+  one = run(d, corpus, "p1x2", 1, 2)
+  two = run(d, corpus, "p2x1", 2, 1)
+  assert one == two and one.count(b"\n") == 32
+  REFERENCE["2 devices"] = one
+  log0 = (d / "p2x1.log0").read_text()
+  assert "(2 processes, 2 devices)" in log0 and "documents selected" in log0
+  assert "documents selected" not in (d / "p2x1.log1").read_text()  # Process 0 logs alone.
+
+
+def test_two_processes_of_four_devices_match_one_of_eight(setup):
+  d, corpus = setup
+  assert run(d, corpus, "p1x8", 1, 8) == run(d, corpus, "p2x4", 2, 4)
+
+
+def test_kill_one_process_mid_scoring_then_resume(setup):
+  d, corpus = setup
+  reference = REFERENCE.get("2 devices") or run(d, corpus, "ref1x2", 1, 2)
+  workdir = d / "killed"
+  procs = launch(d, corpus, workdir, 2, 1)
+  cursor = workdir / CURSOR
+  deadline = time.time() + 240
+  seen = 0
+  while time.time() < deadline and procs[1].poll() is None:
+    try:
+      seen = json.loads(cursor.read_text())["next_chunk"]
+    except (OSError, ValueError, KeyError):
+      seen = 0
+    if seen >= 2:
+      break
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGKILL)
+  procs[0].send_signal(signal.SIGKILL)  # It would wait for its peer in the next collective.
+  for p in procs:
+    p.wait(timeout=60)
+  assert seen >= 2, "scoring never started"
+  assert not (workdir / MANIFEST).exists()
+  n_chunks = json.loads(cursor.read_text())["n_chunks"]
+  stopped_at = json.loads(cursor.read_text())["next_chunk"]
+  assert 2 <= stopped_at < n_chunks, "the kill came too late to test resuming"
+  finish(launch(d, corpus, workdir, 2, 1), workdir)
+  assert (workdir / MANIFEST).read_bytes() == reference
