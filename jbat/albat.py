@@ -3,7 +3,8 @@
   workdir/surrogate/    phi0.safetensors, phi_s.safetensors, fit/ (checkpoints, metrics)
   workdir/control/      the control surrogate (only for the contrast scores): same spec, seed
                         and init, trained on |D_A| pool documents drawn by Generator(seed)
-  workdir/scores/       chunk_*.npz + cursor.json (resumable streaming scores)
+  workdir/scores/       chunk_*.npz + cursor.json (resumable streaming scores), or with
+                        score_cache only source.json naming score_cache/<fingerprint>/
   workdir/features/     projected gradients at phi_s (rules cluster / round_robin only):
                         adapt_d<dim>/ and pool_<hash of the candidate ids and dim>/
   workdir/selection/    manifest.jsonl, summary.json, score_hist.png
@@ -45,7 +46,8 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                          progress: bool = True, chunk_batches: int = 64,
                          less_proj_dim: int | None = None, rule: str = "topk", top_n: int = 0,
                          n_clusters: int = 8, select_seed: int = 0,
-                         feature_dim: int = 64) -> pathlib.Path:
+                         feature_dim: int = 64,
+                         score_cache: str | pathlib.Path | None = None) -> pathlib.Path:
   """Runs ALBAT selection for `task` and returns workdir/selection/manifest.jsonl.
 
   Args:
@@ -62,6 +64,9 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
     feature_dim: Rademacher projection size of the gradient features of rules cluster
       (k-means features) and round_robin (LESS cosine to each adaptation example); the
       features are computed for the candidates C only (selection.candidate_rows).
+    score_cache: a folder shared between runs (e.g. <cache_dir>/scores): the pool scores are
+      kept there under their content fingerprint (stream.score_pool's cache_dir), so a new
+      workdir with the same backbone, surrogate and pool does not score again.
   Raises:
     JbatError: see train_surrogate, stream.score_pool and selection.select.
   """
@@ -104,7 +109,7 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
       pool_texts=[d.text for d in task.pool] if score == "dsir" else None,
       adapt_texts=[d.text for d in task.adapt] if score == "dsir" else None,
       seed=seed, less_proj_dim=less_proj_dim, chunk_batches=chunk_batches, progress=progress,
-      control=control)
+      control=control, cache_dir=score_cache)
   hashes = {d.id: sources.text_hash(d.text) for d in task.pool}
   features = per_example = None
   if rule in ("cluster", "round_robin"):

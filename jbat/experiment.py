@@ -158,7 +158,8 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
         base, lora_config(config), task, tok, score=score, k=k, tau=parse_tau(s.tau),
         surrogate_spec=sur_spec, batch_size=s.batch_size, max_len=config.data.max_len,
         seed=config.seed, workdir=workdir / "select" / score, mesh=mesh,
-        progress=config.progress, chunk_batches=s.chunk_batches, **kwargs)
+        progress=config.progress, chunk_batches=s.chunk_batches,
+        score_cache=config_lib.cache_dir(config) / "scores", **kwargs)
     by_id = {d.id: d for d in task.pool}
     chosen = [by_id[r["id"]] for r in io.read_jsonl(manifest)]
   labels: dict[str, int] = {}

@@ -267,3 +267,24 @@ def test_projected_less_equals_kernel_with_and_without_stored_matrix(setup, tmp_
   np.testing.assert_array_equal(again, stored)
   with pytest.raises(JbatError, match="fingerprint"):
     stream.score_pool(["less"], sur, pool, tmp_path / "w", **{**kw, "less_proj_dim": 32})
+
+
+def test_shared_score_cache_is_reused_by_a_new_out_dir(setup, tmp_path):
+  """cache_dir: a second run with the same inputs (a fresh workdir) reads the cached chunks."""
+  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, seed=0,
+            chunk_batches=2, progress=False, cache_dir=tmp_path / "cache")
+  first = stream.score_pool(["align", "random"], setup["sur"], setup["pool"], tmp_path / "a",
+                            **kw)
+  (folder,) = (tmp_path / "cache").iterdir()
+  assert json.loads((tmp_path / "a" / "source.json").read_text())["scores"] == str(folder)
+  assert not list((tmp_path / "a").glob("chunk_*"))
+  stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+  second = stream.score_pool(["align", "random"], setup["sur"], setup["pool"], tmp_path / "b",
+                             **kw)
+  assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp  # Nothing rescored.
+  np.testing.assert_array_equal(first.ids, second.ids)
+  for name in ("align", "random"):
+    np.testing.assert_array_equal(first.scores[name], second.scores[name])
+  other = stream.score_pool(["align"], setup["sur"], setup["pool"], tmp_path / "c", **kw)
+  assert len(list((tmp_path / "cache").iterdir())) == 2  # Other scores: another fingerprint.
+  np.testing.assert_array_equal(other.scores["align"], first.scores["align"])

@@ -367,7 +367,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                adapt_texts: Sequence[str] | None = None, seed: int = 0,
                less_proj_dim: int | None = None, chunk_batches: int = 64,
                progress: bool = True,
-               control: surrogate_lib.Surrogate | None = None) -> ScoreTable:
+               control: surrogate_lib.Surrogate | None = None,
+               cache_dir: str | pathlib.Path | None = None) -> ScoreTable:
   """Scores every pool example with each named score; resumable; returns the whole table.
 
   Args:
@@ -385,6 +386,10 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     chunk_batches: batches per chunk file (and per cursor update).
     control: the control surrogate (its phi_s is phi_c; its phi0 must equal the surrogate's
       structure); needed by `contrast` and `contrast_align`, ignored otherwise.
+    cache_dir: when given, the chunks and cursor live in cache_dir/<fingerprint>/ instead of
+      out_dir, shared by every run whose inputs are the same (a new workdir with the same
+      config, another arm scoring the same way); out_dir then only gets a `source.json`
+      pointing there.
   Returns:
     ScoreTable(ids int64[N], {name: float32[N]}) in pool order.
   Raises:
@@ -428,8 +433,6 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
       raise JbatError(f"scoring: pool_texts has {len(pool_texts)} entries for {n} pool "
                       f"examples (they must be parallel)")
 
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   chunk_size = chunk_batches * batch_size
   n_chunks = -(-n // chunk_size)
   settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
@@ -445,6 +448,13 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                              settings, pool_texts if uses_texts else None,
                              adapt_texts if uses_texts else None,
                              control.phi_s if control_names else None)
+  out_dir = pathlib.Path(out_dir)
+  if cache_dir is not None:
+    if distributed.is_main():
+      io.write_json_atomic(out_dir / "source.json", {"scores": str(pathlib.Path(cache_dir) /
+                                                                   fingerprint)})
+    out_dir = pathlib.Path(cache_dir) / fingerprint
+  out_dir.mkdir(parents=True, exist_ok=True)
   start = _read_cursor(out_dir, fingerprint, n_chunks)
   if start == n_chunks:
     return load_table(out_dir, scores)
