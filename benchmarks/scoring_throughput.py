@@ -29,11 +29,17 @@ with extra keys "model", "adapter_params", "vmap_over_loop" (grads / loop exampl
 "ratio_to_forward_best" / "ratio_to_forward_cpu" (from the fastest call and from process CPU
 time: on a shared machine these move less with other processes' load than the median).
 Targets on a CPU: align >= 0.45x forward; vmap per-example gradients faster than the loop.
+
+Model FLOP utilisation: the FLOPs of one call of `forward`, `align` and `loss_diff` come from
+XLA's cost analysis of the compiled program; the peak is measured on the same device as the
+best time of a square matmul in the model's dtype (`--dtype`). MFU = FLOPs / seconds / peak,
+reported per method ("mfu") with "matmul_peak_tflops" and "flops_per_call".
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -64,8 +70,11 @@ METHODS = ("forward", "align", "loss_diff", "cosine", "less", "less_rng", "grads
 MODELS: dict[str, LMConfig] = {
     "demo": LMConfig.gpt2_like(1024, max_len=64, d_model=128, n_layers=4, n_heads=4),
     "25m": LMConfig.gpt2_like(8192, max_len=128, d_model=512, n_layers=7, n_heads=8),
+    # GPT-2 small shape (12 x 768, vocab padded to 50304): ~124M parameters. For accelerators:
+    #   benchmarks/scoring_throughput.py --models 125m --dtype bfloat16 --batch 64
+    "125m": LMConfig.gpt2_like(50304, max_len=512, d_model=768, n_layers=12, n_heads=12),
 }
-DEFAULT_REPEATS = {"demo": 5, "25m": 3}  # ~25 s and ~8 min per model on a 2-core CPU.
+DEFAULT_REPEATS = {"demo": 5, "25m": 3, "125m": 5}  # ~25 s and ~8 min per model on 2 CPUs.
 LORA = lora.LoRAConfig(rank=8, alpha=16.0)
 
 
@@ -149,6 +158,42 @@ def make_methods(m: dict[str, Any], batch: dict[str, jax.Array], proj_dim: int,
   }
 
 
+def kernel_flops(m: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, float]:
+  """FLOPs of one call of forward / align / loss_diff, from XLA's cost analysis."""
+  graphdef = m["graphdef"]
+
+  def loss(rest, phi, b):
+    return lm_per_example_loss(lora.merge(graphdef, phi, rest), b)
+
+  fns = {
+      "forward": (loss, (m["rest"], m["phi0"], batch)),
+      "align": (lambda rest, *a: kernels.align(functools.partial(loss, rest), *a),
+                (m["rest"], m["phi0"], m["delta"], batch)),
+      "loss_diff": (lambda rest, *a: kernels.loss_diff(functools.partial(loss, rest), *a),
+                    (m["rest"], m["phi0"], m["phi_s"], batch)),
+  }
+  out = {}
+  for name, (fn, args) in fns.items():
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[name] = float((cost or {}).get("flops", float("nan")))
+  return out
+
+
+def matmul_peak(dtype: str, repeats: int = 5) -> float:
+  """Measured FLOP/s of a square matmul in `dtype` on the default device (best of repeats)."""
+  n = 1024 if jax.devices()[0].platform == "cpu" else 8192
+  a = jnp.ones((n, n), jnp.dtype(dtype))
+  f = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(f(a, a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
 def time_methods(methods: dict[str, Callable[[], Any]],
                  repeats: int) -> dict[str, dict[str, float]]:
   """Per method {"median", "best"} wall seconds and "cpu" (median process CPU seconds, all
@@ -177,9 +222,10 @@ def device_name() -> str:
   return host if d.platform == "cpu" else f"{d.device_kind} ({d.platform}) x{jax.device_count()}"
 
 
-def run_model(name: str, batch_size: int, repeats: int, proj_dim: int, seed: int) -> dict:
+def run_model(name: str, batch_size: int, repeats: int, proj_dim: int, seed: int,
+              dtype: str = "float32") -> dict:
   """Benchmark one model; returns the JSON record (see module docstring)."""
-  cfg = MODELS[name]
+  cfg = dataclasses.replace(MODELS[name], dtype=dtype)
   m = build(cfg, seed)
   batch = random_batch(np.random.default_rng(seed), cfg, batch_size)
   t0 = time.perf_counter()
@@ -202,7 +248,16 @@ def run_model(name: str, batch_size: int, repeats: int, proj_dim: int, seed: int
   print(f"vmap per-example grads / batch-1 loop: {eps['grads'] / eps['loop']:.2f}x (median), "
         f"{stats['loop']['best'] / stats['grads']['best']:.2f}x (best), "
         f"{stats['loop']['cpu'] / stats['grads']['cpu']:.2f}x (cpu)", flush=True)
-  return {"device": device_name(), "model": name, "params": m["counts"]["total"],
+  flops = kernel_flops(m, batch)
+  peak = matmul_peak(dtype)
+  mfu = {k: flops[k] / secs[k] / peak for k in flops}
+  print(f"matmul peak {peak / 1e12:.2f} TFLOP/s ({dtype}); model FLOP utilisation: "
+        + ", ".join(f"{k} {v:.1%} ({flops[k] / 1e9:.2f} GFLOP/call)" for k, v in mfu.items()),
+        flush=True)
+  return {"device": device_name(), "model": name, "dtype": dtype,
+          "params": m["counts"]["total"],
+          "flops_per_call": flops, "matmul_peak_tflops": round(peak / 1e12, 4),
+          "mfu": {k: round(v, 4) for k, v in mfu.items()},
           "adapter_params": m["counts"]["adapter"], "batch": batch_size,
           "examples_per_s": {k: round(v, 2) for k, v in eps.items()},
           "ratio_to_forward": {k: round(v, 4) for k, v in ratio.items()},
@@ -224,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                  help="timed rounds per model, median taken (default: 5 demo, 3 for 25m)")
   p.add_argument("--proj-dim", type=int, default=1024, help="LESS projection dimension")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of the model (parameters stay float32)")
   args = p.parse_args(argv)
   names = (args.models.split(",") if args.models
            else ["demo"] if args.quick else list(MODELS))
@@ -233,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
   if args.batch <= 0 or (args.repeats is not None and args.repeats <= 0):
     p.error("--batch and --repeats must be positive")
   print(f"jax {jax.__version__}, device: {device_name()}")
-  records = [run_model(n, args.batch, args.repeats or DEFAULT_REPEATS[n], args.proj_dim, args.seed)
-             for n in names]
+  records = [run_model(n, args.batch, args.repeats or DEFAULT_REPEATS[n], args.proj_dim,
+                       args.seed, args.dtype) for n in names]
   print()
   for rec in records:
     print(json.dumps(rec), flush=True)
