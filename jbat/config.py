@@ -286,8 +286,13 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """Hash of everything that changes results (NON_SEMANTIC_KEYS excluded)."""
-  flat = {k: v for k, v in _flatten(config).items() if k not in NON_SEMANTIC_KEYS}
+  """Hash of everything that changes results: the keys that differ from the schema's default
+  (NON_SEMANTIC_KEYS excluded). Keys at their default are left out, so a key added to the
+  schema later (with a default that keeps the old behaviour) does not orphan existing
+  workdirs."""
+  defaults = _flatten(base_config())
+  flat = {k: v for k, v in _flatten(config).items()
+          if k not in NON_SEMANTIC_KEYS and (k not in defaults or defaults[k] != v)}
   return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
