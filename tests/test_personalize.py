@@ -1,0 +1,201 @@
+"""The personalization experiment end to end at toy size (digits), through the CLI."""
+
+import json
+import pathlib
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jbat import train
+from jbat.data import images
+from jbat.diffusion import personalize
+from jbat.errors import JbatError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/personalize_demo.py")
+
+
+def _main(argv):
+  """jbat.train.main(argv) in this process. ml_collections defines the `--config.x` override
+  flags from sys.argv, once per FlagValues: so set sys.argv and use a fresh module."""
+  import importlib
+  import sys
+  old = sys.argv
+  sys.argv = list(argv)
+  try:
+    return importlib.reload(train).main(list(argv))
+  finally:
+    sys.argv = old
+
+
+def _args(tmp, *extra):
+  return ["jbat.train", "--config", CONFIG + ":tiny", f"--config.workdir={tmp / 'wd'}",
+          f"--config.cache_dir={tmp / 'cache'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("personalize")
+  assert _main(_args(tmp)) == 0
+  wd = tmp / "wd"
+  return tmp, wd, json.loads((wd / "results.json").read_text())
+
+
+def _tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("personalize_demo", CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config("tiny")
+
+
+def test_every_arm_ran_the_same_steps_and_seeds(tiny_run):
+  _, wd, res = tiny_run
+  cfg = _tiny_config()
+  assert res["arms"] == ["none", "prior", "random", "albat"]
+  assert res["seeds"] == [0, 1]
+  for arm in res["arms"]:
+    for seed in res["seeds"]:
+      r = res["runs"][arm][str(seed)]
+      assert r["steps"] == cfg.train.steps
+      metrics = [json.loads(line) for line in
+                 (wd / "arms" / arm / f"seed_{seed}" / "fit" / "metrics.jsonl").read_text()
+                 .splitlines()]
+      assert max(m["step"] for m in metrics) == cfg.train.steps
+      for m in personalize.METRICS:
+        assert np.isfinite(r[m])
+      assert 0.0 <= r["class_frac"] <= 1.0
+      # drift is after - before, with "before" the backbone's loss on the same draws.
+      assert abs(r["drift"] - (r["drift_loss"] - res["backbone_metrics"]["drift_loss"])) < 1e-9
+  # Pool arms picked aug.k distinct pool images; seeds give different random picks.
+  for arm in ("random", "albat"):
+    for seed in res["seeds"]:
+      ids = res["runs"][arm][str(seed)]["aug_ids"]
+      assert len(ids) == len(set(ids)) == cfg.aug.k
+  assert res["runs"]["random"]["0"]["aug_ids"] != res["runs"]["random"]["1"]["aug_ids"]
+  assert res["runs"]["none"]["0"]["aug_ids"] is None
+
+
+def test_albat_picks_follow_the_scores(tiny_run):
+  _, wd, res = tiny_run
+  cfg = _tiny_config()
+  scores = np.load(wd / "albat" / "scores.npy")
+  data = images.load_digits()
+  task = personalize.make_task(data, cfg)
+  assert scores.shape == (len(task.pool_ids),)
+  rank = {int(i): r for r, i in enumerate(task.pool_ids[np.lexsort((task.pool_ids, -scores))])}
+  for seed in res["seeds"]:
+    ids = res["runs"]["albat"][str(seed)]["aug_ids"]
+    # threshold_uniform: every pick passed tau = 0 and lies in the top_n.
+    pos = np.searchsorted(task.pool_ids, ids)
+    assert np.all(scores[pos] > 0)
+    assert all(rank[int(i)] < cfg.select.top_n for i in ids)
+    prec = float(np.mean(data.train_y[np.asarray(ids)] == cfg.data.subject_class))
+    assert prec == res["runs"]["albat"][str(seed)]["aug_precision"]
+
+
+def test_report_numbers_equal_results_json(tiny_run):
+  _, wd, res = tiny_run
+  report = (wd / "report.md").read_text()
+  lines = report.splitlines()
+  start = lines.index("| arm | fidelity | drift | class_frac | embed_dist |") + 2
+  end = lines.index("", start)
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in lines[start:end]}
+  summary = res["summary"]
+  for arm, metrics in summary["arms"].items():
+    cells = rows[arm]
+    for cell, m in zip(cells, personalize.METRICS):
+      vals = metrics[m]
+      want = (f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}")
+      assert cell == want, (arm, m, cell, want)
+      # ... and the per-seed values are the runs' numbers.
+      assert vals == [res["runs"][arm][str(s)][m] for s in res["seeds"]]
+  paired_lines = [line for line in report.splitlines() if re.match(r"\| \w+ \| \w+ \| [+-]", line)]
+  assert len(paired_lines) == sum(len(v) for v in summary["paired"].values())
+  for line in paired_lines:
+    arm, ref, *cells = [c.strip() for c in line.split("|")[1:-1]]
+    for cell, m in zip(cells, personalize.METRICS):
+      st = summary["paired"][arm][ref][m]
+      diffs = [a - b for a, b in zip(summary["arms"][arm][m], summary["arms"][ref][m])]
+      assert abs(st["mean"] - np.mean(diffs)) < 1e-12
+      assert cell.startswith(f"{st['mean']:+.4f} [{st['lo']:+.4f}, {st['hi']:+.4f}]")
+  b = res["backbone_metrics"]
+  assert rows["backbone (before)"][0] == f"{b['fidelity']:.4f}"
+
+
+def test_grids_exist_and_are_pngs(tiny_run):
+  _, wd, res = tiny_run
+  import matplotlib.image
+  for name in res["arms"] + ["subject", "backbone"]:
+    path = wd / "grids" / f"{name}.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 8 and img.shape[1] > 8
+    assert f"grids/{name}.png" in (wd / "report.md").read_text()
+  # one row of samples per seed in each arm's grid (8x8 images, 1-px borders, upscaled 4x)
+  n_samples = _tiny_config().eval.n_samples
+  img = matplotlib.image.imread(wd / "grids" / "none.png")
+  assert img.shape[:2] == (4 * (len(res["seeds"]) * 9 + 1), 4 * (n_samples * 9 + 1))
+
+
+def test_rerun_skips_finished_runs_and_a_lost_result_is_recomputed_identically(tiny_run):
+  tmp, wd, res = tiny_run
+  lost = wd / "arms" / "albat" / "seed_1" / "result.json"
+  before = json.loads(lost.read_text())
+  lost.unlink()
+  assert _main(_args(tmp)) == 0
+  again = json.loads((wd / "results.json").read_text())
+  for k in personalize.METRICS + ("aug_ids",):
+    assert again["runs"]["albat"]["1"][k] == before[k]
+  assert again["summary"] == res["summary"]
+  assert again["backbone"]["cached"] is True
+
+
+def test_bad_config_exits_2_and_names_the_field(tmp_path, capsys):
+  assert _main(_args(tmp_path, "--config.train.steps=0")) == 2
+  assert "train.steps" in capsys.readouterr().err
+  assert _main(_args(tmp_path, "--config.arms=none,oracle")) == 2
+  assert "arms" in capsys.readouterr().err
+  assert _main(_args(tmp_path, "--config.select.rule=best")) == 2
+  assert "select.rule" in capsys.readouterr().err
+  assert not (tmp_path / "wd").exists()  # nothing written for a bad config
+
+
+def test_validate_unknown_key_and_types():
+  c = _tiny_config()
+  personalize.validate(c)
+  c2 = ml_collections.ConfigDict(c.to_dict())
+  c2.data.colour = "red"
+  with pytest.raises(JbatError, match="data.colour"):
+    personalize.validate(c2)
+  c3 = _tiny_config()
+  c3.score.name = "magic"
+  with pytest.raises(JbatError, match="score.name"):
+    personalize.validate(c3)
+  c4 = _tiny_config()
+  c4.data.cluster_rank = 5
+  with pytest.raises(JbatError, match="data.cluster_rank"):
+    personalize.validate(c4)
+
+
+def test_make_task_splits_are_disjoint_and_consistent():
+  cfg = _tiny_config()
+  data = images.load_digits()
+  task = personalize.make_task(data, cfg)
+  cls = cfg.data.subject_class
+  assert len(task.subject_x) == cfg.data.n_subject
+  class_imgs = data.test_x[data.test_y == cls].reshape(-1, 64)
+  as_rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}
+  subj, held, drift = as_rows(task.subject_x), as_rows(task.heldout_x), as_rows(task.drift_x)
+  assert not subj & held and not subj & drift and not held & drift
+  assert (subj | held | drift) <= {r.tobytes() for r in class_imgs}
+  assert np.all(np.diff(task.pool_ids) > 0) and len(task.pool_ids) == cfg.data.pool_size
+  assert len(task.pretrain_ids) == len(data.train_y)  # backbone_keep = 1
+  cfg.data.backbone_keep = 0.5
+  thin = personalize.make_task(data, cfg)
+  n_cls = int(np.sum(data.train_y == cls))
+  assert int(np.sum(data.train_y[thin.pretrain_ids] == cls)) == round(0.5 * n_cls)
+  assert int(np.sum(data.train_y[thin.pretrain_ids] != cls)) == int(np.sum(data.train_y != cls))
