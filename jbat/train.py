@@ -15,17 +15,17 @@ from ml_collections import config_flags
 
 from jbat.errors import JbatError
 
-FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/<name>.py[:variant]).", flag_values=FLAGS,
-    lock_config=True)
-
-
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  # Fresh flags per call: the `--config.x.y=v` override flags are defined from `argv`, so
+  # main() can be called several times in one process (tests, notebooks).
+  flag_values = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Path to a config file (configs/<name>.py[:variant]).",
+      flag_values=flag_values, lock_config=True, sys_argv=argv)
   try:
-    FLAGS(argv)
-    config = _CONFIG.value
+    flag_values(argv)
+    config = config_flag.value
     if config is not None:
       config.to_dict()  # The config file is loaded lazily: surface its errors here.
   except Exception as e:  # noqa: BLE001  absl/ml_collections raise many types for bad flags.

@@ -18,16 +18,8 @@ CONFIG = str(ROOT / "configs/personalize_demo.py")
 
 
 def _main(argv):
-  """jbat.train.main(argv) in this process. ml_collections defines the `--config.x` override
-  flags from sys.argv, once per FlagValues: so set sys.argv and use a fresh module."""
-  import importlib
-  import sys
-  old = sys.argv
-  sys.argv = list(argv)
-  try:
-    return importlib.reload(train).main(list(argv))
-  finally:
-    sys.argv = old
+  """jbat.train.main(argv) in this process (main defines fresh flags from argv per call)."""
+  return train.main(list(argv))
 
 
 def _args(tmp, *extra):

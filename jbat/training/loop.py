@@ -215,7 +215,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   tx = make_optimizer(spec)
   params, frozen = distributed.place_params(params, mesh), distributed.place_params(frozen, mesh)
   opt_state = jax.jit(tx.init)(params)
-  rng = np.asarray(jax.random.key_data(jax.random.key(spec.seed)))
+  # Replicated like the step's output, so the first and later steps share one compilation.
+  rng = replicate(np.asarray(jax.random.key_data(jax.random.key(spec.seed))), mesh)
 
   mngr = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
@@ -230,7 +231,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     # Restored with the shardings of the targets above.
     params, opt_state = restored.state["params"], restored.state["opt_state"]
-    rng = np.asarray(restored.state["rng"])
+    rng = replicate(np.asarray(distributed.host_array(restored.state["rng"])), mesh)
     train_iter.set_state(restored.data)
     meta = restored.meta
   metrics_path = workdir / "metrics.jsonl"
