@@ -147,20 +147,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{"section.key": value} of a (nested) ConfigDict."""
   out = {}
   for k, v in c.items():
     key = f"{prefix}{k}"
     if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flatten(v, key + "."))
+      out.update(flatten(v, key + "."))
     else:
       out[key] = v
   return out
 
 
-def _check_schema(config: ml_collections.ConfigDict) -> None:
-  schema = _flatten(base_config())
-  given = _flatten(config)
+def check_schema(config: ml_collections.ConfigDict,
+                 schema: ml_collections.ConfigDict | None = None) -> None:
+  """JbatError for the first key of `config` that is not in `schema` (default: this module's
+  `base_config()`) or whose value's type differs from the schema default's (ints pass for
+  floats, bools never for ints)."""
+  schema = flatten(base_config() if schema is None else schema)
+  given = flatten(config)
   for key, value in given.items():
     if key not in schema:
       section = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -175,8 +180,20 @@ def _check_schema(config: ml_collections.ConfigDict) -> None:
           f"config: {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
 
 
+def load_config_file(path: str | os.PathLike, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file given by path (a config built on another one, tests,
+  benchmarks)."""
+  import importlib.util
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"jbat_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def _positive(config, *keys: str) -> None:
-  flat = _flatten(config)
+  flat = flatten(config)
   for key in keys:
     if flat[key] <= 0:
       raise JbatError(f"config: {key} must be > 0, got {flat[key]!r}")
@@ -184,7 +201,7 @@ def _positive(config, *keys: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config; raises JbatError naming the first bad field."""
-  _check_schema(config)
+  check_schema(config)
   _positive(config, "data.n_adapt", "data.n_heldout", "data.max_len", "data.vocab_size",
             "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
             "backbone.steps", "backbone.batch_size", "backbone.lr", "backbone.ckpt_every",
@@ -202,7 +219,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
              "model.norm": ("layernorm", "rmsnorm"), "model.mlp": ("gelu", "swiglu"),
              "model.dtype": ("float32", "bfloat16"), "pipeline": ("lm",),
              "stop_after": ("", "select")}
-  flat = _flatten(config)
+  flat = flatten(config)
   for key, allowed in choices.items():
     if flat[key] not in allowed:
       raise JbatError(f"config: {key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
@@ -290,8 +307,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   (NON_SEMANTIC_KEYS excluded). Keys at their default are left out, so a key added to the
   schema later (with a default that keeps the old behaviour) does not orphan existing
   workdirs."""
-  defaults = _flatten(base_config())
-  flat = {k: v for k, v in _flatten(config).items()
+  defaults = flatten(base_config())
+  flat = {k: v for k, v in flatten(config).items()
           if k not in NON_SEMANTIC_KEYS and (k not in defaults or defaults[k] != v)}
   return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 

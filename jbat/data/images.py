@@ -21,14 +21,12 @@ import dataclasses
 import gzip
 import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from jbat.data import sources as sources_lib
 from jbat.errors import JbatError
 
 FASHION_PACKAGE = "dataset-fashion-mnist"
@@ -64,16 +62,6 @@ def _has_fashion(directory: pathlib.Path) -> bool:
   return all((directory / f).is_file() for pair in FASHION_FILES.values() for f in pair)
 
 
-def _run(cmd: Sequence[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
-  try:
-    return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=600,
-                          check=False)
-  except FileNotFoundError as e:
-    raise JbatError(f"`{cmd[0]}` is not installed: cannot fetch the Debian package "
-                    f"{FASHION_PACKAGE}. Install it (`apt-get install {FASHION_PACKAGE}`) or "
-                    f"copy its idx files into a folder and set data.path.") from e
-
-
 def fashion_mnist_dir(cache_dir: str | os.PathLike) -> pathlib.Path:
   """A folder holding the four gzipped Fashion-MNIST idx files.
 
@@ -88,36 +76,9 @@ def fashion_mnist_dir(cache_dir: str | os.PathLike) -> pathlib.Path:
   target = cache_dir / "fashion-mnist"
   if _has_fashion(target):
     return target
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fashion-tmp-") as tmp:
-    tmp = pathlib.Path(tmp)
-    download = tmp / "debs"
-    download.mkdir()
-    os.chmod(tmp, 0o755)
-    os.chmod(download, 0o777)  # lets apt's unprivileged `_apt` user write there when root
-    cmd = ["apt-get", "download", FASHION_PACKAGE]
-    result = _run(cmd, download)
-    if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-      _run(["apt-get", "update"], download)  # fresh containers have empty apt lists
-      result = _run(cmd, download)
-    debs = sorted(download.glob("*.deb"))
-    if result.returncode != 0 or not debs:
-      raise JbatError(f"`{' '.join(cmd)}` failed (exit {result.returncode}): "
-                      f"{result.stderr.strip()[-500:]}\nFix: run `apt-get update` as root, or "
-                      f"copy the idx .gz files of {SYSTEM_FASHION} into {target}.")
-    extract = tmp / "root"
-    result = _run(["dpkg", "-x", str(debs[0]), str(extract)], tmp)
-    if result.returncode != 0:
-      raise JbatError(f"`dpkg -x {debs[0].name}` failed (exit {result.returncode}): "
-                      f"{result.stderr.strip()}; copy the idx files into {target} by hand.")
-    unpacked = extract / SYSTEM_FASHION.relative_to("/")
-    if not _has_fashion(unpacked):
-      raise JbatError(f"{debs[0].name} unpacked without the idx files "
-                      f"{sorted(f for p in FASHION_FILES.values() for f in p)} under {unpacked}")
-    if target.exists():
-      shutil.rmtree(target)
-    os.replace(unpacked, target)
-  return target
+  return sources_lib.fetch_debian_folder(
+      [FASHION_PACKAGE], str(SYSTEM_FASHION.relative_to("/")), target, _has_fashion,
+      f"copy the idx .gz files of {SYSTEM_FASHION} into {target}.")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

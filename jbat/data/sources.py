@@ -21,7 +21,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -80,82 +80,85 @@ def _count_categories(directory: pathlib.Path) -> int:
   return sum(1 for p in directory.iterdir() if _is_fortune_category(p))
 
 
-def _run(cmd: Sequence[str], cwd: str | os.PathLike) -> subprocess.CompletedProcess:
+def _run(cmd: Sequence[str], cwd: str | os.PathLike, packages: Sequence[str],
+         fix: str) -> subprocess.CompletedProcess:
   try:
     return subprocess.run(
         list(cmd), cwd=cwd, capture_output=True, text=True, timeout=600, check=False
     )
   except FileNotFoundError as e:
     raise JbatError(
-        f"`{cmd[0]}` is not installed: cannot fetch the Debian fortunes packages. Install "
-        f"them (`apt-get install {' '.join(FORTUNE_PACKAGES)}`), or put the fortune files "
-        f"(one file per category, fortunes separated by '%' lines) into a folder and pass it."
+        f"`{cmd[0]}` is not installed: cannot fetch the Debian package(s) {' '.join(packages)}. "
+        f"Install them (`apt-get install {' '.join(packages)}`), or {fix}"
     ) from e
 
 
-def _apt_download(workdir: pathlib.Path) -> list[pathlib.Path]:
-  """Downloads the fortunes .deb files into `workdir` (no root needed; root may refresh lists)."""
-  cmd = ["apt-get", "download", *FORTUNE_PACKAGES]
-  result = _run(cmd, workdir)
-  if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-    # Typical in fresh containers: the apt lists are empty. Refresh once and retry.
-    _run(["apt-get", "update"], workdir)
-    result = _run(cmd, workdir)
-  debs = sorted(workdir.glob("*.deb"))
-  if result.returncode != 0 or len(debs) < len(FORTUNE_PACKAGES):
-    raise JbatError(
-        f"`{' '.join(cmd)}` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-        f"Fix: run `apt-get update` as root (or install the packages with `apt-get install "
-        f"{' '.join(FORTUNE_PACKAGES)}`), or copy the files of /usr/share/games/fortunes "
-        f"from a machine that has them into {workdir.parent / 'fortunes'}."
-    )
-  return debs
+def fetch_debian_folder(packages: Sequence[str], folder: str, target: pathlib.Path,
+                        complete: Callable[[pathlib.Path], bool], fix: str) -> pathlib.Path:
+  """Fetches Debian packages without root and installs one of their folders as `target`.
+
+  `apt-get download <packages>` (as root with empty apt lists: `apt-get update` once, then
+  again), `dpkg -x` of every .deb into a temporary folder beside `target`, then the unpacked
+  `folder` (e.g. "usr/share/games/fortunes") is checked with `complete` and renamed atomically
+  to `target`, so an interrupted fetch leaves no half-written copy. `fix` ends every error
+  message (what the user can do instead).
+
+  Raises:
+    JbatError: apt-get / dpkg are missing or fail, or the unpacked folder is incomplete.
+  """
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-tmp-") as tmp:
+    tmp = pathlib.Path(tmp)
+    download = tmp / "debs"
+    download.mkdir()
+    os.chmod(tmp, 0o755)
+    os.chmod(download, 0o777)  # lets apt's unprivileged `_apt` user write there when root
+    cmd = ["apt-get", "download", *packages]
+    result = _run(cmd, download, packages, fix)
+    if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+      _run(["apt-get", "update"], download, packages, fix)  # fresh containers: empty lists
+      result = _run(cmd, download, packages, fix)
+    debs = sorted(download.glob("*.deb"))
+    if result.returncode != 0 or len(debs) < len(packages):
+      raise JbatError(
+          f"`{' '.join(cmd)}` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}"
+          f"\nFix: run `apt-get update` as root, or {fix}")
+    extract = tmp / "root"
+    for deb in debs:
+      result = _run(["dpkg", "-x", str(deb), str(extract)], tmp, packages, fix)
+      if result.returncode != 0:
+        raise JbatError(f"`dpkg -x {deb.name}` failed (exit {result.returncode}): "
+                        f"{result.stderr.strip()}. Install dpkg, or {fix}")
+    unpacked = extract / folder
+    if not complete(unpacked):
+      raise JbatError(f"{' '.join(packages)} unpacked to {unpacked} without the expected "
+                      f"files; {fix}")
+    if target.exists():  # an incomplete copy left by hand: replace it
+      shutil.rmtree(target)
+    os.replace(unpacked, target)
+  return target
 
 
 def fortunes_dir(cache_dir: str | os.PathLike) -> pathlib.Path:
   """Returns a directory holding the Debian `fortunes` + `fortunes-min` category files.
 
   Order of preference: the system copy (/usr/share/games/fortunes, if it holds >= 40
-  categories); the cached copy `cache_dir/fortunes`; otherwise the packages are fetched with
-  `apt-get download` and unpacked with `dpkg -x` into a temporary folder inside `cache_dir`,
-  which is then renamed atomically to `cache_dir/fortunes` (an interrupted fetch leaves no
-  half-written cache).
+  categories); the cached copy `cache_dir/fortunes`; otherwise the packages are fetched into
+  it by `fetch_debian_folder` (apt-get download + dpkg -x, atomic rename).
 
   Raises:
     JbatError: apt-get / dpkg are missing or fail (the message says how to fix it).
   """
   if _count_categories(SYSTEM_FORTUNES) >= MIN_FORTUNE_CATEGORIES:
     return SYSTEM_FORTUNES
-  cache_dir = pathlib.Path(cache_dir)
-  target = cache_dir / "fortunes"
+  target = pathlib.Path(cache_dir) / "fortunes"
   if _count_categories(target) >= MIN_FORTUNE_CATEGORIES:
     return target
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fortunes-tmp-") as tmp:
-    tmp = pathlib.Path(tmp)
-    download = tmp / "debs"
-    download.mkdir()
-    os.chmod(tmp, 0o755)
-    os.chmod(download, 0o777)  # lets apt's unprivileged `_apt` user write there when root
-    extract = tmp / "root"
-    for deb in _apt_download(download):
-      result = _run(["dpkg", "-x", str(deb), str(extract)], tmp)
-      if result.returncode != 0:
-        raise JbatError(
-            f"`dpkg -x {deb.name}` failed (exit {result.returncode}): {result.stderr.strip()}. "
-            f"Install dpkg, or copy the fortune files into {target} by hand."
-        )
-    unpacked = extract / "usr" / "share" / "games" / "fortunes"
-    n = _count_categories(unpacked)
-    if n < MIN_FORTUNE_CATEGORIES:
-      raise JbatError(
-          f"the fortunes packages unpacked to {unpacked} with {n} category files, expected at "
-          f"least {MIN_FORTUNE_CATEGORIES}."
-      )
-    if target.exists():  # an incomplete copy left by hand: replace it
-      shutil.rmtree(target)
-    os.replace(unpacked, target)
-  return target
+  return fetch_debian_folder(
+      FORTUNE_PACKAGES, "usr/share/games/fortunes", target,
+      lambda d: _count_categories(d) >= MIN_FORTUNE_CATEGORIES,
+      f"copy the fortune files (one file per category, fortunes separated by '%' lines) of "
+      f"/usr/share/games/fortunes from a machine that has them into {target}.")
 
 
 def parse_fortunes(text: str) -> list[str]:

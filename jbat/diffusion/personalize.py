@@ -176,16 +176,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in c.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _tau(config: ml_collections.ConfigDict) -> float | None | str:
   t = str(config.select.tau).strip()
   if t in ("default", "none"):
@@ -211,18 +201,8 @@ def seed_list(config: ml_collections.ConfigDict) -> list[int]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises JbatError naming the field for unknown keys, wrong types or out-of-range values."""
-  schema = _flatten(base_config())
-  given = _flatten(config)
-  for key, value in given.items():
-    if key not in schema:
-      raise JbatError(f"config: unknown key {key!r} for pipeline 'personalize'; known keys: "
-                      f"{', '.join(sorted(schema))}")
-    want = type(schema[key])
-    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-    ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
-      raise JbatError(f"config: {key} must be {want.__name__}, got {type(value).__name__} "
-                      f"{value!r}")
+  config_lib.check_schema(config, base_config())
+  given = config_lib.flatten(config)
   if config.pipeline != "personalize":
     raise JbatError(f"config: pipeline must be 'personalize', got {config.pipeline!r}")
   if config.data.dataset not in images.DATASETS:
