@@ -20,7 +20,6 @@ from tests import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MANIFEST = pathlib.Path("select/loss_diff/selection/manifest.jsonl")
-CURSOR = pathlib.Path("select/loss_diff/scores/cursor.json")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,9 @@ def launch(d, corpus, workdir, n_proc, devices_per_proc):
           "--config.select.batch_size=8", "--config.select.chunk_batches=1",
           "--config.select.k=32", "--config.arms=albat", "--config.stop_after=select",
           "--config.progress=False", f"--config.workdir={workdir}",
-          f"--config.cache_dir={d / 'cache'}"]
+          # Its own cache per run: the pool scores are cached by content, and a run that found
+          # another run's scores would not score at all.
+          f"--config.cache_dir={workdir}_cache"]
   port = _free_port()
   procs = []
   for i in range(n_proc):
@@ -77,6 +78,8 @@ def finish(procs, workdir, timeout=300):
 def run(d, corpus, name, n_proc, devices_per_proc) -> bytes:
   workdir = d / name
   finish(launch(d, corpus, workdir, n_proc, devices_per_proc), workdir)
+  (cursor,) = pathlib.Path(f"{workdir}_cache").glob("scores/*/cursor.json")
+  assert json.loads(cursor.read_text())["done"]  # This run scored the pool itself.
   return (workdir / MANIFEST).read_bytes()
 
 
@@ -104,12 +107,12 @@ def test_kill_one_process_mid_scoring_then_resume(setup):
   reference = REFERENCE.get("2 devices") or run(d, corpus, "ref1x2", 1, 2)
   workdir = d / "killed"
   procs = launch(d, corpus, workdir, 2, 1)
-  cursor = workdir / CURSOR
   deadline = time.time() + 240
   seen = 0
   while time.time() < deadline and procs[1].poll() is None:
+    cursors = list(pathlib.Path(f"{workdir}_cache").glob("scores/*/cursor.json"))
     try:
-      seen = json.loads(cursor.read_text())["next_chunk"]
+      seen = json.loads(cursors[0].read_text())["next_chunk"] if cursors else 0
     except (OSError, ValueError, KeyError):
       seen = 0
     if seen >= 2:
@@ -121,8 +124,10 @@ def test_kill_one_process_mid_scoring_then_resume(setup):
     p.wait(timeout=60)
   assert seen >= 2, "scoring never started"
   assert not (workdir / MANIFEST).exists()
+  (cursor,) = pathlib.Path(f"{workdir}_cache").glob("scores/*/cursor.json")
   n_chunks = json.loads(cursor.read_text())["n_chunks"]
   stopped_at = json.loads(cursor.read_text())["next_chunk"]
   assert 2 <= stopped_at < n_chunks, "the kill came too late to test resuming"
   finish(launch(d, corpus, workdir, 2, 1), workdir)
   assert (workdir / MANIFEST).read_bytes() == reference
+  assert json.loads(cursor.read_text())["done"]  # The rerun continued the same scores.
