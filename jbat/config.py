@@ -237,12 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.select.rule not in RULES:
     raise JbatError(f"config: select.rule must be one of {', '.join(RULES)}; "
                     f"got {config.select.rule!r}")
-  if config.select.tau not in ("default", "none"):
-    try:
-      float(config.select.tau)
-    except ValueError:
-      raise JbatError(f"config: select.tau must be 'default', 'none' or a number; "
-                      f"got {config.select.tau!r}") from None
+  parse_tau(config.select.tau)
   if not 0.0 <= config.bat.rho < 1.0:
     raise JbatError(f"config: bat.rho must be in [0, 1), got {config.bat.rho}")
   if config.bat.lam < 0:
@@ -279,6 +274,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"train.grad_accum={config.train.grad_accum}")
   if not config.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
     raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
+
+
+def parse_tau(text: str) -> float | None | str:
+  """select.tau: "default" (the sign condition where it applies), "none" (None), or a number.
+
+  Raises JbatError naming select.tau for anything else."""
+  if text in ("default", "none"):
+    return None if text == "none" else text
+  try:
+    return float(text)
+  except ValueError:
+    raise JbatError(f"config: select.tau must be 'default', 'none' or a number; "
+                    f"got {text!r}") from None
 
 
 def arm_list(config: ml_collections.ConfigDict) -> list[str]:

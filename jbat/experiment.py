@@ -39,7 +39,7 @@ from jbat.training import loop
 
 
 def log(msg: str) -> None:
-  if jax.process_index() == 0:
+  if distributed.is_main():
     print(f"[jbat] {msg}", flush=True)
 
 
@@ -124,13 +124,6 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
                          targets=config.lora.targets)
 
 
-def parse_tau(text: str) -> float | None | str:
-  """select.tau: "default" (the sign condition where it applies), "none", or a number."""
-  if text in ("default", "none"):
-    return None if text == "none" else text
-  return float(text)
-
-
 def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,
                     tok, workdir: pathlib.Path, mesh) -> tuple[list[sources.Document], dict]:
   """The backbone documents an arm trains on, and facts about the selection."""
@@ -155,7 +148,7 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
     sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
     kwargs = dict(rule=s.rule, top_n=s.top_n, n_clusters=s.n_clusters, select_seed=config.seed)
     manifest = albat.select_backbone_data(
-        base, lora_config(config), task, tok, score=score, k=k, tau=parse_tau(s.tau),
+        base, lora_config(config), task, tok, score=score, k=k, tau=config_lib.parse_tau(s.tau),
         surrogate_spec=sur_spec, batch_size=s.batch_size, max_len=config.data.max_len,
         seed=config.seed, workdir=workdir / "select" / score, mesh=mesh,
         progress=config.progress, chunk_batches=s.chunk_batches,
@@ -191,7 +184,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
       eval_batches=lambda: pipeline.eval_batches(
           heldout, t.eval_batch_size // n_proc, config.data.max_len, pad_id,
           shard_index=proc, shard_count=n_proc))
-  if jax.process_index() == 0:
+  if distributed.is_main():
     io.save_tree(result.params, run_dir / "adapter.safetensors")
   evals = [r for r in result.history if "eval_loss" in r]
   return {"seed": seed, "backbone_nll": evals[0]["eval_loss"], "best_nll": result.best_loss,
@@ -234,10 +227,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
          "loaded from cache" if cached else "pretrained")
   log(f"backbone: {n_params:,} parameters, {how} ({folder})")
 
-  adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
-  heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
   if config.stop_after == "select":
     return stop_after_select(config, arms, task, base, tok, workdir, mesh)
+  adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
+  heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
   results: dict[str, Any] = {}
   for arm in arms:
     chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
@@ -268,7 +261,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
   summary["stats"] = report.paired_stats(results)
   summary["seconds"] = time.perf_counter() - t0
-  if jax.process_index() == 0:
+  if distributed.is_main():
     io.write_json_atomic(workdir / "results.json", summary)
     report.write_report(workdir, summary)
   log(f"report: {workdir / 'report.md'}")

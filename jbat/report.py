@@ -51,11 +51,13 @@ def paired_stats(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def _mean_sd(x: list[float]) -> str:
+def mean_sd(x: list[float]) -> str:
+  """'mean ± sd' (sample sd) with 4 decimals; a single value alone."""
   return f"{np.mean(x):.4f} ± {np.std(x, ddof=1):.4f}" if len(x) > 1 else f"{x[0]:.4f}"
 
 
-def _interval(s: dict[str, Any] | None) -> str:
+def interval(s: dict[str, Any] | None) -> str:
+  """A `paired_interval` as '+mean [lo, hi]' ('-' for none, no bracket for one seed)."""
   if not s:
     return "-"
   if s["lo"] is None:
@@ -73,8 +75,8 @@ def results_table(summary: dict[str, Any]) -> str:
     top = ", ".join(f"{k} {v}" for k, v in list(a.get("label_counts", {}).items())[:3]) or "-"
     gap = s.get("gap_closed")
     rows.append(
-        f"| {name} | {_mean_sd(a['best_nll'])} | {_mean_sd(a['final_nll'])} | "
-        f"{_interval(s.get('best_nll_vs_none'))} | {_interval(s.get('best_nll_vs_random'))} | "
+        f"| {name} | {mean_sd(a['best_nll'])} | {mean_sd(a['final_nll'])} | "
+        f"{interval(s.get('best_nll_vs_none'))} | {interval(s.get('best_nll_vs_random'))} | "
         f"{'-' if gap is None else f'{100 * gap:.0f}%'} | {prec} | {top} | "
         f"{a.get('select_seconds', 0.0):.0f} | {np.mean(a['train_seconds']):.0f} |")
   return "\n".join(rows)

@@ -177,26 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _tau(config: ml_collections.ConfigDict) -> float | None | str:
-  t = str(config.select.tau).strip()
-  if t in ("default", "none"):
-    return None if t == "none" else "default"
-  try:
-    return float(t)
-  except ValueError:
-    raise JbatError(f"config: select.tau must be 'default', 'none' or a number, got "
-                    f"{config.select.tau!r}") from None
-
-
-def arm_list(config: ml_collections.ConfigDict) -> list[str]:
-  return [a.strip() for a in config.arms.split(",") if a.strip()]
-
-
-def seed_list(config: ml_collections.ConfigDict) -> list[int]:
-  try:
-    return [int(s) for s in config.seeds.split(",") if s.strip()]
-  except ValueError:
-    raise JbatError(f"config: seeds must be comma-separated integers, got "
-                    f"{config.seeds!r}") from None
+  return config_lib.parse_tau(str(config.select.tau).strip())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -238,12 +219,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.cluster_rank >= config.data.n_clusters:
     raise JbatError(f"config: data.cluster_rank ({config.data.cluster_rank}) must be < "
                     f"data.n_clusters ({config.data.n_clusters})")
-  arms = arm_list(config)
+  arms = config_lib.arm_list(config)
   bad = [a for a in arms if a not in ARMS]
   if not arms or bad:
     raise JbatError(f"config: arms must be a comma-separated subset of {list(ARMS)}, got "
                     f"{config.arms!r}")
-  if not seed_list(config):
+  try:
+    seeds = config_lib.seed_list(config)
+  except ValueError:
+    raise JbatError(f"config: seeds must be comma-separated integers, got "
+                    f"{config.seeds!r}") from None
+  if not seeds:
     raise JbatError("config: seeds must list at least one integer seed")
   if config.score.name not in SCORES:
     raise JbatError(f"config: score.name must be one of {list(SCORES)}, got "
@@ -553,18 +539,6 @@ def fmt(x: float) -> str:
   return f"{x:.4f}"
 
 
-def _mean_sd(xs: list[float]) -> str:
-  if len(xs) < 2:
-    return fmt(xs[0])
-  return f"{fmt(float(np.mean(xs)))} ± {fmt(float(np.std(xs, ddof=1)))}"
-
-
-def _interval(s: dict[str, Any]) -> str:
-  if s["lo"] is None:
-    return f"{s['mean']:+.4f}"
-  return f"{s['mean']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}]"
-
-
 def summarize(per_run: dict[str, dict[int, dict[str, Any]]], seeds: list[int]
               ) -> dict[str, Any]:
   """Per arm: metric lists in seed order, and paired differences vs none / random / prior."""
@@ -596,13 +570,14 @@ def render_report(results: dict[str, Any]) -> str:
   lines.append(f"| backbone (before) | {fmt(b['fidelity'])} | {fmt(0.0)} | "
                f"{fmt(b['class_frac'])} | {fmt(b['embed_dist'])} |")
   for arm, m in s["arms"].items():
-    lines.append(f"| {arm} | " + " | ".join(_mean_sd(m[k]) for k in METRICS) + " |")
+    lines.append(f"| {arm} | " + " | ".join(report_lib.mean_sd(m[k]) for k in METRICS) + " |")
   lines += ["", "Paired differences (arm - reference, mean [95% t-interval] over seeds):", "",
             "| arm | vs | fidelity | drift | class_frac | embed_dist |",
             "|---|---|---|---|---|---|"]
   for arm, refs in s["paired"].items():
     for ref, st in refs.items():
-      lines.append(f"| {arm} | {ref} | " + " | ".join(_interval(st[k]) for k in METRICS) + " |")
+      cells = " | ".join(report_lib.interval(st[k]) for k in METRICS)
+      lines.append(f"| {arm} | {ref} | {cells} |")
   al = results.get("albat")
   if al:
     lines += ["", f"ALBAT: score `{al['score']}` ({al['cond']} prompt), rule `{al['rule']}` "
@@ -671,7 +646,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             16)
   t0 = lap("baseline_eval", t0)
 
-  arms, seeds = arm_list(config), seed_list(config)
+  arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
   k = config.aug.k
   pool_x, pool_y = data.train_x[task.pool_ids], data.train_y[task.pool_ids]
   subject = images.Source(task.subject_x, np.full(len(task.subject_x), cls, np.int32),

@@ -145,9 +145,7 @@ def eval_sums(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
 
 def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
   """A 1-D mesh over all (or the given) devices with a single `data` axis."""
-  devices = devices if devices is not None else jax.devices()
-  return jax.sharding.Mesh(np.asarray(devices), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return distributed.make_mesh(1, devices)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
