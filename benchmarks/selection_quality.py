@@ -1,6 +1,6 @@
-"""Selection quality: every arm on both demo tasks; gap closed between random and the oracle.
+"""Selection quality: every arm on the three demo tasks; gap closed between random and the oracle.
 
-  python benchmarks/selection_quality.py                  # both demo tasks, their default arms
+  python benchmarks/selection_quality.py                  # the three demo tasks
   python benchmarks/selection_quality.py --arms none,random,oracle,albat,loss_diff,align,dsir
   python benchmarks/selection_quality.py --tiny           # toy size, a smoke run
 
@@ -15,7 +15,6 @@ bool}}}}`, where beats_random means the 95% interval of the paired difference is
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -26,20 +25,15 @@ sys.path.insert(0, str(ROOT))
 from jbat import config as config_lib  # noqa: E402
 from jbat import experiment  # noqa: E402
 
-TASKS = {"tweets": "configs/demo.py", "fortunes": "configs/demo_fortunes.py"}
-
-
-def load_config(path: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location("bench_cfg", ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+TASKS = {"tweets": "configs/demo.py", "goodhealth": "configs/demo_goodhealth.py",
+         "fortunes": "configs/demo_fortunes.py"}
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--tasks", default="tweets,fortunes")
-  p.add_argument("--arms", default="none,random,oracle,albat,dsir,loss_diff",
+  p.add_argument("--tasks", default="tweets,goodhealth,fortunes",
+                 help=f"comma-separated, of {','.join(TASKS)}")
+  p.add_argument("--arms", default="none,random,oracle,albat,dsir,loss_diff,align",
                  help="comma-separated arms ('' = the config's)")
   p.add_argument("--seeds", default="", help="comma-separated seeds (default: the config's)")
   p.add_argument("--tiny", action="store_true", help="toy-size configs (smoke run)")
@@ -47,8 +41,12 @@ def main() -> None:
   args = p.parse_args()
 
   out = {}
-  for task in args.tasks.split(","):
-    cfg = load_config(TASKS[task], "tiny" if args.tiny else None)
+  tasks = args.tasks.split(",")
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown:
+    p.error(f"--tasks: unknown {unknown}; expected some of {sorted(TASKS)}")
+  for task in tasks:
+    cfg = config_lib.load_config_file(ROOT / TASKS[task], "tiny" if args.tiny else None)
     if args.arms:
       cfg.arms = args.arms
     if args.seeds:

@@ -47,7 +47,8 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                          less_proj_dim: int | None = None, rule: str = "topk", top_n: int = 0,
                          n_clusters: int = 8, select_seed: int = 0,
                          feature_dim: int = 64,
-                         score_cache: str | pathlib.Path | None = None) -> pathlib.Path:
+                         score_cache: str | pathlib.Path | None = None,
+                         init_adapter=None) -> pathlib.Path:
   """Runs ALBAT selection for `task` and returns workdir/selection/manifest.jsonl.
 
   Args:
@@ -67,6 +68,8 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
     score_cache: a folder shared between runs (e.g. <cache_dir>/scores): the pool scores are
       kept there under their content fingerprint (stream.score_pool's cache_dir), so a new
       workdir with the same backbone, surrogate and pool does not score again.
+    init_adapter: the surrogate starts from this adapter instead of a fresh init (BAT
+      re-selection around the current adapter; train_surrogate's `init`).
   Raises:
     JbatError: see train_surrogate, stream.score_pool and selection.select.
   """
@@ -98,7 +101,7 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
   sur = control = None
   if score in stream.MODEL_SCORES or rule in ("cluster", "round_robin"):
     sur = surrogate_lib.train_surrogate(base, lora_cfg, adapt, surrogate_spec,
-                                        workdir / "surrogate", **sur_kw)
+                                        workdir / "surrogate", init=init_adapter, **sur_kw)
   if score in stream.CONTROL_SCORES:
     picks = control_indices(len(pool), len(adapt), seed)
     control = surrogate_lib.train_surrogate(base, lora_cfg, [pool[i] for i in picks],
@@ -126,6 +129,18 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                              extra_summary={"request": request})
   distributed.barrier("jbat-albat-manifest")
   return manifest
+
+
+def top_pool_ids(workdir: str | pathlib.Path, score: str, n: int) -> list[int]:
+  """Ids of the n best-scored pool documents (by `score`, ties by id) of a finished
+  select_backbone_data workdir: the candidates a re-selection rescores."""
+  out_dir = pathlib.Path(workdir) / "scores"
+  source = out_dir / "source.json"
+  if source.exists():  # Scores kept in the shared score cache.
+    out_dir = pathlib.Path(json.loads(source.read_text())["scores"])
+  table = stream.load_table(out_dir, [score])
+  order = np.lexsort((table.ids, -table.scores[score]))
+  return [int(i) for i in table.ids[order[:n]]]
 
 
 def control_indices(n_pool: int, n_adapt: int, seed: int) -> list[int]:

@@ -141,6 +141,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.bat = ml_collections.ConfigDict()
   c.bat.rho = 0.5
   c.bat.lam = 1.0
+  # Re-selection around the current adapter (arm albat and model-score arms): every
+  # reselect_every steps (0: never) a surrogate is trained on D_A from the BAT adapter as it is,
+  # the pool is rescored with it and k documents selected again for the next phase. The
+  # rescored pool is the top reselect_top documents of the arm's first ranking (0: all).
+  c.bat.reselect_every = 0
+  c.bat.reselect_top = 0
 
   c.arms = "none"  # Comma-separated arms: BASE_ARMS or score names.
   c.seeds = "0"  # Comma-separated training seeds; arms are paired by seed.
@@ -242,6 +248,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise JbatError(f"config: bat.rho must be in [0, 1), got {config.bat.rho}")
   if config.bat.lam < 0:
     raise JbatError(f"config: bat.lam must be >= 0, got {config.bat.lam}")
+  for key in ("reselect_every", "reselect_top"):
+    if config.bat[key] < 0:
+      raise JbatError(f"config: bat.{key} must be >= 0, got {config.bat[key]}")
+  if config.bat.reselect_top and config.bat.reselect_top < config.select.k:
+    raise JbatError(f"config: bat.reselect_top={config.bat.reselect_top} must be 0 (the whole "
+                    f"pool) or >= select.k ({config.select.k})")
   if not 0.0 < config.data.backbone_keep <= 1.0:
     raise JbatError(f"config: data.backbone_keep must be in (0, 1], got "
                     f"{config.data.backbone_keep}")

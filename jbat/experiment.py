@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +35,7 @@ from jbat.data import mixture, pipeline, sources, tokenizer as tokenizer_lib, tw
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
+from jbat.scoring import stream
 from jbat.training import loop
 
 
@@ -144,54 +145,137 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
     chosen = [in_domain[i] for i in sorted(idx)]
   else:
     score = s.score if arm == "albat" else arm
-    sur_spec = train_spec(config, config.seed, steps=config.surrogate.steps)
-    sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
-    kwargs = dict(rule=s.rule, top_n=s.top_n, n_clusters=s.n_clusters, select_seed=config.seed)
-    manifest = albat.select_backbone_data(
-        base, lora_config(config), task, tok, score=score, k=k, tau=config_lib.parse_tau(s.tau),
-        surrogate_spec=sur_spec, batch_size=s.batch_size, max_len=config.data.max_len,
-        seed=config.seed, workdir=workdir / "select" / score, mesh=mesh,
-        progress=config.progress, chunk_batches=s.chunk_batches,
-        score_cache=config_lib.cache_dir(config) / "scores", **kwargs)
-    by_id = {d.id: d for d in task.pool}
-    chosen = [by_id[r["id"]] for r in io.read_jsonl(manifest)]
-  labels: dict[str, int] = {}
-  for d in chosen:
-    labels[str(d.label)] = labels.get(str(d.label), 0) + 1
+    chosen = albat_docs(config, task, base, tok, score, workdir / "select" / score, mesh,
+                        seed=config.seed)
   facts = {"n_selected": len(chosen), "select_seconds": time.perf_counter() - t0,
-           "label_counts": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
-           "precision": (labels.get(config.data.domain, 0) / len(chosen)) if chosen else None}
+           **label_facts(chosen, config.data.domain)}
   return chosen, facts
 
 
+def label_facts(chosen: Sequence[sources.Document], domain: str) -> dict[str, Any]:
+  """Label counts (most common first) and precision (share labelled `domain`) of a selection."""
+  labels: dict[str, int] = {}
+  for d in chosen:
+    labels[str(d.label)] = labels.get(str(d.label), 0) + 1
+  return {"label_counts": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
+          "precision": (labels.get(domain, 0) / len(chosen)) if chosen else None}
+
+
+def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok, score: str,
+               folder: pathlib.Path, mesh, *, seed: int,
+               init_adapter=None) -> list[sources.Document]:
+  """The pool documents `albat.select_backbone_data` selects by `score` with the config's rule
+  (surrogate from a fresh adapter, or from `init_adapter` for a re-selection)."""
+  s = config.select
+  sur_spec = train_spec(config, seed, steps=config.surrogate.steps)
+  sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
+  manifest = albat.select_backbone_data(
+      base, lora_config(config), task, tok, score=score, k=min(s.k, len(task.pool)),
+      tau=config_lib.parse_tau(s.tau), surrogate_spec=sur_spec, batch_size=s.batch_size,
+      max_len=config.data.max_len, seed=seed, workdir=folder, mesh=mesh,
+      progress=config.progress, chunk_batches=s.chunk_batches,
+      score_cache=config_lib.cache_dir(config) / "scores", rule=s.rule, top_n=s.top_n,
+      n_clusters=s.n_clusters, select_seed=seed, init_adapter=init_adapter)
+  by_id = {d.id: d for d in task.pool}
+  return [by_id[r["id"]] for r in io.read_jsonl(manifest)]
+
+
+# (seed, step, adapter or None, folder) -> the re-selected documents.
+Reselector = Callable[[int, int, Any, pathlib.Path], list[sources.Document]]
+
+
+def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base, tok,
+                    workdir: pathlib.Path, mesh) -> Reselector | None:
+  """Re-selection around the current adapter for a model-score arm (None: the arm does not
+  re-select, or bat.reselect_every = 0). The candidates are the top bat.reselect_top documents
+  of the arm's first ranking (all of the pool for 0); the adapter may be None only when the
+  folder already holds that re-selection."""
+  if not config.bat.reselect_every or arm in ("none", "random", "oracle"):
+    return None
+  score = config.select.score if arm == "albat" else arm
+  if score not in stream.MODEL_SCORES + stream.CONTROL_SCORES:
+    return None  # dsir, random: nothing about the adapter to re-score around.
+  pool = task.pool
+  if config.bat.reselect_top:
+    keep = set(albat.top_pool_ids(workdir / "select" / score, score, config.bat.reselect_top))
+    pool = [d for d in task.pool if d.id in keep]
+  candidates = dataclasses.replace(task, pool=pool)
+
+  def reselect(seed: int, step: int, adapter, folder: pathlib.Path) -> list[sources.Document]:
+    if adapter is None and not (folder / "selection" / "manifest.jsonl").exists():
+      raise JbatError(f"re-selection at step {step}: {folder} holds no selection and no adapter "
+                      f"was given")
+    log(f"arm {arm} seed {seed}: re-selecting around the adapter at step {step} "
+        f"({len(pool)} candidates)")
+    return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
+                      init_adapter=adapter)
+
+  return reselect
+
+
+def phase_ends(steps: int, every: int) -> list[int]:
+  """Last step of each re-selection phase: every, 2 every, ..., steps ([steps] for every 0)."""
+  if not every or every >= steps:
+    return [steps]
+  return list(range(every, steps, every)) + [steps]
+
+
 def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.ConfigDict,
-              adapt, heldout, selected, pad_id: int, workdir: pathlib.Path,
-              mesh) -> dict[str, Any]:
-  """Trains a fresh adapter (init and data order from `seed`); returns its summary."""
+              adapt, heldout, selected, tok, workdir: pathlib.Path, mesh,
+              reselect: Reselector | None = None) -> dict[str, Any]:
+  """Trains a fresh adapter (init and data order from `seed`); returns its summary.
+
+  With `reselect`, training runs in phases of bat.reselect_every steps (one schedule over all
+  of them); after each phase but the last the backbone documents are selected again around the
+  adapter as it is, under <run>/reselect/step_<t>/. A resumed run skips the phases whose next
+  selection is already on disk.
+  """
   model = nnx.clone(base)
   lora.apply_lora(model, lora_config(config), rngs=nnx.Rngs(seed))
   t = config.train
   n_proc, proc = jax.process_count(), jax.process_index()
   rho = 0.0 if arm == "none" else config.bat.rho
-  train_iter = mixture.mixture_loader(
-      adapt, selected or None, bat_batch_size(config, arm) // n_proc, config.data.max_len,
-      pad_id, seed, rho=rho, lam=config.bat.lam, shard_index=proc, shard_count=n_proc)
   run_dir = workdir / "arms" / arm / f"seed_{seed}"
+  ends = phase_ends(t.steps, config.bat.reselect_every if reselect else 0)
+  folders = [run_dir / "reselect" / f"step_{end}" for end in ends[:-1]]
+  done = [p + 1 for p, f in enumerate(folders) if (f / "selection" / "manifest.jsonl").exists()]
+  first = max(done, default=0)  # Phases before it reached their end and were re-selected.
   start = time.perf_counter()
-  result = loop.fit(
-      model, nnx.LoRAParam, train_iter, train_spec(config, seed), run_dir, mesh=mesh,
-      progress=config.progress, desc=f"adapt [{arm} seed {seed}]",
-      eval_batches=lambda: pipeline.eval_batches(
-          heldout, t.eval_batch_size // n_proc, config.data.max_len, pad_id,
-          shard_index=proc, shard_count=n_proc))
+  params, reselections, previous = None, [], {d["id"] for d in selected}
+  for phase, end in enumerate(ends):
+    if phase:
+      host = None if params is None else jax.tree.map(
+          lambda x: np.asarray(distributed.host_array(x)), params)
+      chosen = reselect(seed, ends[phase - 1], host, folders[phase - 1])
+      selected = pipeline.encode(chosen, tok, config.data.max_len)
+      ids = {d.id for d in chosen}
+      reselections.append({"step": ends[phase - 1], "overlap": len(ids & previous) / len(ids),
+                           **label_facts(chosen, config.data.domain)})
+      previous = ids
+    if phase < first:
+      continue
+    train_iter = mixture.mixture_loader(
+        adapt, selected or None, bat_batch_size(config, arm) // n_proc, config.data.max_len,
+        tok.pad_token_id, seed, rho=rho, lam=config.bat.lam, shard_index=proc,
+        shard_count=n_proc, phase=phase)
+    result = loop.fit(
+        model, nnx.LoRAParam, train_iter, train_spec(config, seed), run_dir, mesh=mesh,
+        progress=config.progress, desc=f"adapt [{arm} seed {seed}]", until=end,
+        eval_batches=lambda: pipeline.eval_batches(
+            heldout, t.eval_batch_size // n_proc, config.data.max_len, tok.pad_token_id,
+            shard_index=proc, shard_count=n_proc))
+    params = result.params
   if distributed.is_main():
     io.save_tree(result.params, run_dir / "adapter.safetensors")
   evals = [r for r in result.history if "eval_loss" in r]
-  return {"seed": seed, "backbone_nll": evals[0]["eval_loss"], "best_nll": result.best_loss,
-          "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
-          "steps": max(r["step"] for r in result.history),
-          "train_seconds": time.perf_counter() - start,
-          "curve": [(r["step"], r["eval_loss"]) for r in evals]}
+  out = {"seed": seed, "backbone_nll": evals[0]["eval_loss"], "best_nll": result.best_loss,
+         "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
+         "steps": max(r["step"] for r in result.history),
+         "train_seconds": time.perf_counter() - start,
+         "curve": [(r["step"], r["eval_loss"]) for r in evals]}
+  if reselections:
+    out["reselections"] = reselections
+  return out
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -238,10 +322,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       log(f"arm {arm}: {len(chosen)} backbone documents selected"
           + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
     selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
+    reselect = make_reselector(arm, config, task, base, tok, workdir, mesh)
     runs = []
     for seed in seeds:
-      r = train_one(arm, seed, base, config, adapt, heldout, selected, tok.pad_token_id,
-                    workdir, mesh)
+      r = train_one(arm, seed, base, config, adapt, heldout, selected, tok, workdir, mesh,
+                    reselect=reselect)
       log(f"arm {arm} seed {seed}: held-out NLL backbone {r['backbone_nll']:.4f} -> best "
           f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}")
       runs.append(r)
@@ -251,6 +336,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
         "train_seconds": [r["train_seconds"] for r in runs],
         "curves": [r["curve"] for r in runs], **facts}
+    if reselect is not None:
+      results[arm]["reselections"] = [r["reselections"] for r in runs]
 
   summary = {
       "config": config.name, "domain": config.data.domain, "default_score": config.select.score,

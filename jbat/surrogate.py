@@ -71,7 +71,7 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
                     adapt_examples: Sequence[dict[str, Any]], spec: loop.TrainSpec,
                     workdir: str | pathlib.Path, *, batch_size: int, max_len: int, pad_id: int,
                     seed: int, mesh: jax.sharding.Mesh | None = None,
-                    progress: bool = True) -> Surrogate:
+                    progress: bool = True, init: nnx.State | None = None) -> Surrogate:
   """Trains (or reloads) the surrogate adapter phi_s on the adaptation set only.
 
   Args:
@@ -82,6 +82,9 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
     workdir: holds phi0.safetensors, phi_s.safetensors and the fit run (fit/: checkpoints,
       metrics.jsonl). If both adapter files exist they are loaded and nothing is trained.
     batch_size, max_len, pad_id, seed: the training stream (pipeline.train_loader).
+    init: start from this adapter (a tree like the adapter's) instead of a fresh init: phi_0 is
+      then `init`, e.g. the adapter of a BAT run at a re-selection step, and phi_s - phi_0
+      points from there toward the adaptation optimum.
   Returns:
     Surrogate(graphdef, phi0, phi_s, rest) with numpy leaves.
   Raises:
@@ -92,6 +95,9 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
   workdir = pathlib.Path(workdir)
   model = nnx.clone(base)
   lora.apply_lora(model, lora_cfg, rngs=nnx.Rngs(seed))
+  if init is not None:
+    kernels.check_same_structure(nnx.state(model, nnx.LoRAParam), init, name="init adapter")
+    nnx.update(model, init)
   graphdef, phi0, rest = lora.split(model)
   phi0, rest = _host(phi0), _host(rest)
   phi0_path, phi_s_path = workdir / PHI0_FILE, workdir / PHI_S_FILE

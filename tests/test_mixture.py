@@ -121,6 +121,45 @@ def test_state_mismatch_and_bad_state(data):
     with_bb.set_state({"next_example": 3})
 
 
+def test_reselection_phase_keeps_adapt_position(data):
+  """A later phase's loader (new backbone list) continues the adaptation stream where the
+  earlier phase's state left it, and starts its own backbone stream from the beginning."""
+  adapt, backbone = data
+  make = lambda bb, phase=0: mixture.mixture_loader(  # noqa: E731
+      adapt, bb, 6, L, PAD, 11, rho=0.5, phase=phase)
+  reference = _take(make(backbone), 9)
+  it = make(backbone)
+  _take(it, 4)
+  state = pipeline.state_from_json(pipeline.state_to_json(it.get_state()))
+  new_list = backbone[::-1][:13]
+  later = make(new_list, phase=1)
+  later.set_state(state)
+  got = _take(later, 5)
+  fresh = _take(make(new_list, phase=1), 5)
+  n_a = mixture.split_rows(6, 0.5)[0]
+  for g, r, f in zip(got, reference[4:], fresh):
+    for k in PIPELINE_KEYS:
+      np.testing.assert_array_equal(g[k][:n_a], r[k][:n_a], err_msg=k)
+      np.testing.assert_array_equal(g[k][n_a:], f[k][n_a:], err_msg=k)
+  # The phase-1 backbone stream has its own seed: not the phase-0 order of the same list.
+  phase0 = _take(make(new_list), 5)
+  assert any((a["id"][n_a:] != b["id"][n_a:]).any() for a, b in zip(phase0, fresh))
+  # Its own state resumes it exactly; an earlier phase's loader refuses a later state.
+  it1 = make(new_list, phase=1)
+  _take(it1, 2)
+  resumed = make(new_list, phase=1)
+  resumed.set_state(it1.get_state())
+  _assert_batches_equal(_take(resumed, 3), _take(it1, 3))
+  with pytest.raises(JbatError, match="phase 1"):
+    make(backbone).set_state(later.get_state())
+  # States saved before phases existed (no "phase" key) are phase 0.
+  old = dict(it.get_state())
+  del old["phase"]
+  again = make(backbone)
+  again.set_state(old)
+  _assert_batches_equal(_take(again, 5), reference[4:])
+
+
 def test_split_rows():
   assert mixture.split_rows(16, 0.5) == (8, 8)
   assert mixture.split_rows(10, 0.25) == (8, 2)  # round(2.5) = 2

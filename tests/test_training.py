@@ -116,6 +116,31 @@ def test_resume_is_bitwise_identical(setup, tmp_path):
   assert straight.best_step == resumed.best_step
 
 
+def test_fit_until_then_continue_equals_straight(setup, tmp_path):
+  """BAT re-selection trains in phases: fit(until=t), then fit again with a new iterator; with
+  the same data this is bitwise the straight run (one schedule over all steps)."""
+  straight = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup), spec(), tmp_path / "a",
+                      eval_batches=evals(setup), progress=False)
+  first = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup), spec(), tmp_path / "b",
+                   eval_batches=evals(setup), progress=False, until=3)
+  assert max(r["step"] for r in first.history) == 3
+  again = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup), spec(), tmp_path / "b",
+                   eval_batches=evals(setup), progress=False, until=3)  # Already there.
+  for k, v in io.tree_to_flat(first.params).items():
+    np.testing.assert_array_equal(v, io.tree_to_flat(again.params)[k], err_msg=k)
+  rest = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup), spec(), tmp_path / "b",
+                  eval_batches=evals(setup), progress=False)
+  a, b = io.tree_to_flat(straight.params), io.tree_to_flat(rest.params)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  strip = lambda h: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in h]  # noqa: E731
+  assert strip(straight.history) == strip(rest.history)
+  assert (straight.best_step, straight.best_loss) == (rest.best_step, rest.best_loss)
+  with pytest.raises(ValueError, match="until"):
+    loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup), spec(), tmp_path / "c",
+             progress=False, until=9)
+
+
 MULTI = textwrap.dedent("""
     import sys, pathlib, json
     sys.path.insert(0, {root!r})

@@ -61,9 +61,11 @@ def split_rows(batch_size: int, rho: float) -> tuple[int, int]:
   return n_a, n_b
 
 
-def backbone_seed(seed: int) -> int:
-  """Seed of the backbone stream: a 32-bit hash of (seed, 1), independent of the adapt stream's."""
-  return int(np.random.SeedSequence([int(seed), BACKBONE]).generate_state(1)[0])
+def backbone_seed(seed: int, phase: int = 0) -> int:
+  """Seed of the backbone stream: a 32-bit hash of (seed, 1), independent of the adapt stream's;
+  of (seed, 1, phase) for the stream of a re-selection phase > 0."""
+  words = [int(seed), BACKBONE] + ([int(phase)] if phase else [])
+  return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def _with_source(batch: Batch, source: int) -> Batch:
@@ -75,16 +77,19 @@ def _with_source(batch: Batch, source: int) -> Batch:
 class MixtureIterator(grain.DatasetIterator):
   """Endless mixture batches from two padded train_loader streams (backbone stream optional).
 
-  State: {"adapt": <adapt stream state>, "backbone": <backbone stream state> or None}, a
-  JSON-serialisable dict; `set_state` on an iterator built with the same arguments continues
-  with exactly the same batches.
+  State: {"adapt": <adapt stream state>, "backbone": <backbone stream state> or None,
+  "phase": p}, a JSON-serialisable dict; `set_state` on an iterator built with the same
+  arguments continues with exactly the same batches. An iterator of a later phase (BAT
+  re-selection: a new backbone list) takes only the adaptation stream's position from the
+  state of an earlier phase; its backbone stream starts at its beginning.
   """
 
-  def __init__(self, adapt: Any, backbone: Any | None, lam: float):
+  def __init__(self, adapt: Any, backbone: Any | None, lam: float, phase: int = 0):
     super().__init__()
     self._adapt = adapt
     self._backbone = backbone
     self._lam = float(lam)
+    self._phase = int(phase)
 
   def __next__(self) -> Batch:
     a = _with_source(next(self._adapt), ADAPT)
@@ -98,6 +103,7 @@ class MixtureIterator(grain.DatasetIterator):
     return {
         "adapt": self._adapt.get_state(),
         "backbone": None if self._backbone is None else self._backbone.get_state(),
+        "phase": self._phase,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -111,8 +117,12 @@ class MixtureIterator(grain.DatasetIterator):
           f"{'out' if state['backbone'] is None else ''} a backbone stream, this loader has"
           f"{'out' if self._backbone is None else ''} one (check rho)."
       )
+    phase = int(state.get("phase", 0))
+    if phase > self._phase:
+      raise JbatError(f"mixture-loader state is of re-selection phase {phase}, this loader is "
+                      f"of the earlier phase {self._phase}")
     self._adapt.set_state(state["adapt"])
-    if self._backbone is not None:
+    if self._backbone is not None and phase == self._phase:
       self._backbone.set_state(state["backbone"])
 
 
@@ -128,6 +138,7 @@ def mixture_loader(
     lam: float = 1.0,
     shard_index: int = 0,
     shard_count: int = 1,
+    phase: int = 0,
 ) -> MixtureIterator:
   """Endless BAT batches: B - round(rho B) adaptation rows, then round(rho B) backbone rows.
 
@@ -138,6 +149,8 @@ def mixture_loader(
     rho: backbone fraction of each batch, in [0, 1).
     lam: multiplier (>= 0) of the loss weights of backbone rows.
     shard_index, shard_count: both streams are sharded like `pipeline.train_loader`.
+    phase: the re-selection phase of `backbone_examples` (0: the initial selection); the
+      backbone stream is seeded with backbone_seed(seed, phase), see MixtureIterator.
   Returns:
     a MixtureIterator of pad_batch dicts plus "source" int8[B] (0 adaptation, 1 backbone).
 
@@ -158,6 +171,6 @@ def mixture_loader(
   backbone = None
   if n_b:
     backbone = pipeline.train_loader(
-        backbone_examples, n_b, max_len, pad_id, backbone_seed(seed), **shard
+        backbone_examples, n_b, max_len, pad_id, backbone_seed(seed, phase), **shard
     )
-  return MixtureIterator(adapt, backbone, lam)
+  return MixtureIterator(adapt, backbone, lam, phase)

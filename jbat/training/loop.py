@@ -182,7 +182,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
         *, eval_batches: Callable[[], Iterator] | None = None,
         mesh: jax.sharding.Mesh | None = None, progress: bool = True,
         desc: str = "train", loss_fn: LossFn = lm_train_loss, eval_fn: EvalFn = lm_eval_sums,
-        batch_keys: Sequence[str] = MODEL_KEYS, replicate_batches: bool = False) -> FitResult:
+        batch_keys: Sequence[str] = MODEL_KEYS, replicate_batches: bool = False,
+        until: int | None = None) -> FitResult:
   """Trains the `wrt` parameters of `model` for `spec.steps` steps; resumes from `workdir`.
 
   Args:
@@ -201,12 +202,18 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
       then passes the whole global batch). For tiny training sets such as the surrogate's: no
       cross-device gradient sum, so the result is bitwise the same however the devices are
       split into processes.
+    until: stop after this step (checkpointed) instead of `spec.steps`; the schedule is still
+      that of `spec.steps`. A later call (say with another `train_iter`, as BAT re-selection
+      does) resumes there. A run already past `until` is restored and returned as it is.
   Multi-process: call on every process with the same arguments; only process 0 writes
   metrics.jsonl and best.safetensors, orbax coordinates the checkpoint writes.
   Returns:
     FitResult with the final and best parameters and the metric history.
   """
   mesh = mesh or data_mesh()
+  last = spec.steps if until is None else until
+  if not 0 <= last <= spec.steps:
+    raise ValueError(f"fit: until={until} must be in 0..spec.steps ({spec.steps})")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   graphdef, params, frozen = nnx.split(model, wrt, ...)
@@ -266,7 +273,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   bar = tqdm(total=spec.steps, initial=start, desc=desc, dynamic_ncols=True,
              disable=not progress or not distributed.is_main())
   t0, n_seen = time.perf_counter(), 0
-  for step in range(start + 1, spec.steps + 1):
+  for step in range(start + 1, last + 1):
     batch = next(train_iter)
     first = next(k for k in batch_keys if k in batch)
     n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch[first])
@@ -283,7 +290,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
       t0, n_seen = time.perf_counter(), 0
     if (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps:
       maybe_eval(step, params)
-    if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == spec.steps:
+    if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == last:
       mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": rng}),
           data=ocp.args.JsonSave(train_iter.get_state()), meta=ocp.args.JsonSave(dict(meta))),
@@ -292,7 +299,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   bar.close()
   mngr.wait_until_finished()
   mngr.close()
-  distributed.barrier(f"jbat-fit-{workdir.name}-{spec.steps}")  # best.safetensors is written.
+  distributed.barrier(f"jbat-fit-{workdir.name}-{last}")  # best.safetensors is written.
   best = io.load_tree(best_path, params) if evaluate is not None and best_path.exists() else None
   return FitResult(params=params, best_params=best, best_step=meta["best_step"],
                    best_loss=meta["best_loss"], history=history)
