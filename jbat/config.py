@@ -145,8 +145,11 @@ def base_config() -> ml_collections.ConfigDict:
   # reselect_every steps (0: never) a surrogate is trained on D_A from the BAT adapter as it is,
   # the pool is rescored with it and k documents selected again for the next phase. The
   # rescored pool is the top reselect_top documents of the arm's first ranking (0: all).
+  # reselect_from = "init" is a control: the stage-1 surrogate again (a new sample of the same
+  # ranking) instead of one trained from the current adapter.
   c.bat.reselect_every = 0
   c.bat.reselect_top = 0
+  c.bat.reselect_from = "adapter"
 
   c.arms = "none"  # Comma-separated arms: BASE_ARMS or score names.
   c.seeds = "0"  # Comma-separated training seeds; arms are paired by seed.
@@ -251,6 +254,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("reselect_every", "reselect_top"):
     if config.bat[key] < 0:
       raise JbatError(f"config: bat.{key} must be >= 0, got {config.bat[key]}")
+  if config.bat.reselect_from not in ("adapter", "init"):
+    raise JbatError(f"config: bat.reselect_from must be 'adapter' or 'init', got "
+                    f"{config.bat.reselect_from!r}")
   if config.bat.reselect_top and config.bat.reselect_top < config.select.k:
     raise JbatError(f"config: bat.reselect_top={config.bat.reselect_top} must be 0 (the whole "
                     f"pool) or >= select.k ({config.select.k})")

@@ -162,10 +162,11 @@ def label_facts(chosen: Sequence[sources.Document], domain: str) -> dict[str, An
 
 
 def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok, score: str,
-               folder: pathlib.Path, mesh, *, seed: int,
+               folder: pathlib.Path, mesh, *, seed: int, select_seed: int | None = None,
                init_adapter=None) -> list[sources.Document]:
   """The pool documents `albat.select_backbone_data` selects by `score` with the config's rule
-  (surrogate from a fresh adapter, or from `init_adapter` for a re-selection)."""
+  (surrogate from a fresh adapter, or from `init_adapter` for a re-selection; `seed` also
+  seeds the rule unless `select_seed` is given)."""
   s = config.select
   sur_spec = train_spec(config, seed, steps=config.surrogate.steps)
   sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
@@ -175,7 +176,8 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
       max_len=config.data.max_len, seed=seed, workdir=folder, mesh=mesh,
       progress=config.progress, chunk_batches=s.chunk_batches,
       score_cache=config_lib.cache_dir(config) / "scores", rule=s.rule, top_n=s.top_n,
-      n_clusters=s.n_clusters, select_seed=seed, init_adapter=init_adapter)
+      n_clusters=s.n_clusters, select_seed=seed if select_seed is None else select_seed,
+      init_adapter=init_adapter)
   by_id = {d.id: d for d in task.pool}
   return [by_id[r["id"]] for r in io.read_jsonl(manifest)]
 
@@ -189,7 +191,9 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
   """Re-selection around the current adapter for a model-score arm (None: the arm does not
   re-select, or bat.reselect_every = 0). The candidates are the top bat.reselect_top documents
   of the arm's first ranking (all of the pool for 0); the adapter may be None only when the
-  folder already holds that re-selection."""
+  folder already holds that re-selection. With bat.reselect_from = "init" (a control) the
+  stage-1 surrogate is used again instead of the adapter: the same ranking, a new sample.
+  The rule's seed of a re-selection is derived from (training seed, step)."""
   if not config.bat.reselect_every or arm in ("none", "random", "oracle"):
     return None
   score = config.select.score if arm == "albat" else arm
@@ -201,14 +205,22 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
     pool = [d for d in task.pool if d.id in keep]
   candidates = dataclasses.replace(task, pool=pool)
 
+  from_adapter = config.bat.reselect_from == "adapter"
+
   def reselect(seed: int, step: int, adapter, folder: pathlib.Path) -> list[sources.Document]:
-    if adapter is None and not (folder / "selection" / "manifest.jsonl").exists():
+    if (from_adapter and adapter is None
+        and not (folder / "selection" / "manifest.jsonl").exists()):
       raise JbatError(f"re-selection at step {step}: {folder} holds no selection and no adapter "
                       f"was given")
-    log(f"arm {arm} seed {seed}: re-selecting around the adapter at step {step} "
+    log(f"arm {arm} seed {seed}: re-selecting around "
+        f"{'the adapter' if from_adapter else 'the stage-1 surrogate'} at step {step} "
         f"({len(pool)} candidates)")
+    select_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+    if not from_adapter:  # The stage-1 surrogate again (its seed), a new sample.
+      return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=config.seed,
+                        select_seed=select_seed)
     return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
-                      init_adapter=adapter)
+                      select_seed=select_seed, init_adapter=adapter)
 
   return reselect
 

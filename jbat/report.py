@@ -82,6 +82,29 @@ def results_table(summary: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
+def reselection_lines(summary: dict[str, Any]) -> str:
+  """A paragraph on the re-selections (bat.reselect_every) of the arms that made them: per
+  re-selection step, the mean over seeds of its overlap with the previous selection and of its
+  precision. Empty when no arm re-selected."""
+  lines = []
+  for name, a in summary["arms"].items():
+    per_seed = a.get("reselections")
+    if not per_seed:
+      continue
+    parts = []
+    for i, first in enumerate(per_seed[0]):
+      overlap = np.mean([seed[i]["overlap"] for seed in per_seed])
+      text = f"step {first['step']}: overlap {overlap:.2f}"
+      if first.get("precision") is not None:
+        text += f", precision {np.mean([seed[i]['precision'] for seed in per_seed]):.2f}"
+      parts.append(text)
+    lines.append(f"- `{name}` re-selected {len(parts)} time(s) around its adapter ("
+                 f"{'; '.join(parts)}; means over seeds; overlap = share of the new selection "
+                 f"already in the previous one).")
+  return ("\nRe-selection (bat.reselect_every = "
+          f"{summary['bat'].get('reselect_every')}):\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def plot_curves(summary: dict[str, Any], path: pathlib.Path) -> None:
   """Held-out NLL against step, mean over seeds, one line per arm."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -149,7 +172,7 @@ interval entirely below zero means the arm beats the reference. Gap closed =
 {next(iter(summary['arms'].values()))['backbone_nll']:.4f}.
 
 {results_table(summary)}
-
+{reselection_lines(summary)}
 ![held-out loss curves](loss_curves.png)
 """
   if has_labels:

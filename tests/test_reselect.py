@@ -11,12 +11,9 @@ import safetensors.numpy
 from jbat import albat, config as config_lib, experiment, io
 from jbat.errors import JbatError
 from tests import synthetic
+from tests.test_training import Interrupt, StopAfter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class Crash(Exception):
-  pass
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +49,8 @@ def test_config_checks(corpus):
     make_config(corpus, "bad", reselect_every=5, reselect_top=3)
   with pytest.raises(JbatError, match="bat.reselect_every"):
     make_config(corpus, "bad", reselect_every=-1)
+  with pytest.raises(JbatError, match="bat.reselect_from"):
+    make_config(corpus, "bad", reselect_every=5, reselect_from="current")
 
 
 def test_reselection_runs_phases_and_resumes(corpus, monkeypatch):
@@ -64,6 +63,9 @@ def test_reselection_runs_phases_and_resumes(corpus, monkeypatch):
   assert arm["curves"][0][:2] == plain["curves"][0][:2]
   (only,), = arm["reselections"]
   assert only["step"] == 5 and 0 <= only["overlap"] <= 1 and only["precision"] is not None
+  report = (d / "ref" / "report.md").read_text()
+  assert f"`albat` re-selected 1 time(s) around its adapter (step 5: overlap {only['overlap']:.2f}" \
+      in report
   folder = d / "ref" / "arms" / "albat" / "seed_0" / "reselect" / "step_5"
   chosen = [r["id"] for r in io.read_jsonl(folder / "selection" / "manifest.jsonl")]
   candidates = albat.top_pool_ids(d / "ref" / "select" / "rel_loss_diff", "rel_loss_diff", 40)
@@ -77,39 +79,23 @@ def test_reselection_runs_phases_and_resumes(corpus, monkeypatch):
 
   def crash_on_reselect(*args, **kw):
     if kw.get("init_adapter") is not None:
-      raise Crash
+      raise Interrupt
     return real_select(*args, **kw)
 
   monkeypatch.setattr(albat, "select_backbone_data", crash_on_reselect)
-  with pytest.raises(Crash):
+  with pytest.raises(Interrupt):
     experiment.run(make_config(corpus, "resumed", reselect_every=5, reselect_top=40))
   monkeypatch.setattr(albat, "select_backbone_data", real_select)
 
   # Crash 2: three batches into the second phase (its last checkpoint is step 6).
   real_loader = experiment.mixture.mixture_loader
 
-  class StopAfter:
-    def __init__(self, it, n):
-      self.it, self.n = it, n
-
-    def __next__(self):
-      if self.n == 0:
-        raise Crash
-      self.n -= 1
-      return next(self.it)
-
-    def get_state(self):
-      return self.it.get_state()
-
-    def set_state(self, state):
-      self.it.set_state(state)
-
   def crash_in_phase_1(*args, **kw):
     it = real_loader(*args, **kw)
     return StopAfter(it, 3) if kw.get("phase") == 1 else it
 
   monkeypatch.setattr(experiment.mixture, "mixture_loader", crash_in_phase_1)
-  with pytest.raises(Crash):
+  with pytest.raises(Interrupt):
     experiment.run(make_config(corpus, "resumed", reselect_every=5, reselect_top=40))
   monkeypatch.setattr(experiment.mixture, "mixture_loader", real_loader)
 
@@ -122,3 +108,23 @@ def test_reselection_runs_phases_and_resumes(corpus, monkeypatch):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_reselect_from_init_is_the_stage1_ranking_resampled(corpus):
+  """The control: at step 5 the stage-1 surrogate is trained again (bitwise the same phi_s) and
+  a new sample of its ranking is drawn."""
+  d, _ = corpus
+  res = experiment.run(make_config(corpus, "control", reselect_every=5, reselect_top=40,
+                                   reselect_from="init"))
+  (only,), = res["arms"]["albat"]["reselections"]
+  folder = d / "control" / "arms" / "albat" / "seed_0" / "reselect" / "step_5"
+  first = d / "control" / "select" / "rel_loss_diff"
+  again, stage1 = (safetensors.numpy.load_file(str(f / "surrogate" / "phi_s.safetensors"))
+                   for f in (folder, first))
+  assert again.keys() == stage1.keys()
+  for k in stage1:
+    np.testing.assert_array_equal(again[k], stage1[k], err_msg=k)
+  chosen = {r["id"] for r in io.read_jsonl(folder / "selection" / "manifest.jsonl")}
+  initial = {r["id"] for r in io.read_jsonl(first / "selection" / "manifest.jsonl")}
+  assert chosen <= set(albat.top_pool_ids(first, "rel_loss_diff", 40))
+  assert chosen != initial and only["overlap"] == len(chosen & initial) / len(chosen)
