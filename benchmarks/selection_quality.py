@@ -3,6 +3,8 @@
   python benchmarks/selection_quality.py                  # the three demo tasks
   python benchmarks/selection_quality.py --arms none,random,oracle,albat,loss_diff,align,dsir
   python benchmarks/selection_quality.py --tiny           # toy size, a smoke run
+  python benchmarks/selection_quality.py --tasks tweets --arms none,random,oracle,albat \
+      --set bat.reselect_every=60 --set bat.reselect_top=3000 --tag reselect   # any config key
 
 For each task it runs `jbat.experiment.run` (resumable: finished arms are read back from the
 workdir, `runs/bench_<task>` by default) and prints a table of best held-out NLL per arm (mean
@@ -29,6 +31,26 @@ TASKS = {"tweets": "configs/demo.py", "goodhealth": "configs/demo_goodhealth.py"
          "fortunes": "configs/demo_fortunes.py"}
 
 
+def set_key(parser: argparse.ArgumentParser, cfg, item: str) -> None:
+  """Applies one --set KEY=VALUE, the value parsed as the type of the key's current value."""
+  key, sep, text = item.partition("=")
+  *path, leaf = key.split(".")
+  node = cfg
+  try:
+    for part in path:
+      node = node[part]
+    current = node[leaf]
+  except (KeyError, AttributeError):
+    parser.error(f"--set {item}: no config key {key!r}")
+  if not sep:
+    parser.error(f"--set {item}: expected KEY=VALUE")
+  kind = type(current)
+  try:
+    node[leaf] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+  except ValueError:
+    parser.error(f"--set {item}: {key} expects a {kind.__name__}")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tasks", default="tweets,goodhealth,fortunes",
@@ -38,6 +60,9 @@ def main() -> None:
   p.add_argument("--seeds", default="", help="comma-separated seeds (default: the config's)")
   p.add_argument("--tiny", action="store_true", help="toy-size configs (smoke run)")
   p.add_argument("--workdir", default="runs")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config key (repeatable), e.g. select.score=align")
+  p.add_argument("--tag", default="", help="suffix of the workdirs (runs/bench_<task>_<tag>)")
   args = p.parse_args()
 
   out = {}
@@ -53,7 +78,9 @@ def main() -> None:
       cfg.seeds = args.seeds
     if "random" not in cfg.arms.split(","):
       cfg.arms = "random," + cfg.arms
-    cfg.name = f"bench_{task}{'_tiny' if args.tiny else ''}"
+    for item in args.set:
+      set_key(p, cfg, item)
+    cfg.name = f"bench_{task}{'_tiny' if args.tiny else ''}{'_' + args.tag if args.tag else ''}"
     cfg.workdir = str(pathlib.Path(args.workdir) / cfg.name)
     cfg.progress = False
     config_lib.validate(cfg)

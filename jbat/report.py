@@ -98,7 +98,9 @@ def reselection_lines(summary: dict[str, Any]) -> str:
       if first.get("precision") is not None:
         text += f", precision {np.mean([seed[i]['precision'] for seed in per_seed]):.2f}"
       parts.append(text)
-    lines.append(f"- `{name}` re-selected {len(parts)} time(s) around its adapter ("
+    around = ("its adapter" if summary["bat"].get("reselect_from", "adapter") == "adapter" else
+              "the stage-1 surrogate (control)")
+    lines.append(f"- `{name}` re-selected {len(parts)} time(s) around {around} ("
                  f"{'; '.join(parts)}; means over seeds; overlap = share of the new selection "
                  f"already in the previous one).")
   return ("\nRe-selection (bat.reselect_every = "
