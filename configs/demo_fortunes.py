@@ -51,6 +51,8 @@ def get_config(arg: str | None = None):
   c.select.top_n = 1500
   c.select.k = 256
   c.select.batch_size = 64
+  c.bat.reselect_every = 60
+  c.bat.reselect_top = 3000
   c.arms = "none,random,oracle,albat"
   c.seeds = "0,1,2"
 
@@ -71,6 +73,7 @@ def get_config(arg: str | None = None):
     c.surrogate.steps = 5
     c.select.k = 16
     c.select.top_n = 64
+    c.bat.reselect_every = 0
     c.arms = "none,random"
     c.seeds = "0"
   return c

@@ -55,7 +55,7 @@ def test_config_checks(corpus):
 
 def test_reselection_runs_phases_and_resumes(corpus, monkeypatch):
   d, _ = corpus
-  plain = experiment.run(make_config(corpus, "plain"))["arms"]["albat"]
+  plain = experiment.run(make_config(corpus, "plain", reselect_every=0))["arms"]["albat"]
   ref = experiment.run(make_config(corpus, "ref", reselect_every=5, reselect_top=40))
   arm = ref["arms"]["albat"]
   assert arm["steps"] == 10
