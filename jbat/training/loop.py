@@ -219,7 +219,10 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   graphdef, params, frozen = nnx.split(model, wrt, ...)
   tx = make_optimizer(spec)
   params, frozen = distributed.place_params(params, mesh), distributed.place_params(frozen, mesh)
-  opt_state = jax.jit(tx.init)(params)
+  # Placed like the parameters (moments by the same shape rule, the step count replicated):
+  # jit leaves these constant outputs uncommitted on one device, and a checkpoint restored
+  # onto such a target would stay there, which a multi-device step then refuses.
+  opt_state = distributed.place_params(jax.jit(tx.init)(params), mesh)
   # Replicated like the step's output, so the first and later steps share one compilation.
   rng = replicate(np.asarray(jax.random.key_data(jax.random.key(spec.seed))), mesh)
 
