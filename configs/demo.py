@@ -1,6 +1,6 @@
 """The built-in demo: ALBAT on per-account health-news tweets, every arm, 3 paired seeds.
 
-  python -m jbat.train --config configs/demo.py          # ~12 min cold on a 2-core CPU
+  python -m jbat.train --config configs/demo.py          # ~14 min cold on a 2-core CPU
   python -m jbat.train --config configs/demo.py:tiny     # toy size, for smoke tests
 
 Task: adapt a small LM to the tweets of one news account (`bbchealth`: short headlines,
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
   # Re-selection around the current adapter at step 60: a surrogate trained on the 32 tweets
   # from the BAT adapter rescores the top 3000 of the first ranking, and 256 are sampled again
   # by the same rule (README: better than no re-selection and than a fresh sample of the first
-  # ranking on this task, a tie on demo_goodhealth). Adds ~30 s per seed.
+  # ranking on this task, a tie on demo_goodhealth). Adds ~40 s per seed.
   c.bat.reselect_every = 60
   c.bat.reselect_top = 3000
 
