@@ -13,7 +13,8 @@ and seeds (`config.seeds`), paired by seed:
   <score>   + the selection by that score (e.g. align, loss_diff, less, dsir) with `select.rule`.
 Backbone arms put `bat.rho` of each batch on the selected documents (their loss weighted by
 `bat.lam`) on top of the same `train.batch_size` adaptation rows. The selection is computed once
-(with `config.seed`) and shared by all training seeds.
+(with `config.seed`) and shared by all training seeds. With `bat.reselect_every` the model-score
+arms select again around each seed's adapter every that many steps (`make_reselector`).
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
         "train_seconds": [r["train_seconds"] for r in runs],
         "curves": [r["curve"] for r in runs], **facts}
-    if reselect is not None:
+    if any(r.get("reselections") for r in runs):
       results[arm]["reselections"] = [r["reselections"] for r in runs]
 
   summary = {

@@ -55,7 +55,9 @@ def test_config_checks(corpus):
 
 def test_reselection_runs_phases_and_resumes(corpus, monkeypatch):
   d, _ = corpus
-  plain = experiment.run(make_config(corpus, "plain", reselect_every=0))["arms"]["albat"]
+  # reselect_every >= train.steps: a single phase, as without re-selection.
+  plain = experiment.run(make_config(corpus, "plain", reselect_every=20))["arms"]["albat"]
+  assert "reselections" not in plain
   ref = experiment.run(make_config(corpus, "ref", reselect_every=5, reselect_top=40))
   arm = ref["arms"]["albat"]
   assert arm["steps"] == 10
