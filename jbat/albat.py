@@ -48,7 +48,8 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                          n_clusters: int = 8, select_seed: int = 0,
                          feature_dim: int = 64,
                          score_cache: str | pathlib.Path | None = None,
-                         init_adapter=None) -> pathlib.Path:
+                         init_adapter=None,
+                         surrogate_cache: str | pathlib.Path | None = None) -> pathlib.Path:
   """Runs ALBAT selection for `task` and returns workdir/selection/manifest.jsonl.
 
   Args:
@@ -70,6 +71,8 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
       workdir with the same backbone, surrogate and pool does not score again.
     init_adapter: the surrogate starts from this adapter instead of a fresh init (BAT
       re-selection around the current adapter; train_surrogate's `init`).
+    surrogate_cache: a folder shared between runs (e.g. <cache_dir>/surrogates) where trained
+      surrogates are kept by content (train_surrogate's `cache_dir`).
   Raises:
     JbatError: see train_surrogate, stream.score_pool and selection.select.
   """
@@ -96,7 +99,7 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
   adapt = pipeline.encode(task.adapt, tokenizer, max_len)
   pool = pipeline.encode(task.pool, tokenizer, max_len)
   sur_kw = dict(batch_size=batch_size, max_len=max_len, pad_id=pad_id, seed=seed, mesh=mesh,
-                progress=progress)
+                progress=progress, cache_dir=surrogate_cache)
 
   sur = control = None
   if score in stream.MODEL_SCORES or rule in ("cluster", "round_robin"):

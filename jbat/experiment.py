@@ -176,7 +176,8 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
       tau=config_lib.parse_tau(s.tau), surrogate_spec=sur_spec, batch_size=s.batch_size,
       max_len=config.data.max_len, seed=seed, workdir=folder, mesh=mesh,
       progress=config.progress, chunk_batches=s.chunk_batches,
-      score_cache=config_lib.cache_dir(config) / "scores", rule=s.rule, top_n=s.top_n,
+      score_cache=config_lib.cache_dir(config) / "scores",
+      surrogate_cache=config_lib.cache_dir(config) / "surrogates", rule=s.rule, top_n=s.top_n,
       n_clusters=s.n_clusters, select_seed=seed if select_seed is None else select_seed,
       init_adapter=init_adapter)
   by_id = {d.id: d for d in task.pool}

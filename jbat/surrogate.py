@@ -15,6 +15,8 @@ under the workdir; a later call with the same workdir loads them instead of trai
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,11 +69,29 @@ def _host(tree: Any) -> Any:
                       else np.asarray(x), tree)
 
 
+def cache_key(phi0: Any, rest: Any, adapt_examples: Sequence[dict[str, Any]],
+              spec: loop.TrainSpec, **settings: Any) -> str:
+  """sha256 (first 16 hex) of everything that determines phi_s: the initial adapter and the
+  frozen backbone values, the adaptation tokens, the training spec and batch settings."""
+  h = hashlib.sha256(json.dumps({"spec": dataclasses.asdict(spec), **settings, "version": 1},
+                                sort_keys=True).encode())
+  for tree in (phi0, rest):
+    for name, value in sorted(io.tree_to_flat(tree).items()):
+      h.update(name.encode())
+      h.update(np.ascontiguousarray(value).tobytes())
+  for ex in adapt_examples:
+    h.update(np.int64(ex["id"]).tobytes())
+    h.update(np.asarray(ex["ids"], np.int32).tobytes())
+    h.update(b"\x00")
+  return h.hexdigest()[:16]
+
+
 def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
                     adapt_examples: Sequence[dict[str, Any]], spec: loop.TrainSpec,
                     workdir: str | pathlib.Path, *, batch_size: int, max_len: int, pad_id: int,
                     seed: int, mesh: jax.sharding.Mesh | None = None,
-                    progress: bool = True, init: nnx.State | None = None) -> Surrogate:
+                    progress: bool = True, init: nnx.State | None = None,
+                    cache_dir: str | pathlib.Path | None = None) -> Surrogate:
   """Trains (or reloads) the surrogate adapter phi_s on the adaptation set only.
 
   Args:
@@ -85,6 +105,10 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
     init: start from this adapter (a tree like the adapter's) instead of a fresh init: phi_0 is
       then `init`, e.g. the adapter of a BAT run at a re-selection step, and phi_s - phi_0
       points from there toward the adaptation optimum.
+    cache_dir: a folder shared between runs (e.g. <cache_dir>/surrogates): phi_s is kept there
+      under a content key of everything that determines it (backbone and initial adapter
+      values, adaptation tokens, spec, batch settings, seed), so a new workdir with the same
+      inputs loads it instead of training.
   Returns:
     Surrogate(graphdef, phi0, phi_s, rest) with numpy leaves.
   Raises:
@@ -104,16 +128,27 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
   if phi0_path.exists() and phi_s_path.exists():
     return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0),
                      rest)
+  cached = None
+  if cache_dir is not None:
+    key = cache_key(phi0, rest, adapt_examples, spec, batch_size=batch_size, max_len=max_len,
+                    pad_id=pad_id, seed=seed)
+    cached = pathlib.Path(cache_dir) / key / PHI_S_FILE
   if distributed.is_main():
     io.save_tree(phi0, phi0_path)
-  # Every process reads the whole (small) adaptation set and every device computes the whole
-  # batch: no cross-device gradient sum, so phi_s is bitwise the same however the run is split
-  # into processes.
-  train_iter = pipeline.train_loader(adapt_examples, batch_size, max_len, pad_id, seed)
-  result = loop.fit(model, nnx.LoRAParam, train_iter, spec, workdir / "fit", mesh=mesh,
-                    progress=progress, desc="surrogate", replicate_batches=True)
-  if distributed.is_main():
-    io.save_tree(_host(result.params), phi_s_path)
+  if cached is not None and cached.exists():
+    if distributed.is_main():
+      io.save_tree(io.load_tree(cached, phi0), phi_s_path)
+  else:
+    # Every process reads the whole (small) adaptation set and every device computes the whole
+    # batch: no cross-device gradient sum, so phi_s is bitwise the same however the run is
+    # split into processes.
+    train_iter = pipeline.train_loader(adapt_examples, batch_size, max_len, pad_id, seed)
+    result = loop.fit(model, nnx.LoRAParam, train_iter, spec, workdir / "fit", mesh=mesh,
+                      progress=progress, desc="surrogate", replicate_batches=True)
+    if distributed.is_main():
+      io.save_tree(_host(result.params), phi_s_path)
+      if cached is not None:
+        io.save_tree(io.load_tree(phi_s_path, phi0), cached)
   distributed.barrier(f"jbat-surrogate-{workdir}")
   # Reload both from disk so a fresh run and a resumed run hold bitwise the same values.
   return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0), rest)

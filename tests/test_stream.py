@@ -122,6 +122,24 @@ def test_surrogate_delta_and_reload(setup):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_surrogate_cache_skips_training_in_a_new_workdir(setup, tmp_path):
+  kw = dict(batch_size=4, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False,
+            cache_dir=tmp_path / "surrogates")
+  first = surrogate_lib.train_surrogate(setup["base"], LORA, setup["adapt"], SPEC, tmp_path / "a",
+                                        seed=0, **kw)
+  second = surrogate_lib.train_surrogate(setup["base"], LORA, setup["adapt"], SPEC,
+                                         tmp_path / "b", seed=0, **kw)
+  assert (tmp_path / "a" / "fit").exists() and not (tmp_path / "b" / "fit").exists()
+  for x in (first, second):  # Cached or not: the surrogate trained without a cache.
+    for a, b in zip(jax.tree.leaves(x.phi_s), jax.tree.leaves(setup["sur"].phi_s)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Other inputs (another initial adapter) are another key: trained, not loaded.
+  surrogate_lib.train_surrogate(setup["base"], LORA, setup["adapt"], SPEC, tmp_path / "c",
+                                seed=0, init=setup["sur"].phi_s, **kw)
+  assert (tmp_path / "c" / "fit").exists()
+  assert len(list((tmp_path / "surrogates").iterdir())) == 2
+
+
 def test_scores_equal_kernels(setup, tmp_path):
   names = list(stream.SCORE_NAMES)
   task = setup["task"]
