@@ -137,11 +137,7 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
 def top_pool_ids(workdir: str | pathlib.Path, score: str, n: int) -> list[int]:
   """Ids of the n best-scored pool documents (by `score`, ties by id) of a finished
   select_backbone_data workdir: the candidates a re-selection rescores."""
-  out_dir = pathlib.Path(workdir) / "scores"
-  source = out_dir / "source.json"
-  if source.exists():  # Scores kept in the shared score cache.
-    out_dir = pathlib.Path(json.loads(source.read_text())["scores"])
-  table = stream.load_table(out_dir, [score])
+  table = stream.load_table(stream.scores_dir(pathlib.Path(workdir) / "scores"), [score])
   order = np.lexsort((table.ids, -table.scores[score]))
   return [int(i) for i in table.ids[order[:n]]]
 

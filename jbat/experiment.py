@@ -258,9 +258,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   params, reselections, previous = None, [], {d["id"] for d in selected}
   for phase, end in enumerate(ends):
     if phase:
-      host = None if params is None else jax.tree.map(
-          lambda x: np.asarray(distributed.host_array(x)), params)
-      chosen = reselect(seed, ends[phase - 1], host, folders[phase - 1])
+      chosen = reselect(seed, ends[phase - 1], params, folders[phase - 1])
       selected = pipeline.encode(chosen, tok, config.data.max_len)
       ids = {d.id for d in chosen}
       reselections.append({"step": ends[phase - 1], "overlap": len(ids & previous) / len(ids),

@@ -100,5 +100,12 @@ def save_tree(tree: Any, path: str | os.PathLike) -> None:
     safetensors.numpy.save_file(tree_to_flat(tree), str(tmp))
 
 
+def hash_tree(h: Any, tree: Any) -> None:
+  """Feeds a pytree's content (leaf names and bytes, in name order) to a hashlib object."""
+  for name, value in sorted(tree_to_flat(tree).items()):
+    h.update(name.encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+
+
 def load_tree(path: str | os.PathLike, like: Any) -> Any:
   return flat_to_tree(safetensors.numpy.load_file(str(path)), like, where=str(path))

@@ -76,13 +76,8 @@ def cache_key(phi0: Any, rest: Any, adapt_examples: Sequence[dict[str, Any]],
   h = hashlib.sha256(json.dumps({"spec": dataclasses.asdict(spec), **settings, "version": 1},
                                 sort_keys=True).encode())
   for tree in (phi0, rest):
-    for name, value in sorted(io.tree_to_flat(tree).items()):
-      h.update(name.encode())
-      h.update(np.ascontiguousarray(value).tobytes())
-  for ex in adapt_examples:
-    h.update(np.int64(ex["id"]).tobytes())
-    h.update(np.asarray(ex["ids"], np.int32).tobytes())
-    h.update(b"\x00")
+    io.hash_tree(h, tree)
+  pipeline.hash_examples(h, adapt_examples)
   return h.hexdigest()[:16]
 
 
@@ -146,9 +141,10 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
     result = loop.fit(model, nnx.LoRAParam, train_iter, spec, workdir / "fit", mesh=mesh,
                       progress=progress, desc="surrogate", replicate_batches=True)
     if distributed.is_main():
-      io.save_tree(_host(result.params), phi_s_path)
+      phi_s = _host(result.params)
+      io.save_tree(phi_s, phi_s_path)
       if cached is not None:
-        io.save_tree(io.load_tree(phi_s_path, phi0), cached)
+        io.save_tree(phi_s, cached)
   distributed.barrier(f"jbat-surrogate-{workdir}")
   # Reload both from disk so a fresh run and a resumed run hold bitwise the same values.
   return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0), rest)

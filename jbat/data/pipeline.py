@@ -44,6 +44,14 @@ Batch = dict[str, np.ndarray]
 _ENCODE_CHUNK = 1024
 
 
+def hash_examples(h: Any, examples: Sequence[Example]) -> None:
+  """Feeds encoded examples (ids and token ids, in order) to a hashlib object."""
+  for ex in examples:
+    h.update(np.int64(ex["id"]).tobytes())
+    h.update(np.asarray(ex["ids"], np.int32).tobytes())
+    h.update(b"\x00")
+
+
 def encode(docs: Sequence[Any], tokenizer: Any, max_len: int) -> list[Example]:
   """Tokenizes documents (anything with `.id` and `.text`) to [bos, ..., eos], max L+1 tokens.
 

@@ -98,18 +98,12 @@ def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | Non
                  control_phi: Any = None) -> str:
   """sha256 (first 16 hex) of everything that determines the chunk files."""
   h = hashlib.sha256(json.dumps({"scores": list(scores), **settings}, sort_keys=True).encode())
-  for ex in pool_examples:
-    h.update(np.int64(ex["id"]).tobytes())
-    h.update(np.asarray(ex["ids"], np.int32).tobytes())
-    h.update(b"\x00")
+  pipeline.hash_examples(h, pool_examples)
   trees = () if surrogate is None else (surrogate.phi0, surrogate.phi_s)
   if control_phi is not None:
     trees += (control_phi,)
-  if trees:
-    for tree in trees:
-      for key, value in sorted(io.tree_to_flat(tree).items()):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(value).tobytes())
+  for tree in trees:
+    io.hash_tree(h, tree)
   for texts in (pool_texts, adapt_texts):
     for t in texts or ():
       h.update(t.encode("utf-8", errors="replace") + b"\x01")
@@ -119,10 +113,7 @@ def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | Non
 def _examples_digest(examples: Sequence[dict[str, Any]]) -> str:
   """sha256 (first 16 hex) of the ids and token ids of encoded examples, in order."""
   h = hashlib.sha256()
-  for ex in examples:
-    h.update(np.int64(ex["id"]).tobytes())
-    h.update(np.asarray(ex["ids"], np.int32).tobytes())
-    h.update(b"\x00")
+  pipeline.hash_examples(h, examples)
   return h.hexdigest()[:16]
 
 
@@ -150,6 +141,14 @@ def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int, n_ch
   io.write_json_atomic(out_dir / CURSOR_FILE, {
       "fingerprint": fingerprint, "next_chunk": next_chunk, "n_chunks": n_chunks,
       "n_examples": n_examples, "done": next_chunk == n_chunks})
+
+
+def scores_dir(out_dir: str | pathlib.Path) -> pathlib.Path:
+  """Where the chunks of a score_pool out_dir live: the shared cache folder its source.json
+  names (score_pool with cache_dir), else out_dir itself."""
+  out_dir = pathlib.Path(out_dir)
+  source = out_dir / "source.json"
+  return pathlib.Path(json.loads(source.read_text())["scores"]) if source.exists() else out_dir
 
 
 def load_table(out_dir: str | pathlib.Path, scores: Sequence[str] | None = None) -> ScoreTable:
