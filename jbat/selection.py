@@ -3,7 +3,7 @@
 Order of the pool for one score s (higher is better): by (-s, id), i.e. ties go to the smaller
 example id. The selection is
 
-  1. keep rows with s > tau (tau = None: keep all; tau = 0 is the sign condition of method.md
+  1. keep rows with s > tau (tau = None: keep all; tau = 0 is the sign condition of docs/method.md
      for `align` / `loss_diff`);
   2. remove duplicates: of rows sharing an example id, then of rows sharing a text hash, keep
      the best-ranked one;

@@ -8,7 +8,7 @@ The experiment, top to bottom (`run`):
      `<cache_dir>/diffusion/backbones/<key>/model.safetensors` (key: hash of everything that
      determines the weights). `data.backbone_keep` < 1 keeps only that fraction of the subject
      class in pretraining (the subject's domain is rare in the backbone, as niche data is in a
-     real pretraining corpus; shared/findings.md), while the pool below is drawn from the full
+     real pretraining corpus; docs/method.md), while the pool below is drawn from the full
      train split.
   3. Classifier: a small CNN on the train split (cached likewise): class predictions and
      embeddings of generated samples (a CLIP/DINO stand-in).

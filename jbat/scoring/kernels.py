@@ -1,4 +1,4 @@
-"""Pure, model-agnostic ALBAT scoring kernels (method.md, Stage 2).
+"""Pure, model-agnostic ALBAT scoring kernels (docs/method.md, "Scores").
 
 Every kernel takes a per-example loss function
 
@@ -16,7 +16,7 @@ by closing over the loss, e.g. `jit_kernel(align, loss_fn)` (which is
 `jax.jit(functools.partial(align, loss_fn))`), or `jax.jit(align, static_argnums=0)`.
 Structure checks (delta vs phi0) run at trace time, so they cost nothing per call.
 
-Cost, in units of one forward pass F of the batch (method.md, Cost model):
+Cost, in units of one forward pass F of the batch (docs/method.md, "Cost model"):
   align 2F, loss_diff 2F, per-example gradients ~3F plus B x |phi| floats of memory (cosine,
   grad_norm, surrogate_fit, less, mean_grad), random 0F. `less` with projection adds a
   B x |phi| x d matmul (project the target once with `project_target`; pass the packed matrix

@@ -17,7 +17,7 @@ shape, chunking, pool contents, adapters); a mismatch is an error rather than a 
 Memory: the pool's token arrays are in memory; activations and per-example gradients exist for
 one batch at a time, and a chunk holds `chunk_batches * B` floats per score.
 
-Score names (method.md, Stage 2; every score is "higher = select first"):
+Score names (docs/method.md, "Scores"; every score is "higher = select first"):
   align           -<grad l(z; phi0), delta>                  (one jvp, ~2F)
   loss_diff       l(z; phi0) - l(z; phi_s)                   (~2F)
   cosine          align / (||grad l(z; phi0)|| ||delta||)     (vmap grads, ~3F)
