@@ -4,10 +4,11 @@
 # ACCEL picks the jax build: cpu (default, the pinned CPU jaxlib of requirements.lock), cuda12
 # (NVIDIA GPUs: jax[cuda12], CUDA 12 wheels from PyPI) or tpu (Cloud TPU VMs: jax[tpu]), e.g.
 #   make demo ACCEL=cuda12
-# Switching ACCEL on an existing .venv reinstalls only the jax plugins.
+# The choice is remembered in .venv/.accel (later `make test` keeps it); switching ACCEL on an
+# existing .venv changes only the jax plugins.
 VENV ?= .venv
 PYTHON ?= python3
-ACCEL ?= cpu
+ACCEL ?= $(or $(shell cat $(VENV)/.accel 2>/dev/null),cpu)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ACCELS := cpu cuda12 tpu
@@ -41,6 +42,7 @@ else
 	$(PY) -m pip install -q "jax[$(ACCEL)]==$(JAX_VERSION)"
 endif
 	rm -f $(VENV)/.installed-*
+	echo $(ACCEL) > $(VENV)/.accel
 	touch $@
 
 # The test suite also checks Hugging Face parity against transformers' PyTorch models and PEFT:

@@ -127,3 +127,6 @@ def test_install_leaves_the_runtime_jax_alone(tmp_path, monkeypatch):
   assert jax_init.read_bytes() == jax_bytes
   # jbat is importable from the checkout it was installed from (an editable install).
   assert run_py(python, "import jbat; print(jbat.__file__)") == str(repo / "jbat" / "__init__.py")
+  # The `jbat` console script (pyproject's [project.scripts]) calls the CLI's main.
+  script = (venv / "bin" / "jbat").read_text()
+  assert "from jbat.train import main" in script
