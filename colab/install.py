@@ -67,7 +67,8 @@ def plan(lock_text: str, installed: dict[str, str]) -> tuple[list[str], list[str
     if has_jax and is_kept(m.group(1)):
       continue
     reqs.append(line)
-  constraints = [f"{n}=={v}" for n, v in sorted(kept.items())]
+  # Without jax the runtime has no accelerator build to keep: the lock decides everything.
+  constraints = [f"{n}=={v}" for n, v in sorted(kept.items())] if has_jax else []
   return reqs, constraints
 
 
