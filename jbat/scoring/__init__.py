@@ -26,7 +26,6 @@ from jbat.scoring.kernels import (
     tree_sub,
     words_nbytes,
 )
-# After kernels: stream imports jbat.surrogate, which imports jbat.scoring.kernels.
 from jbat.scoring.stream import SCORE_NAMES, ScoreTable, load_table, score_pool
 
 __all__ = [

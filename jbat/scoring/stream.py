@@ -61,7 +61,7 @@ from jbat.data import pipeline
 from jbat.errors import JbatError
 from jbat.scoring import dsir as dsir_lib
 from jbat.scoring import kernels
-from jbat import surrogate as surrogate_lib  # Module import: jbat.surrogate imports kernels.
+from jbat import surrogate as surrogate_lib
 from jbat.training import loop
 
 SCORE_NAMES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less", "dsir",
