@@ -1,7 +1,8 @@
 """LoRA adapters for flax.nnx models: wrap selected `nnx.Linear`s, split adapter from backbone.
 
 A LoRA linear computes  y = W x + b + (alpha / r) * (x A) B,  with A: [in, r], B: [r, out].
-At init B = 0, so the adapted model equals the backbone bit for bit (phi_0 in method.md).
+At init B = 0, so the adapted model equals the backbone bit for bit (phi_0 of the method,
+docs/method.md).
 Adapter weights are `nnx.LoRAParam` (a subclass of `nnx.Param`), the frozen backbone weights
 stay `nnx.Param`; `split` puts the LoRA filter first so the two sets are disjoint.
 """

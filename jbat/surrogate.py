@@ -1,4 +1,4 @@
-"""ALBAT stage 1: the surrogate adapter (method.md, "Stages" 1).
+"""ALBAT stage 1: the surrogate adapter (docs/method.md, "Stages" 1).
 
 A fresh LoRA adapter on a copy of the frozen backbone is trained on the adaptation set D_A only
 (`loop.fit`, so the run checkpoints and resumes). We keep

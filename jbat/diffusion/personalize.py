@@ -8,8 +8,8 @@ The experiment, top to bottom (`run`):
      `<cache_dir>/diffusion/backbones/<key>/model.safetensors` (key: hash of everything that
      determines the weights). `data.backbone_keep` < 1 keeps only that fraction of the subject
      class in pretraining (the subject's domain is rare in the backbone, as niche data is in a
-     real pretraining corpus; shared/findings.md), while the pool below is drawn from the full
-     train split.
+     real pretraining corpus: the setting where selection has room to help), while the pool
+     below is drawn from the full train split.
   3. Classifier: a small CNN on the train split (cached likewise): class predictions and
      embeddings of generated samples (a CLIP/DINO stand-in).
   4. Subject task: k-means (pixel space) of the subject class's TEST images; one cluster is the
@@ -64,7 +64,7 @@ import numpy as np
 from flax import nnx
 
 from jbat import config as config_lib
-from jbat import io, lora, selection
+from jbat import io, layout, lora, registry, selection
 from jbat import report as report_lib
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
@@ -177,7 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _tau(config: ml_collections.ConfigDict) -> float | None | str:
-  return config_lib.parse_tau(str(config.select.tau).strip())
+  return registry.parse_tau(config.select.tau)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -236,10 +236,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"{config.score.name!r}")
   if config.score.cond not in ("own", "subject"):
     raise JbatError(f"config: score.cond must be 'own' or 'subject', got {config.score.cond!r}")
-  if config.select.rule not in selection.RULES or config.select.rule == "round_robin":
-    raise JbatError(f"config: select.rule must be one of "
-                    f"{[r for r in selection.RULES if r != 'round_robin']}, got "
-                    f"{config.select.rule!r}")
+  # round_robin needs per-adaptation-example gradient features, which this task has not.
+  registry.check_choice(config.select.rule,
+                        tuple(r for r in registry.RULES if r != "round_robin"),
+                        "config: select.rule")
   _tau(config)
   if config.aug.k > config.data.pool_size:
     raise JbatError(f"config: aug.k ({config.aug.k}) must be <= data.pool_size "
@@ -459,10 +459,7 @@ def _score_batch_fn(name: str):
       return ddpm.per_example_loss(lora.merge(graphdef, adapter, rest), b)
     if name == "align":
       return kernels.align(loss_fn, phi0, kernels.tree_sub(phi_s, phi0), batch)
-    diff = kernels.loss_diff(loss_fn, phi0, phi_s, batch)
-    if name == "loss_diff":
-      return diff
-    return jnp.where(batch["valid"], diff / jnp.maximum(loss_fn(phi0, batch), 1e-8), 0.0)
+    return getattr(kernels, name)(loss_fn, phi0, phi_s, batch)  # loss_diff, rel_loss_diff
   return score
 
 
@@ -709,7 +706,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   per_run: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
   for arm in arms:
     for seed in seeds:
-      rdir = wd / "arms" / arm / f"seed_{seed}"
+      rdir = layout.arm_dir(wd, arm, seed)
       result_path = rdir / "result.json"
       if result_path.exists():
         per_run[arm][seed] = json.loads(result_path.read_text())
@@ -740,7 +737,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         albat_info["precision"].append(res["aug_precision"])
     t0 = lap(f"arm_{arm}", t0)
     cols = min(16, ev.n_samples)  # one row of samples per seed
-    rows = [np.load(wd / "arms" / arm / f"seed_{s}" / "samples.npy")[:cols] for s in seeds]
+    rows = [np.load(layout.arm_dir(wd, arm, s) / "samples.npy")[:cols] for s in seeds]
     save_grid(wd / "grids" / f"{arm}.png", np.concatenate(rows), cols)
   if albat_info is not None:
     picks = [per_run["albat"][s]["aug_ids"] for s in seeds]
@@ -770,7 +767,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "albat": albat_info,
       "timings_s": {**timings, "total": time.perf_counter() - t_start},
   }
-  io.write_json_atomic(wd / "results.json", results)
-  io.write_text_atomic(wd / "report.md", render_report(results))
+  io.write_json_atomic(wd / layout.RESULTS_FILE, results)
+  io.write_text_atomic(wd / layout.REPORT_FILE, render_report(results))
   print(render_report(results))
   return results

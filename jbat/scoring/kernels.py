@@ -1,4 +1,4 @@
-"""Pure, model-agnostic ALBAT scoring kernels (method.md, Stage 2).
+"""Pure, model-agnostic ALBAT scoring kernels (docs/method.md, Stage 2).
 
 Every kernel takes a per-example loss function
 
@@ -16,7 +16,7 @@ by closing over the loss, e.g. `jit_kernel(align, loss_fn)` (which is
 `jax.jit(functools.partial(align, loss_fn))`), or `jax.jit(align, static_argnums=0)`.
 Structure checks (delta vs phi0) run at trace time, so they cost nothing per call.
 
-Cost, in units of one forward pass F of the batch (method.md, Cost model):
+Cost, in units of one forward pass F of the batch (docs/method.md, Cost model):
   align 2F, loss_diff 2F, per-example gradients ~3F plus B x |phi| floats of memory (cosine,
   grad_norm, surrogate_fit, less, mean_grad), random 0F. `less` with projection adds a
   B x |phi| x d matmul (project the target once with `project_target`; pass the packed matrix
@@ -122,6 +122,22 @@ def loss_diff(loss_fn: LossFn, phi0: PyTree, phi_s: PyTree, batch: Batch) -> jax
   valid = _valid(batch)
   return _mask(valid, loss_fn(phi0, batch).astype(jnp.float32)
                - loss_fn(phi_s, batch).astype(jnp.float32))
+
+
+def relative_diff(l0: jax.Array, ls: jax.Array, valid: jax.Array) -> jax.Array:
+  """(l0 - ls) / l0 where the row is valid and l0 > 0, else 0 (f32[B] losses in, f32[B] out):
+  the one definition of `rel_loss_diff`, also used where l0 and ls are computed anyway."""
+  ok = valid & (l0 > 0)
+  return jnp.where(ok, (l0 - ls) / jnp.where(ok, l0, 1.0), 0.0)
+
+
+def rel_loss_diff(loss_fn: LossFn, phi0: PyTree, phi_s: PyTree, batch: Batch) -> jax.Array:
+  """s_i = (l(z_i; phi0) - l(z_i; phi_s)) / l(z_i; phi0): the share of the example's loss the
+  surrogate removes. 0 where l(z_i; phi0) <= 0 and on invalid rows. Cost: 2F. Returns f32[B].
+  """
+  check_same_structure(phi0, phi_s, name="phi_s")
+  return relative_diff(loss_fn(phi0, batch).astype(jnp.float32),
+                       loss_fn(phi_s, batch).astype(jnp.float32), _valid(batch))
 
 
 def per_example_losses_and_grads(loss_fn: LossFn, phi: PyTree,
