@@ -34,7 +34,7 @@ graphdef, phi0, rest = lora.split(model)
 phi_s = jax.tree.map(lambda x: x + 0.01 * np.ones_like(x), phi0)
 t = time.perf_counter()
 table = stream.score_pool(scores, Surrogate(graphdef, phi0, phi_s, rest), pool, out,
-                          batch_size=32, max_len=32, pad_id=0, chunk_batches=16, progress=False)
+                          stream.Batches(32, 32, 0, chunk_batches=16), progress=False)
 dt = time.perf_counter() - t
 print(json.dumps({"n": n, "seconds": dt, "examples_per_s": n / dt,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

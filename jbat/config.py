@@ -18,12 +18,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from jbat import io
+from jbat import io, layout, registry
 from jbat.errors import JbatError
 
 SOURCES = ("fortunes", "healthtweets", "jsonl", "text_folder")
-BASE_ARMS = ("none", "random", "oracle", "albat")  # Besides these, any score name is an arm.
-RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "round_robin")
 
 # Keys that change where/how a run reports, not what it computes: ignored by the fingerprint
 # that guards a workdir against resuming a checkpoint of a different config.
@@ -128,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Stages 2-3: score the pool and select (used by the arm "albat" and by score-named arms).
   c.select = ml_collections.ConfigDict()
   c.select.score = "loss_diff"  # The ALBAT default score (arm "albat").
-  c.select.rule = "topk"  # One of RULES.
+  c.select.rule = "topk"  # One of registry.RULES.
   c.select.k = 256  # Backbone documents selected.
   c.select.top_n = 0  # Threshold rules: sample among the top_n that pass tau (0: all that pass).
   c.select.tau = "default"  # "default" (0 for align/loss_diff), "none", or a number.
@@ -151,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.bat.reselect_top = 0
   c.bat.reselect_from = "adapter"
 
-  c.arms = "none"  # Comma-separated arms: BASE_ARMS or score names.
+  c.arms = "none"  # Comma-separated arms: registry.BASE_ARMS or score names.
   c.seeds = "0"  # Comma-separated training seeds; arms are paired by seed.
   return c
 
@@ -232,21 +230,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, allowed in choices.items():
     if flat[key] not in allowed:
       raise JbatError(f"config: {key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
-  from jbat.scoring.stream import SCORE_NAMES  # Deferred: pulls in jax.
-  known = BASE_ARMS + tuple(SCORE_NAMES)
+  known = registry.BASE_ARMS + registry.SCORES
   arms = arm_list(config)
   if not arms:
     raise JbatError("config: arms is empty; name at least one arm, e.g. 'none'")
   for arm in arms:
     if arm not in known:
       raise JbatError(f"config: arms: unknown arm {arm!r}; available: {', '.join(known)}")
-  if config.select.score not in SCORE_NAMES:
-    raise JbatError(f"config: select.score must be one of {', '.join(SCORE_NAMES)}; "
-                    f"got {config.select.score!r}")
-  if config.select.rule not in RULES:
-    raise JbatError(f"config: select.rule must be one of {', '.join(RULES)}; "
-                    f"got {config.select.rule!r}")
-  parse_tau(config.select.tau)
+  registry.check_score(config.select.score, "config: select.score")
+  registry.check_rule(config.select.rule, "config: select.rule")
+  registry.parse_tau(config.select.tau)
   if not 0.0 <= config.bat.rho < 1.0:
     raise JbatError(f"config: bat.rho must be in [0, 1), got {config.bat.rho}")
   if config.bat.lam < 0:
@@ -294,19 +287,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
 
 
-def parse_tau(text: str) -> float | None | str:
-  """select.tau: "default" (the sign condition where it applies), "none" (None), or a number.
-
-  Raises JbatError naming select.tau for anything else."""
-  if text in ("default", "none"):
-    return None if text == "none" else text
-  try:
-    return float(text)
-  except ValueError:
-    raise JbatError(f"config: select.tau must be 'default', 'none' or a number; "
-                    f"got {text!r}") from None
-
-
 def arm_list(config: ml_collections.ConfigDict) -> list[str]:
   return [a.strip() for a in config.arms.split(",") if a.strip()]
 
@@ -347,7 +327,7 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
   resuming its checkpoints would silently mix two experiments.
   """
   wd = workdir(config)
-  cfg_path = wd / "config.json"
+  cfg_path = wd / layout.CONFIG_FILE
   fp = fingerprint(config)
   if cfg_path.exists():
     try:

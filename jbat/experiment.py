@@ -30,13 +30,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jbat import albat, backbone, distributed, io, lora, report
+from jbat import albat, backbone, distributed, io, layout, lora, registry, report, selection
 from jbat import config as config_lib
 from jbat.data import mixture, pipeline, sources, tokenizer as tokenizer_lib, tweets
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
-from jbat.scoring import stream
 from jbat.training import loop
 
 
@@ -129,8 +128,7 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
 def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,
                     tok, workdir: pathlib.Path, mesh) -> tuple[list[sources.Document], dict]:
   """The backbone documents an arm trains on, and facts about the selection."""
-  s = config.select
-  k = min(s.k, len(task.pool))
+  k = registry.pool_k(config.select.k, len(task.pool))
   t0 = time.perf_counter()
   if arm == "none":
     return [], {}
@@ -145,8 +143,8 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
     idx = rng.choice(len(in_domain), size=min(k, len(in_domain)), replace=False)
     chosen = [in_domain[i] for i in sorted(idx)]
   else:
-    score = s.score if arm == "albat" else arm
-    chosen = albat_docs(config, task, base, tok, score, workdir / "select" / score, mesh,
+    score = registry.score_for(arm, config)
+    chosen = albat_docs(config, task, base, tok, score, layout.select_dir(workdir, score), mesh,
                         seed=config.seed)
   facts = {"n_selected": len(chosen), "select_seconds": time.perf_counter() - t0,
            **label_facts(chosen, config.data.domain)}
@@ -168,18 +166,16 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
   """The pool documents `albat.select_backbone_data` selects by `score` with the config's rule
   (surrogate from a fresh adapter, or from `init_adapter` for a re-selection; `seed` also
   seeds the rule unless `select_seed` is given)."""
-  s = config.select
   sur_spec = train_spec(config, seed, steps=config.surrogate.steps)
   sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
+  spec = selection.SelectSpec.from_config(config, len(task.pool), score=score,
+                                          seed=seed if select_seed is None else select_seed)
   manifest = albat.select_backbone_data(
-      base, lora_config(config), task, tok, score=score, k=min(s.k, len(task.pool)),
-      tau=config_lib.parse_tau(s.tau), surrogate_spec=sur_spec, batch_size=s.batch_size,
+      base, lora_config(config), task, tok, spec, surrogate_spec=sur_spec,
       max_len=config.data.max_len, seed=seed, workdir=folder, mesh=mesh,
-      progress=config.progress, chunk_batches=s.chunk_batches,
+      progress=config.progress, init_adapter=init_adapter,
       score_cache=config_lib.cache_dir(config) / "scores",
-      surrogate_cache=config_lib.cache_dir(config) / "surrogates", rule=s.rule, top_n=s.top_n,
-      n_clusters=s.n_clusters, select_seed=seed if select_seed is None else select_seed,
-      init_adapter=init_adapter)
+      surrogate_cache=config_lib.cache_dir(config) / "surrogates")
   by_id = {d.id: d for d in task.pool}
   return [by_id[r["id"]] for r in io.read_jsonl(manifest)]
 
@@ -196,22 +192,20 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
   folder already holds that re-selection. With bat.reselect_from = "init" (a control) the
   stage-1 surrogate is used again instead of the adapter: the same ranking, a new sample.
   The rule's seed of a re-selection is derived from (training seed, step)."""
-  if not config.bat.reselect_every or arm in ("none", "random", "oracle"):
-    return None
-  score = config.select.score if arm == "albat" else arm
-  if score not in stream.MODEL_SCORES + stream.CONTROL_SCORES:
-    return None  # dsir, random: nothing about the adapter to re-score around.
+  score = registry.score_for(arm, config)
+  if not config.bat.reselect_every or not registry.reselects(score):
+    return None  # No selection, or dsir / random: nothing about the adapter to re-score around.
   pool = task.pool
   if config.bat.reselect_top:
-    keep = set(albat.top_pool_ids(workdir / "select" / score, score, config.bat.reselect_top))
+    keep = set(albat.top_pool_ids(layout.select_dir(workdir, score), score,
+                                  config.bat.reselect_top))
     pool = [d for d in task.pool if d.id in keep]
   candidates = dataclasses.replace(task, pool=pool)
 
   from_adapter = config.bat.reselect_from == "adapter"
 
   def reselect(seed: int, step: int, adapter, folder: pathlib.Path) -> list[sources.Document]:
-    if (from_adapter and adapter is None
-        and not (folder / "selection" / "manifest.jsonl").exists()):
+    if from_adapter and adapter is None and not layout.selection_done(folder):
       raise JbatError(f"re-selection at step {step}: {folder} holds no selection and no adapter "
                       f"was given")
     log(f"arm {arm} seed {seed}: re-selecting around "
@@ -249,10 +243,10 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   t = config.train
   n_proc, proc = jax.process_count(), jax.process_index()
   rho = 0.0 if arm == "none" else config.bat.rho
-  run_dir = workdir / "arms" / arm / f"seed_{seed}"
+  run_dir = layout.arm_dir(workdir, arm, seed)
   ends = phase_ends(t.steps, config.bat.reselect_every if reselect else 0)
-  folders = [run_dir / "reselect" / f"step_{end}" for end in ends[:-1]]
-  done = [p + 1 for p, f in enumerate(folders) if (f / "selection" / "manifest.jsonl").exists()]
+  folders = [layout.reselect_dir(run_dir, end) for end in ends[:-1]]
+  done = [p + 1 for p, f in enumerate(folders) if layout.selection_done(f)]
   first = max(done, default=0)  # Phases before it reached their end and were re-selected.
   start = time.perf_counter()
   params, reselections, previous = None, [], {d["id"] for d in selected}
@@ -361,9 +355,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   summary["stats"] = report.paired_stats(results)
   summary["seconds"] = time.perf_counter() - t0
   if distributed.is_main():
-    io.write_json_atomic(workdir / "results.json", summary)
+    io.write_json_atomic(workdir / layout.RESULTS_FILE, summary)
     report.write_report(workdir, summary)
-  log(f"report: {workdir / 'report.md'}")
+  log(f"report: {workdir / layout.REPORT_FILE}")
   return summary
 
 
@@ -373,12 +367,12 @@ def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: 
   adapter training. Returns {arm: facts}; the manifests are under workdir/select/<score>/."""
   out = {}
   for arm in arms:
-    if arm in config_lib.BASE_ARMS and arm != "albat":
+    score = registry.score_for(arm, config)
+    if score is None:
       continue
     _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
-    score = config.select.score if arm == "albat" else arm
     log(f"arm {arm}: {facts['n_selected']} documents selected -> "
-        f"{workdir / 'select' / score / 'selection' / 'manifest.jsonl'}")
+        f"{layout.manifest(layout.select_dir(workdir, score))}")
     out[arm] = facts
   return out
 

@@ -158,10 +158,3 @@ def adapter_from_flat(flat: dict[str, np.ndarray], template: nnx.State) -> nnx.S
     value = jnp.asarray(flat[_path_str(path)], dtype=want[_path_str(path)].dtype)
     leaves.append((path, var.replace(value) if isinstance(var, nnx.Variable) else value))
   return nnx.from_flat_state(leaves)
-
-
-def export_peft(model: nnx.Module, path, base_model_name_or_path: str,
-                model_type: str | None = None):
-  """Writes `model`'s adapters as a PEFT LoRA adapter (see `jbat.peft_io.export_peft`)."""
-  from jbat.peft_io import export_peft as _export_peft  # peft_io imports this module.
-  return _export_peft(model, path, base_model_name_or_path, model_type)

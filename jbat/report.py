@@ -19,7 +19,7 @@ from scipy import stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jbat import io  # noqa: E402
+from jbat import io, layout  # noqa: E402
 
 
 def paired_interval(diffs: list[float]) -> dict[str, Any]:
@@ -182,4 +182,4 @@ interval entirely below zero means the arm beats the reference. Gap closed =
   for h in hists:
     text += f"\n![score histogram {h.parts[1]}]({h})\n"
   text += f"\nWall time: {summary['seconds']:.0f} s.\n"
-  io.write_text_atomic(workdir / "report.md", text)
+  io.write_text_atomic(workdir / layout.REPORT_FILE, text)

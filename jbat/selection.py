@@ -50,20 +50,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jbat import io
+from jbat import io, layout, registry
 from jbat.errors import JbatError
 from jbat.scoring.stream import ScoreTable
 
-# tau used when the caller passes "default": the sign condition for the first-order scores.
-SIGN_SCORES = ("align", "loss_diff", "rel_loss_diff", "contrast", "contrast_align")
-RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "round_robin")
+# The names live in jbat.registry; these aliases keep `selection.RULES` etc. working.
+SIGN_SCORES = registry.SIGN_SCORES
+RULES = registry.RULES
+default_tau = registry.default_tau
+resolve_k = registry.resolve_k
 KMEANS_ITERS = 20
 KMEANS_INITS = 4
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -86,29 +87,57 @@ class Selection:
   rule_settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # top_n, seed, ...
 
 
-def default_tau(score: str) -> float | None:
-  """0.0 (sign condition) for align / loss_diff, None (no threshold) for every other score."""
-  return 0.0 if score in SIGN_SCORES else None
+@dataclasses.dataclass(frozen=True)
+class SelectSpec:
+  """One selection as requested: score, size, rule and its settings, and the scoring batches.
 
-
-def resolve_k(k: int | str, n_adapt: int) -> int:
-  """k as an absolute count: an int > 0, or a string "<m>x" meaning round(m * |D_A|).
-
-  Examples: resolve_k(100, 20) = 100, resolve_k("4x", 20) = 80, resolve_k("0.5x", 20) = 10.
+  Built once from the config (`from_config`) and handed whole to `albat.select_backbone_data`
+  (like `loop.TrainSpec` for training). `request(n_adapt)` is what the selection folder's
+  summary.json records: a finished selection is reused only for an equal request.
   """
-  if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
-    if k <= 0:
-      raise JbatError(f"selection.k: expected a positive count, got {k}")
-    return int(k)
-  if isinstance(k, str):
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*x\s*", k)
-    if m:
-      value = int(round(float(m.group(1)) * n_adapt))
-      if value <= 0:
-        raise JbatError(f"selection.k: {k!r} times |D_A| = {n_adapt} gives {value} examples")
-      return value
-  raise JbatError(f"selection.k: expected a positive int or a multiple of |D_A| like '4x', "
-                  f"got {k!r}")
+
+  score: str  # One of registry.SCORES.
+  k: int | str  # Absolute, or "<m>x" times |D_A| (registry.resolve_k).
+  tau: float | None | str = "default"  # Keep score > tau; None keeps all; "default": by score.
+  rule: str = "topk"  # One of registry.RULES.
+  top_n: int = 0  # Threshold rules: choose among the first top_n survivors (0: all).
+  n_clusters: int = 8  # Rule "cluster".
+  seed: int = 0  # The rule's seed (threshold sampling, k-means).
+  feature_dim: int = 64  # Projection size of the gradient features (cluster, round_robin).
+  batch_size: int = 32  # Surrogate and scoring batches (global).
+  chunk_batches: int = 64  # Scoring batches per chunk file / resume point.
+  less_proj_dim: int | None = None  # `less`: project gradients to this many dims.
+
+  def __post_init__(self):
+    registry.check_score(self.score, "selection.score")
+    registry.check_rule(self.rule, "selection.rule")
+    registry.resolve_tau(self.tau, self.score)
+    if not isinstance(self.top_n, (int, np.integer)) or isinstance(self.top_n, bool) \
+        or self.top_n < 0:
+      raise JbatError(f"selection.top_n: expected an int >= 0 (0: no cap), got {self.top_n!r}")
+
+  @property
+  def needs_features(self) -> bool:
+    return self.rule in registry.FEATURE_RULES
+
+  def request(self, n_adapt: int) -> dict[str, Any]:
+    """What decides the selected set besides the scores' inputs (k resolved against |D_A|),
+    as JSON values: the record a finished selection is compared with."""
+    request = {"score": self.score, "k": registry.resolve_k(self.k, n_adapt), "tau": self.tau,
+               "rule": self.rule, "top_n": int(self.top_n), "n_clusters": int(self.n_clusters),
+               "select_seed": int(self.seed), "feature_dim": int(self.feature_dim)}
+    return json.loads(json.dumps(request))
+
+  @classmethod
+  def from_config(cls, config: Any, n_pool: int, *, score: str | None = None,
+                  seed: int | None = None) -> "SelectSpec":
+    """The config's selection (`select.*`): k capped at the pool size, tau parsed; `score`
+    defaults to select.score and `seed` (the rule's) to config.seed."""
+    s = config.select
+    return cls(score=s.score if score is None else score, k=registry.pool_k(s.k, n_pool),
+               tau=registry.parse_tau(s.tau), rule=s.rule, top_n=s.top_n,
+               n_clusters=s.n_clusters, seed=config.seed if seed is None else seed,
+               batch_size=s.batch_size, chunk_batches=s.chunk_batches)
 
 
 def _hash_codes(ids: np.ndarray, ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None
@@ -163,9 +192,7 @@ def _survivors(table: ScoreTable, score: str, tau: float | None | str,
                     f"ids: {ids[bad][:10].tolist()}")
   if not isinstance(shard_count, int) or shard_count < 1:
     raise JbatError(f"selection: shard_count must be a positive int, got {shard_count!r}")
-  tau = default_tau(score) if isinstance(tau, str) and tau == "default" else tau
-  if isinstance(tau, str):
-    raise JbatError(f"selection.tau: expected a number, None or 'default', got {tau!r}")
+  tau = registry.resolve_tau(tau, score)
   codes = _hash_codes(ids, ids_to_hash)
 
   shards = np.array_split(np.arange(n), shard_count)
@@ -196,13 +223,6 @@ def _top_rows(ids: np.ndarray, s: np.ndarray, survivors: np.ndarray, shards: lis
     proposals.append(mine[_order(s[mine], ids[mine])][:k])
   merged = np.concatenate(proposals)
   return merged[_order(s[merged], ids[merged])][:k]
-
-
-def _check_k(k: Any, n: int) -> None:
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-    raise JbatError(f"selection.k: expected a positive int (see resolve_k), got {k!r}")
-  if k > n:
-    raise JbatError(f"selection.k: k = {k} is larger than the backbone pool ({n} examples)")
 
 
 def candidate_rows(table: ScoreTable, score: str, *, tau: float | None | str = "default",
@@ -325,14 +345,13 @@ def select(table: ScoreTable, score: str, *, k: int, tau: float | None | str = "
       positive int, k larger than the pool, bad top_n / n_clusters, missing or misshaped
       features / per_example, shard_count < 1.
   """
-  if rule not in RULES:
-    raise JbatError(f"selection.rule: expected one of {list(RULES)}, got {rule!r}")
+  registry.check_rule(rule, "selection.rule")
   if not isinstance(top_n, (int, np.integer)) or isinstance(top_n, bool) or top_n < 0:
     raise JbatError(f"selection.top_n: expected an int >= 0 (0: no cap), got {top_n!r}")
   ids, s, survivors, tau, n_pass, shards = _survivors(table, score, tau, ids_to_hash,
                                                       shard_count)
   n = int(ids.shape[0])
-  _check_k(k, n)
+  registry.check_k(k, n)
   n_candidates = int(survivors.sum())
   settings: dict[str, Any] = {}
   if rule == "topk":
@@ -413,7 +432,7 @@ def write_manifest(selection: Selection, docs_by_id: Mapping[int, Any],
   .source and .label). All files are written atomically; the manifest is the last one written,
   so its presence means the selection stage finished.
   """
-  folder = pathlib.Path(out_dir) / "selection"
+  folder = layout.selection_files(out_dir)
   missing = [int(i) for i in selection.ids if int(i) not in docs_by_id]
   if missing:
     raise JbatError(f"selection: no document for selected ids {missing[:10]}")
@@ -436,9 +455,9 @@ def write_manifest(selection: Selection, docs_by_id: Mapping[int, Any],
       "rule": selection.rule, "rule_settings": selection.rule_settings,
       **(extra_summary or {}),
   }
-  io.write_json_atomic(folder / "summary.json", summary)
+  io.write_json_atomic(layout.summary(out_dir), summary)
   _plot_hist(selection, folder / "score_hist.png")
-  manifest = folder / "manifest.jsonl"
+  manifest = layout.manifest(out_dir)
   io.write_text_atomic(manifest, "".join(lines))
   return manifest
 

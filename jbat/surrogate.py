@@ -25,11 +25,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jbat import distributed, io, lora, losses
+from jbat import distributed, io, lora, losses, trees
 from jbat.data import pipeline
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM
-from jbat.scoring import kernels
 from jbat.training import loop
 
 PHI0_FILE = "phi0.safetensors"
@@ -48,7 +47,7 @@ class Surrogate:
   @property
   def delta(self) -> Any:
     """delta = phi_s - phi0, leafwise (tree of phi0)."""
-    return kernels.tree_sub(self.phi_s, self.phi0)
+    return trees.tree_sub(self.phi_s, self.phi0)
 
 
 def per_example_loss_fn(graphdef: nnx.GraphDef,
@@ -115,7 +114,7 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
   model = nnx.clone(base)
   lora.apply_lora(model, lora_cfg, rngs=nnx.Rngs(seed))
   if init is not None:
-    kernels.check_same_structure(nnx.state(model, nnx.LoRAParam), init, name="init adapter")
+    trees.check_same_structure(nnx.state(model, nnx.LoRAParam), init, name="init adapter")
     nnx.update(model, init)
   graphdef, phi0, rest = lora.split(model)
   phi0, rest = _host(phi0), _host(rest)

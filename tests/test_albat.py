@@ -20,7 +20,7 @@ SCRIPT = """
 import json, pathlib, sys, time
 import jax
 from tests import test_stream as T
-from jbat import albat
+from jbat import albat, selection
 from jbat.scoring import stream
 
 root, workdir, mode, chunk_batches = sys.argv[1:5]
@@ -32,10 +32,11 @@ if mode == "slow":  # Make every chunk take a while, so the test can kill the ru
   stream._write_cursor = slow_write
 task = T.make_task()
 tok = T.make_tokenizer(task, pathlib.Path(root) / "tok.json")
+spec = selection.SelectSpec(score="align", k="3x", batch_size=8,
+                            chunk_batches=int(chunk_batches))
 path = albat.select_backbone_data(
-    T.make_base(len(tok)), T.LORA, task, tok, score="align", k="3x", surrogate_spec=T.SPEC,
-    batch_size=8, max_len=T.MAX_LEN, seed=0, workdir=workdir, progress=False,
-    chunk_batches=int(chunk_batches))
+    T.make_base(len(tok)), T.LORA, task, tok, spec, surrogate_spec=T.SPEC, max_len=T.MAX_LEN,
+    seed=0, workdir=workdir, progress=False)
 print(json.dumps({"devices": jax.device_count(), "manifest": str(path)}))
 """
 

@@ -99,7 +99,7 @@ for name, mesh in (("1d", distributed.make_mesh(1, jax.devices()[:1])),
                           sys.argv[1] + "/sur_" + name, batch_size=8, max_len=16, pad_id=0, seed=0,
                           mesh=mesh, progress=False)
   table = stream.score_pool(["align", "loss_diff"], sur, pool, sys.argv[1] + "/sc_" + name,
-                            batch_size=8, max_len=16, pad_id=0, mesh=mesh, progress=False)
+                            stream.Batches(8, 16, 0), mesh=mesh, progress=False)
   out[name] = {k: v.tolist() for k, v in table.scores.items()}
   out[name]["mesh"] = dict(mesh.shape)
 print(json.dumps(out))

@@ -110,6 +110,15 @@ def test_loss_diff_matches_two_forwards():
   np.testing.assert_allclose(J(K.loss_diff)(PHI0, PHIS, BATCH), want, rtol=1e-6, atol=1e-7)
 
 
+def test_rel_loss_diff_matches_two_forwards_and_guards_nonpositive_l0():
+  l0, ls = np.asarray(loss_fn(PHI0, BATCH)), np.asarray(loss_fn(PHIS, BATCH))
+  np.testing.assert_allclose(J(K.rel_loss_diff)(PHI0, PHIS, BATCH), (l0 - ls) / l0,
+                             rtol=1e-5, atol=1e-7)
+  got = K.relative_diff(jnp.array([2.0, 0.0, -1.0, 4.0]), jnp.array([1.0, 1.0, 1.0, 1.0]),
+                        jnp.array([True, True, True, False]))
+  np.testing.assert_array_equal(np.asarray(got), [0.5, 0.0, 0.0, 0.0])
+
+
 def test_per_example_grads_and_grad_norm():
   g = brute_grads(loss_fn, PHI0, BATCH)
   pg = J(K.per_example_grads)(PHI0, BATCH)

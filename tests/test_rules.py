@@ -155,10 +155,12 @@ def tiny(tmp_path_factory):
 
 
 def _run(tiny, workdir, **kw):
+  if "select_seed" in kw:
+    kw["seed"] = kw.pop("select_seed")
+  spec = selection.SelectSpec(k="2x", batch_size=8, chunk_batches=2, **kw)
   return albat.select_backbone_data(
-      tiny["base"], T.LORA, tiny["task"], tiny["tok"], k="2x", surrogate_spec=T.SPEC,
-      batch_size=8, max_len=T.MAX_LEN, seed=0, workdir=workdir, progress=False,
-      chunk_batches=2, **kw)
+      tiny["base"], T.LORA, tiny["task"], tiny["tok"], spec, surrogate_spec=T.SPEC,
+      max_len=T.MAX_LEN, seed=0, workdir=workdir, progress=False)
 
 
 def test_rule_change_reuses_scores_and_rewrites_manifest(tiny):

@@ -144,10 +144,11 @@ def test_scores_equal_kernels(setup, tmp_path):
   names = list(stream.SCORE_NAMES)
   task = setup["task"]
   table = stream.score_pool(
-      names, setup["sur"], setup["pool"], tmp_path / "s", batch_size=8, max_len=MAX_LEN,
-      pad_id=setup["tok"].pad_token_id, adapt_examples=setup["adapt"],
-      pool_texts=[d.text for d in task.pool], adapt_texts=[d.text for d in task.adapt], seed=0,
-      chunk_batches=2, progress=False, control=setup["control"])
+      names, setup["sur"], setup["pool"], tmp_path / "s",
+      stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id, chunk_batches=2),
+      adapt_examples=setup["adapt"],
+      texts=([d.text for d in task.pool], [d.text for d in task.adapt]), seed=0,
+      progress=False, control=setup["control"])
   ids, want = _direct(setup, names)
   np.testing.assert_array_equal(table.ids, ids)
   for name in names:
@@ -161,9 +162,9 @@ def test_scores_equal_kernels(setup, tmp_path):
 def test_resume_from_cursor_reproduces_chunks(setup, tmp_path):
   names = ["align", "dsir", "random"]
   task = setup["task"]
-  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id,
-            pool_texts=[d.text for d in task.pool], adapt_texts=[d.text for d in task.adapt],
-            seed=0, chunk_batches=2, progress=False)
+  kw = dict(batches=stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id, chunk_batches=2),
+            texts=([d.text for d in task.pool], [d.text for d in task.adapt]),
+            seed=0, progress=False)
   table = stream.score_pool(names, setup["sur"], setup["pool"], tmp_path, **kw)
   chunks = sorted(tmp_path.glob("chunk_*.npz"))
   assert len(chunks) == -(-len(setup["pool"]) // 16) >= 3
@@ -184,17 +185,17 @@ def test_resume_from_cursor_reproduces_chunks(setup, tmp_path):
 
 
 def test_padding_and_batch_size_do_not_change_scores(setup, tmp_path):
-  kw = dict(max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False)
+  pad = setup["tok"].pad_token_id
   a = stream.score_pool(["align", "loss_diff"], setup["sur"], setup["pool"], tmp_path / "a",
-                        batch_size=8, **kw)
+                        stream.Batches(8, MAX_LEN, pad), progress=False)
   b = stream.score_pool(["align", "loss_diff"], setup["sur"], setup["pool"], tmp_path / "b",
-                        batch_size=5, chunk_batches=3, **kw)
+                        stream.Batches(5, MAX_LEN, pad, chunk_batches=3), progress=False)
   for name in ("align", "loss_diff"):
     np.testing.assert_allclose(a.scores[name], b.scores[name], rtol=1e-5, atol=1e-6)
 
 
 def test_other_inputs_in_same_dir_is_an_error(setup, tmp_path):
-  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False)
+  kw = dict(batches=stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id), progress=False)
   stream.score_pool(["align"], setup["sur"], setup["pool"], tmp_path, **kw)
   with pytest.raises(JbatError, match="fingerprint"):
     stream.score_pool(["align"], setup["sur"], setup["pool"][:-1], tmp_path, **kw)
@@ -202,7 +203,7 @@ def test_other_inputs_in_same_dir_is_an_error(setup, tmp_path):
 
 def test_bad_inputs(setup, tmp_path):
   sur, pool = setup["sur"], setup["pool"]
-  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, progress=False)
+  kw = dict(batches=stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id), progress=False)
   with pytest.raises(JbatError, match="pool is empty"):
     stream.score_pool(["align"], sur, [], tmp_path / "e", **kw)
   with pytest.raises(JbatError, match="distinct names"):
@@ -232,8 +233,8 @@ def test_bad_inputs(setup, tmp_path):
 def test_grad_features_and_cosine_matrix(setup, tmp_path):
   """Features equal the projection of explicit per-example gradients; resumable; cosines."""
   sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
-  kw = dict(proj_dim=16, batch_size=8, max_len=MAX_LEN, pad_id=tok.pad_token_id, seed=3,
-            chunk_batches=2, progress=False)
+  kw = dict(proj_dim=16, batches=stream.Batches(8, MAX_LEN, tok.pad_token_id, chunk_batches=2),
+            seed=3, progress=False)
   ids, feats = stream.pool_grad_features(sur, pool, tmp_path, **kw)
   assert feats.shape == (len(pool), 16) and feats.dtype == np.float32
   np.testing.assert_array_equal(ids, [ex["id"] for ex in pool])
@@ -260,8 +261,8 @@ def test_projected_less_equals_kernel_with_and_without_stored_matrix(setup, tmp_
                                                                      monkeypatch):
   """less with less_proj_dim: target projected once; stored words and on-the-fly RNG agree."""
   sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
-  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=tok.pad_token_id, adapt_examples=setup["adapt"],
-            seed=2, less_proj_dim=64, chunk_batches=2, progress=False)
+  kw = dict(batches=stream.Batches(8, MAX_LEN, tok.pad_token_id, chunk_batches=2),
+            adapt_examples=setup["adapt"], seed=2, less_proj_dim=64, progress=False)
   stored = stream.score_pool(["less"], sur, pool, tmp_path / "w", **kw).scores["less"]
   monkeypatch.setattr(stream, "MAX_PROJECTION_WORDS_BYTES", 0)  # Regenerate per batch instead.
   fresh = stream.score_pool(["less"], sur, pool, tmp_path / "k", **kw).scores["less"]
@@ -289,8 +290,8 @@ def test_projected_less_equals_kernel_with_and_without_stored_matrix(setup, tmp_
 
 def test_shared_score_cache_is_reused_by_a_new_out_dir(setup, tmp_path):
   """cache_dir: a second run with the same inputs (a fresh workdir) reads the cached chunks."""
-  kw = dict(batch_size=8, max_len=MAX_LEN, pad_id=setup["tok"].pad_token_id, seed=0,
-            chunk_batches=2, progress=False, cache_dir=tmp_path / "cache")
+  kw = dict(batches=stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id, chunk_batches=2),
+            seed=0, progress=False, cache_dir=tmp_path / "cache")
   first = stream.score_pool(["align", "random"], setup["sur"], setup["pool"], tmp_path / "a",
                             **kw)
   (folder,) = (tmp_path / "cache").iterdir()

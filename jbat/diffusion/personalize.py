@@ -1,5 +1,9 @@
 """DreamBooth-style personalization of a small diffusion model, with ALBAT-selected backbone data.
 
+Files by job: `schema` (config and validation), `task` (subject split, cached backbone and
+classifier), `evaluate` (seeded losses, samples, metrics), `report` (grids, summary,
+report.md); this module scores the pool, trains the adapters and runs the experiment (`run`).
+
 The experiment, top to bottom (`run`):
 
   1. Data: a labelled image set (Fashion-MNIST, or scikit-learn digits at toy size).
@@ -8,8 +12,8 @@ The experiment, top to bottom (`run`):
      `<cache_dir>/diffusion/backbones/<key>/model.safetensors` (key: hash of everything that
      determines the weights). `data.backbone_keep` < 1 keeps only that fraction of the subject
      class in pretraining (the subject's domain is rare in the backbone, as niche data is in a
-     real pretraining corpus; docs/method.md), while the pool below is drawn from the full
-     train split.
+     real pretraining corpus: the setting where selection has room to help), while the pool
+     below is drawn from the full train split.
   3. Classifier: a small CNN on the train split (cached likewise): class predictions and
      embeddings of generated samples (a CLIP/DINO stand-in).
   4. Subject task: k-means (pixel space) of the subject class's TEST images; one cluster is the
@@ -48,406 +52,34 @@ in the workdir once made.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import pathlib
-import shutil
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from jbat import config as config_lib
-from jbat import io, lora, selection
-from jbat import report as report_lib
+from jbat import io, layout, lora, selection
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
 from jbat.diffusion import ddpm
-from jbat.diffusion.denoiser import Denoiser, DenoiserConfig
-from jbat.errors import JbatError
+from jbat.diffusion.denoiser import Denoiser
+from jbat.diffusion.evaluate import generate, per_example_losses, sample_metrics
+from jbat.diffusion.report import render_report, save_grid, save_npy, summarize
+# The schema's names are re-exported: configs start from `personalize.base_config()`.
+from jbat.diffusion.schema import (  # noqa: F401
+    ARMS, METRICS, SCORES, SUBJECT_IDENT, TRAIN_KEYS, base_config, select_tau, validate)
+from jbat.diffusion.task import (  # noqa: F401
+    SubjectTask, data_mesh, load_or_pretrain_backbone, load_or_train_classifier, make_task,
+    with_lora)
 from jbat.scoring import kernels
 from jbat.scoring.stream import ScoreTable
 from jbat.training import loop
-
-ARMS = ("none", "prior", "random", "albat")
-SCORES = ("align", "loss_diff", "rel_loss_diff")
-METRICS = ("fidelity", "drift", "class_frac", "embed_dist")
-LOWER_IS_BETTER = {"fidelity": True, "drift": True, "class_frac": False, "embed_dist": True}
-TRAIN_KEYS = ("x", "label", "ident", "weight")
-SUBJECT_IDENT = 1
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """The schema of a personalization config: every key, its default and (by it) its type."""
-  c = ml_collections.ConfigDict()
-  c.pipeline = "personalize"
-  c.name = "personalize"
-  c.workdir = ""  # Empty: runs/<name>.
-  c.cache_dir = ""  # Empty: $JBAT_CACHE or ~/.cache/jbat (data, backbone, classifier).
-  c.seed = 0  # Data split, k-means, pool subset, surrogate, prior images.
-  c.progress = True
-  c.arms = ",".join(ARMS)
-  c.seeds = "0,1,2"  # Training seeds; arms are paired by seed.
-
-  c.data = ml_collections.ConfigDict()
-  c.data.dataset = "fashion_mnist"  # or "digits" (8x8, bundled with scikit-learn; tests)
-  c.data.subject_class = 7  # sneaker
-  c.data.n_clusters = 4  # k-means of the subject class's test images
-  c.data.cluster_rank = 0  # which cluster is the subject: 0 = the largest
-  c.data.n_subject = 5
-  c.data.n_heldout = 150  # at most this many held-out subject images
-  c.data.n_drift = 200  # at most this many other class images for the drift metric
-  c.data.pool_size = 5000  # backbone pool (train split subset) random / albat draw from
-  c.data.backbone_keep = 1.0  # fraction of the subject class kept for pretraining
-
-  c.model = ml_collections.ConfigDict()
-  c.model.patch = 4
-  c.model.d_model = 64
-  c.model.depth = 4
-  c.model.n_heads = 4
-  c.model.mlp_ratio = 4
-
-  c.backbone = ml_collections.ConfigDict()
-  c.backbone.steps = 1500
-  c.backbone.batch_size = 64
-  c.backbone.lr = 2e-3
-  c.backbone.warmup_steps = 100
-  c.backbone.weight_decay = 0.0
-  c.backbone.p_uncond = 0.1  # label dropout for classifier-free guidance
-  c.backbone.ckpt_every = 250
-
-  c.classifier = ml_collections.ConfigDict()
-  c.classifier.steps = 600
-  c.classifier.batch_size = 128
-  c.classifier.lr = 2e-3
-  c.classifier.width = 16
-  c.classifier.embed_dim = 64
-
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 4
-  c.lora.alpha = 8.0
-  c.lora.targets = lora.DEFAULT_TARGETS
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 150
-  c.train.lr = 2e-3
-  c.train.warmup_steps = 10
-  c.train.subject_rows = 5
-  c.train.aug_rows = 5
-  c.train.aug_weight = 1.0  # DreamBooth's prior-loss weight (diffusers' default 1.0)
-  c.train.ckpt_every = 50
-  c.train.log_every = 25
-
-  c.aug = ml_collections.ConfigDict()
-  c.aug.k = 100  # backbone images per augmented arm (prior / random / albat)
-
-  c.surrogate = ml_collections.ConfigDict()
-  c.surrogate.steps = 150
-  c.surrogate.lr = 2e-3
-
-  c.score = ml_collections.ConfigDict()
-  c.score.name = "loss_diff"  # one of SCORES
-  c.score.n_draws = 4  # seeded (t, noise) draws per pool image
-  c.score.batch_size = 100
-  c.score.cond = "own"  # "own": each pool image's label; "subject": "[V] <subject class>"
-
-  c.select = ml_collections.ConfigDict()
-  c.select.rule = "threshold_uniform"
-  c.select.tau = "default"  # "default" (0 for align / loss_diff), "none", or a number
-  c.select.top_n = 300
-  c.select.n_clusters = 8
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.n_draws = 8
-  c.eval.batch_size = 100
-  c.eval.n_samples = 32
-  c.eval.sample_steps = 25
-  c.eval.guidance = 2.0
-  c.eval.gen_batch = 50
-  return c
-
-
-def _tau(config: ml_collections.ConfigDict) -> float | None | str:
-  return config_lib.parse_tau(str(config.select.tau).strip())
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises JbatError naming the field for unknown keys, wrong types or out-of-range values."""
-  config_lib.check_schema(config, base_config())
-  given = config_lib.flatten(config)
-  if config.pipeline != "personalize":
-    raise JbatError(f"config: pipeline must be 'personalize', got {config.pipeline!r}")
-  if config.data.dataset not in images.DATASETS:
-    raise JbatError(f"config: data.dataset must be one of {list(images.DATASETS)}, got "
-                    f"{config.data.dataset!r}")
-  positive = ("data.n_clusters", "data.n_subject", "data.n_heldout", "data.n_drift",
-              "data.pool_size", "model.patch", "model.d_model", "model.depth", "model.n_heads",
-              "model.mlp_ratio", "backbone.steps", "backbone.batch_size", "backbone.lr",
-              "classifier.steps", "classifier.batch_size", "classifier.lr", "classifier.width",
-              "classifier.embed_dim", "lora.rank", "train.steps", "train.lr",
-              "train.subject_rows", "train.aug_rows", "aug.k", "surrogate.steps",
-              "surrogate.lr", "score.n_draws", "score.batch_size", "select.n_clusters",
-              "eval.n_draws", "eval.batch_size", "eval.n_samples", "eval.sample_steps",
-              "eval.gen_batch")
-  for key in positive:
-    if given[key] <= 0:
-      raise JbatError(f"config: {key} must be > 0, got {given[key]!r}")
-  nonneg = ("seed", "data.cluster_rank", "data.subject_class", "backbone.warmup_steps",
-            "backbone.weight_decay", "backbone.ckpt_every", "train.warmup_steps",
-            "train.aug_weight", "train.ckpt_every", "train.log_every", "select.top_n")
-  for key in nonneg:
-    if given[key] < 0:
-      raise JbatError(f"config: {key} must be >= 0, got {given[key]!r}")
-  if not 0.0 < config.data.backbone_keep <= 1.0:
-    raise JbatError(f"config: data.backbone_keep must be in (0, 1], got "
-                    f"{config.data.backbone_keep!r}")
-  if not 0.0 <= config.backbone.p_uncond < 1.0:
-    raise JbatError(f"config: backbone.p_uncond must be in [0, 1), got "
-                    f"{config.backbone.p_uncond!r}")
-  if config.data.subject_class >= 10:
-    raise JbatError(f"config: data.subject_class must be a class id in [0, 10), got "
-                    f"{config.data.subject_class}")
-  if config.data.cluster_rank >= config.data.n_clusters:
-    raise JbatError(f"config: data.cluster_rank ({config.data.cluster_rank}) must be < "
-                    f"data.n_clusters ({config.data.n_clusters})")
-  arms = config_lib.arm_list(config)
-  bad = [a for a in arms if a not in ARMS]
-  if not arms or bad:
-    raise JbatError(f"config: arms must be a comma-separated subset of {list(ARMS)}, got "
-                    f"{config.arms!r}")
-  try:
-    seeds = config_lib.seed_list(config)
-  except ValueError:
-    raise JbatError(f"config: seeds must be comma-separated integers, got "
-                    f"{config.seeds!r}") from None
-  if not seeds:
-    raise JbatError("config: seeds must list at least one integer seed")
-  if config.score.name not in SCORES:
-    raise JbatError(f"config: score.name must be one of {list(SCORES)}, got "
-                    f"{config.score.name!r}")
-  if config.score.cond not in ("own", "subject"):
-    raise JbatError(f"config: score.cond must be 'own' or 'subject', got {config.score.cond!r}")
-  if config.select.rule not in selection.RULES or config.select.rule == "round_robin":
-    raise JbatError(f"config: select.rule must be one of "
-                    f"{[r for r in selection.RULES if r != 'round_robin']}, got "
-                    f"{config.select.rule!r}")
-  _tau(config)
-  if config.aug.k > config.data.pool_size:
-    raise JbatError(f"config: aug.k ({config.aug.k}) must be <= data.pool_size "
-                    f"({config.data.pool_size})")
-  lora.LoRAConfig(config.lora.rank, float(config.lora.alpha), config.lora.targets).validate()
-  image_size = 8 if config.data.dataset == "digits" else 28
-  _denoiser_config(config, image_size).validate()
-  if image_size % 4:
-    raise JbatError("config: data.dataset images must have a size divisible by 4")
-
-
-# ----------------------------------------------------------------------------- pieces
-
-
-def _denoiser_config(config: ml_collections.ConfigDict, image_size: int) -> DenoiserConfig:
-  m = config.model
-  return DenoiserConfig(image_size=image_size, channels=1, patch=m.patch, d_model=m.d_model,
-                        depth=m.depth, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, n_classes=10,
-                        n_identifiers=1)
-
-
-def _digest(*arrays: np.ndarray) -> str:
-  h = hashlib.sha256()
-  for a in arrays:
-    h.update(str(a.shape).encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
-
-
-def _key(*parts: Any) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-@dataclasses.dataclass(frozen=True)
-class SubjectTask:
-  """The subject (one k-means cluster of one class), its held-out rest, drift set and pool."""
-
-  subject_x: np.ndarray  # f32[n_subject, H, W, C]
-  heldout_x: np.ndarray
-  drift_x: np.ndarray  # other images of the class (outside the cluster)
-  pool_ids: np.ndarray  # int64[P]: indices into the train split
-  pretrain_ids: np.ndarray  # int64: train-split indices the backbone is pretrained on
-  cluster_sizes: list[int]
-
-
-def make_task(data: images.ImageData, config: ml_collections.ConfigDict) -> SubjectTask:
-  """Deterministic (config.seed) subject / held-out / drift / pool / pretraining split."""
-  d = config.data
-  cls = d.subject_class
-  class_idx = np.flatnonzero(data.test_y == cls)
-  x = data.test_x[class_idx].reshape(len(class_idx), -1)
-  labels = selection.kmeans(x, d.n_clusters, seed=config.seed)
-  sizes = np.bincount(labels, minlength=d.n_clusters)
-  order = sorted(range(d.n_clusters), key=lambda j: (-sizes[j], j))
-  chosen = order[d.cluster_rank]
-  members = class_idx[labels == chosen]
-  if len(members) < d.n_subject + 2:
-    raise JbatError(f"config: data.cluster_rank {d.cluster_rank} picks a cluster of "
-                    f"{len(members)} images; need at least data.n_subject + 2 = "
-                    f"{d.n_subject + 2} (use fewer data.n_clusters)")
-  rng = np.random.default_rng([config.seed, 1])
-  members = rng.permutation(members)
-  others = rng.permutation(class_idx[labels != chosen])[:d.n_drift]
-  n_train = len(data.train_y)
-  pool_ids = np.sort(np.random.default_rng([config.seed, 2]).permutation(n_train)[
-      :min(d.pool_size, n_train)]).astype(np.int64)
-  keep = np.ones(n_train, bool)
-  in_cls = np.flatnonzero(data.train_y == cls)
-  drop = np.random.default_rng([config.seed, 3]).permutation(in_cls)[
-      round(d.backbone_keep * len(in_cls)):]
-  keep[drop] = False
-  return SubjectTask(subject_x=data.test_x[members[:d.n_subject]],
-                     heldout_x=data.test_x[members[d.n_subject:d.n_subject + d.n_heldout]],
-                     drift_x=data.test_x[others], pool_ids=pool_ids,
-                     pretrain_ids=np.flatnonzero(keep).astype(np.int64),
-                     cluster_sizes=[int(sizes[j]) for j in order])
-
-
-def _mesh() -> jax.sharding.Mesh:
-  return loop.data_mesh()
-
-
-def load_or_pretrain_backbone(config: ml_collections.ConfigDict, data: images.ImageData,
-                              task: SubjectTask, cache: pathlib.Path
-                              ) -> tuple[Denoiser, pathlib.Path, bool]:
-  """The class-conditional backbone (cached): (model, folder, loaded from cache?)."""
-  mcfg = _denoiser_config(config, data.image_size)
-  b = config.backbone
-  x, y = data.train_x[task.pretrain_ids], data.train_y[task.pretrain_ids]
-  key = _key("denoiser-v1", dataclasses.asdict(mcfg), b.to_dict(), config.seed, data.name,
-             _digest(x, y))
-  folder = cache / "diffusion" / "backbones" / key
-  weights = folder / "model.safetensors"
-  model = Denoiser(mcfg, rngs=nnx.Rngs(config.seed))
-  if weights.exists():
-    nnx.update(model, io.load_tree(weights, nnx.state(model, nnx.Param)))
-    return model, folder, True
-  it = images.MixtureIterator(
-      [images.Source(x, y, np.zeros_like(y), rows=b.batch_size)], seed=config.seed,
-      p_uncond=b.p_uncond, null_label=mcfg.null_label)
-  spec = loop.TrainSpec(steps=b.steps, lr=b.lr, warmup_steps=b.warmup_steps,
-                        weight_decay=b.weight_decay, clip_norm=1.0, ckpt_every=b.ckpt_every,
-                        keep=1, log_every=50, seed=config.seed)
-  result = loop.fit(model, nnx.Param, it, spec, folder / "pretrain", mesh=_mesh(),
-                    progress=config.progress, desc="pretrain denoiser",
-                    loss_fn=ddpm.train_loss, batch_keys=TRAIN_KEYS)
-  nnx.update(model, result.params)
-  io.write_json_atomic(folder / "denoiser_config.json", dataclasses.asdict(mcfg))
-  io.save_tree(nnx.state(model, nnx.Param), weights)
-  shutil.rmtree(folder / "pretrain" / "checkpoints", ignore_errors=True)
-  return model, folder, False
-
-
-def load_or_train_classifier(config: ml_collections.ConfigDict, data: images.ImageData,
-                             cache: pathlib.Path) -> tuple[clf_lib.Classifier, float, bool]:
-  """The evaluation classifier (cached): (model, test accuracy, loaded from cache?)."""
-  c = config.classifier
-  ccfg = clf_lib.ClassifierConfig(image_size=data.image_size, n_classes=10, width=c.width,
-                                  embed_dim=c.embed_dim)
-  key = _key("classifier-v1", dataclasses.asdict(ccfg), c.to_dict(), config.seed, data.name,
-             _digest(data.train_x, data.train_y))
-  folder = cache / "diffusion" / "classifiers" / key
-  weights = folder / "model.safetensors"
-  model = clf_lib.Classifier(ccfg, rngs=nnx.Rngs(config.seed))
-  cached = weights.exists()
-  if cached:
-    nnx.update(model, io.load_tree(weights, nnx.state(model, nnx.Param)))
-  else:
-    y = data.train_y
-    it = images.MixtureIterator([images.Source(data.train_x, y, np.zeros_like(y),
-                                               rows=c.batch_size)], seed=config.seed)
-    spec = loop.TrainSpec(steps=c.steps, lr=c.lr, warmup_steps=0, clip_norm=1.0,
-                          keep=1, log_every=50, seed=config.seed)
-    result = loop.fit(model, nnx.Param, it, spec, folder / "fit", mesh=_mesh(),
-                      progress=config.progress, desc="classifier",
-                      loss_fn=clf_lib.train_loss, batch_keys=TRAIN_KEYS)
-    nnx.update(model, result.params)
-    io.save_tree(nnx.state(model, nnx.Param), weights)
-    shutil.rmtree(folder / "fit" / "checkpoints", ignore_errors=True)
-  pred, _ = clf_lib.predict(model, data.test_x)
-  return model, float(np.mean(pred == data.test_y)), cached
-
-
-def with_lora(backbone: Denoiser, config: ml_collections.ConfigDict, seed: int) -> Denoiser:
-  """A copy of the backbone with LoRA (A drawn from nnx.Rngs(seed), B = 0, identifier 0)."""
-  model = nnx.clone(backbone)
-  lora.apply_lora(model, lora.LoRAConfig(config.lora.rank, float(config.lora.alpha),
-                                         config.lora.targets), rngs=nnx.Rngs(seed))
-  return model
-
-
-# ----------------------------------------------------------------------------- jitted helpers
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _losses(adapter, rest, batch, *, graphdef):
-  return ddpm.per_example_loss(lora.merge(graphdef, adapter, rest), batch)
-
-
-def per_example_losses(model: Denoiser, x: np.ndarray, label: int, ident: int, n_draws: int,
-                       batch_size: int, seed_offset: int = 0) -> np.ndarray:
-  """Seeded per-example denoising losses f32[N] of images x under prompt (label, ident).
-
-  Example i draws its (t, noise) from seed `seed_offset + i` (ddpm.seeded_draws).
-  """
-  graphdef, adapter, rest = lora.split(model)
-  n = len(x)
-  rows = images.eval_rows(x, np.full(n, label), np.full(n, ident),
-                          seed_offset + np.arange(n), n_draws, batch_size, ddpm.seeded_draws)
-  out = np.zeros(n, np.float32)
-  for b in rows:
-    keys = {k: b[k] for k in ("x", "t", "noise", "label", "ident")}
-    vals = np.asarray(_losses(adapter, rest, keys, graphdef=graphdef))
-    ok = b["valid"]
-    out[b["index"][ok]] = vals[ok]
-  return out
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "null_label", "guidance", "n_steps"))
-def _sample(adapter, rest, x_start, label, ident, *, graphdef, null_label, guidance, n_steps):
-  model = lora.merge(graphdef, adapter, rest)
-  eps_fn = lambda x, t: ddpm.guided_eps(model, x, t, label, ident, null_label, guidance)
-  return ddpm.ddim_sample(eps_fn, x_start, ddpm.ddim_timesteps(n_steps))
-
-
-def generate(model: Denoiser, n: int, label: int, ident: int, seed: int,
-             config: ml_collections.ConfigDict) -> np.ndarray:
-  """n DDIM samples f32[n, H, W, C] of prompt (label, ident) from noise seeded by `seed`."""
-  graphdef, adapter, rest = lora.split(model)
-  cfg = model.cfg
-  gb = config.eval.gen_batch
-  shape = (cfg.image_size, cfg.image_size, cfg.channels)
-  noise = np.random.default_rng([seed, 11]).standard_normal((n,) + shape).astype(np.float32)
-  out = []
-  for lo in range(0, n, gb):
-    chunk = noise[lo:lo + gb]
-    m = len(chunk)
-    if m < gb:
-      chunk = np.concatenate([chunk, np.zeros((gb - m,) + shape, np.float32)])
-    x = _sample(adapter, rest, jnp.asarray(chunk), jnp.full((gb,), label, jnp.int32),
-                jnp.full((gb,), ident, jnp.int32), graphdef=graphdef,
-                null_label=cfg.null_label, guidance=float(config.eval.guidance),
-                n_steps=int(config.eval.sample_steps))
-    out.append(np.asarray(x)[:m])
-  return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------- ALBAT
 
 
 def _score_batch_fn(name: str):
@@ -459,14 +91,11 @@ def _score_batch_fn(name: str):
       return ddpm.per_example_loss(lora.merge(graphdef, adapter, rest), b)
     if name == "align":
       return kernels.align(loss_fn, phi0, kernels.tree_sub(phi_s, phi0), batch)
-    diff = kernels.loss_diff(loss_fn, phi0, phi_s, batch)
-    if name == "loss_diff":
-      return diff
-    return jnp.where(batch["valid"], diff / jnp.maximum(loss_fn(phi0, batch), 1e-8), 0.0)
+    return getattr(kernels, name)(loss_fn, phi0, phi_s, batch)  # loss_diff, rel_loss_diff
   return score
 
 
-def score_pool(config: ml_collections.ConfigDict, graphdef, phi0, phi_s, rest,
+def score_images(config: ml_collections.ConfigDict, graphdef, phi0, phi_s, rest,
                pool_x: np.ndarray, pool_y: np.ndarray, pool_ids: np.ndarray) -> np.ndarray:
   """ALBAT scores f32[P] of the pool under config.score (batched, fixed shape, padded)."""
   s = config.score
@@ -497,115 +126,10 @@ def train_adapter(backbone: Denoiser, config: ml_collections.ConfigDict, sources
                         clip_norm=1.0, ckpt_every=config.train.ckpt_every, keep=1,
                         log_every=config.train.log_every, seed=seed)
   result = loop.fit(model, nnx.LoRAParam, images.MixtureIterator(sources, seed), spec, workdir,
-                    mesh=_mesh(), progress=config.progress, desc=desc,
+                    mesh=data_mesh(), progress=config.progress, desc=desc,
                     loss_fn=ddpm.train_loss, batch_keys=TRAIN_KEYS)
   nnx.update(model, jax.device_get(result.params))
   return model
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def grid(x: np.ndarray, cols: int) -> np.ndarray:
-  """Tiles images f32[N, S, S, 1] into one f32[rows*(S+1)+1, cols*(S+1)+1] (1-px borders)."""
-  n, s = len(x), x.shape[1]
-  rows = -(-n // cols)
-  out = np.full((rows * (s + 1) + 1, cols * (s + 1) + 1), -1.0, np.float32)
-  for i in range(n):
-    r, c = divmod(i, cols)
-    out[1 + r * (s + 1):1 + r * (s + 1) + s, 1 + c * (s + 1):1 + c * (s + 1) + s] = x[i, ..., 0]
-  return out
-
-
-def save_grid(path: pathlib.Path, x: np.ndarray, cols: int) -> None:
-  """Writes a PNG of `grid(x, cols)` (values in [-1, 1], grey scale, upscaled 4x)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  g = np.kron(np.clip(grid(x, cols), -1, 1), np.ones((4, 4), np.float32))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with io.atomic_path(path) as tmp:
-    plt.imsave(str(tmp), g, cmap="gray", vmin=-1.0, vmax=1.0, format="png")
-
-
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  """np.save, atomically (an interrupted write leaves no truncated file)."""
-  with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
-    np.save(f, array)
-
-
-def fmt(x: float) -> str:
-  """The number format of report.md (results.json holds the full values)."""
-  return f"{x:.4f}"
-
-
-def summarize(per_run: dict[str, dict[int, dict[str, Any]]], seeds: list[int]
-              ) -> dict[str, Any]:
-  """Per arm: metric lists in seed order, and paired differences vs none / random / prior."""
-  arms = {a: {m: [per_run[a][s][m] for s in seeds] for m in METRICS} for a in per_run}
-  paired: dict[str, Any] = {}
-  for a in arms:
-    for ref in ("none", "random", "prior"):
-      if ref in arms and ref != a:
-        paired.setdefault(a, {})[ref] = {
-            m: report_lib.paired_interval([x - y for x, y in zip(arms[a][m], arms[ref][m])])
-            for m in METRICS}
-  return {"arms": arms, "paired": paired}
-
-
-def render_report(results: dict[str, Any]) -> str:
-  """report.md from results.json's numbers (so the two always agree)."""
-  s = results["summary"]
-  lines = [f"# Personalization: {results['task']['description']}", "",
-           (f"Seeds {results['seeds']} (paired across arms); every arm ran "
-            f"{results['train_steps']} steps. Backbone: {results['backbone']['note']}. "
-            f"Classifier test accuracy {fmt(results['classifier']['test_accuracy'])}."), "",
-           ("Metrics: fidelity = held-out subject denoising loss with \"[V] <class>\" (lower "
-            "better); drift = class-image denoising loss after - before (lower better); "
-            "class_frac = fraction of \"[V] <class>\" samples classified as the class (higher "
-            "better); embed_dist = 1 - mean cosine similarity of sample and held-out subject "
-            "classifier embeddings (lower better)."), "",
-           "| arm | fidelity | drift | class_frac | embed_dist |", "|---|---|---|---|---|"]
-  b = results["backbone_metrics"]
-  lines.append(f"| backbone (before) | {fmt(b['fidelity'])} | {fmt(0.0)} | "
-               f"{fmt(b['class_frac'])} | {fmt(b['embed_dist'])} |")
-  for arm, m in s["arms"].items():
-    lines.append(f"| {arm} | " + " | ".join(report_lib.mean_sd(m[k]) for k in METRICS) + " |")
-  lines += ["", "Paired differences (arm - reference, mean [95% t-interval] over seeds):", "",
-            "| arm | vs | fidelity | drift | class_frac | embed_dist |",
-            "|---|---|---|---|---|---|"]
-  for arm, refs in s["paired"].items():
-    for ref, st in refs.items():
-      cells = " | ".join(report_lib.interval(st[k]) for k in METRICS)
-      lines.append(f"| {arm} | {ref} | {cells} |")
-  al = results.get("albat")
-  if al:
-    lines += ["", f"ALBAT: score `{al['score']}` ({al['cond']} prompt), rule `{al['rule']}` "
-              f"(tau {al['tau']}, top_n {al['top_n']}), k = {al['k']} of a pool of "
-              f"{al['pool_size']}; class precision of the picks per seed: "
-              + ", ".join(fmt(p) for p in al["precision"])
-              + f" (pool base rate {fmt(al['base_rate'])}); picks of seed "
-              f"{results['seeds'][0]} by class: "
-              + ", ".join(f"{c} {n}" for c, n in al["picks_per_class"].items()) + "."]
-  lines += ["", "## Samples", "", "Subject images (top: adaptation set, below: held out):", "",
-            "![subject](grids/subject.png)", "",
-            "Backbone, prompt \"<class>\":", "", "![backbone](grids/backbone.png)", ""]
-  for arm in s["arms"]:
-    lines += [f"{arm} (\"[V] <class>\", one row per seed):", "", f"![{arm}](grids/{arm}.png)",
-              ""]
-  t = results["timings_s"]
-  lines += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
-  return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def _sample_metrics(samples: np.ndarray, clf: clf_lib.Classifier, subject_class: int,
-                    heldout_emb: np.ndarray) -> dict[str, float]:
-  pred, emb = clf_lib.predict(clf, samples)
-  return {"class_frac": float(np.mean(pred == subject_class)),
-          "embed_dist": clf_lib.mean_cosine_distance(emb, heldout_emb)}
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -639,7 +163,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                                 ev.n_draws, ev.batch_size)))
   bb_samples = generate(base, ev.n_samples, cls, 0, config.seed + 10_000, config)
   backbone_metrics = {"fidelity": fid_before, "drift_loss": drift_before,
-                      **_sample_metrics(bb_samples, clf, cls, heldout_emb)}
+                      **sample_metrics(bb_samples, clf, cls, heldout_emb)}
   save_grid(wd / "grids" / "backbone.png", bb_samples[:16], 16)
   save_grid(wd / "grids" / "subject.png",
             np.concatenate([task.subject_x, task.heldout_x[:max(0, 16 - len(task.subject_x))]]),
@@ -661,7 +185,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     else:
       prior_x = generate(base, k, cls, 0, config.seed + 20_000, config)
       path.parent.mkdir(parents=True, exist_ok=True)
-      _save_npy(path, prior_x)
+      save_npy(path, prior_x)
     save_grid(wd / "grids" / "prior_images.png", prior_x[:16], 16)
     t0 = lap("prior_images", t0)
 
@@ -677,8 +201,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                           config.surrogate.lr, sdir / "surrogate", desc="surrogate")
       graphdef, phi_s, rest = lora.split(sur)
       phi0 = lora.split(with_lora(backbone, config, config.seed))[1]
-      scores = score_pool(config, graphdef, phi0, phi_s, rest, pool_x, pool_y, task.pool_ids)
-      _save_npy(score_path, scores)
+      scores = score_images(config, graphdef, phi0, phi_s, rest, pool_x, pool_y, task.pool_ids)
+      save_npy(score_path, scores)
     albat_info = {"score": config.score.name, "cond": config.score.cond,
                   "rule": config.select.rule, "tau": str(config.select.tau),
                   "top_n": config.select.top_n, "k": k, "pool_size": len(task.pool_ids),
@@ -699,7 +223,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     else:
       table = ScoreTable(ids=task.pool_ids, scores={config.score.name: scores})
       feats = pool_x.reshape(len(pool_x), -1) if config.select.rule == "cluster" else None
-      sel = selection.select(table, config.score.name, k=k, tau=_tau(config),
+      sel = selection.select(table, config.score.name, k=k, tau=select_tau(config),
                              rule=config.select.rule, top_n=config.select.top_n, seed=seed,
                              features=feats, n_clusters=config.select.n_clusters)
       pos = np.searchsorted(task.pool_ids, sel.ids)
@@ -709,7 +233,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   per_run: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
   for arm in arms:
     for seed in seeds:
-      rdir = wd / "arms" / arm / f"seed_{seed}"
+      rdir = layout.arm_dir(wd, arm, seed)
       result_path = rdir / "result.json"
       if result_path.exists():
         per_run[arm][seed] = json.loads(result_path.read_text())
@@ -727,20 +251,20 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                                      ev.batch_size, seed_offset=500_000)))
       samples = generate(model, ev.n_samples, cls, SUBJECT_IDENT, seed + 30_000, config)
       res = {"arm": arm, "seed": seed, "fidelity": fid, "drift": drift_after - drift_before,
-             "drift_loss": drift_after, **_sample_metrics(samples, clf, cls, heldout_emb),
+             "drift_loss": drift_after, **sample_metrics(samples, clf, cls, heldout_emb),
              "steps": config.train.steps,
              "aug_precision": (float(np.mean(pool_y[pos] == cls)) if pos is not None
                                else None),
              "aug_ids": (task.pool_ids[pos].tolist() if pos is not None else None),
              "seconds": time.perf_counter() - t_arm}
-      _save_npy(rdir / "samples.npy", samples)
+      save_npy(rdir / "samples.npy", samples)
       io.write_json_atomic(result_path, res)  # Written last: marks the run as finished.
       per_run[arm][seed] = res
       if arm == "albat":
         albat_info["precision"].append(res["aug_precision"])
     t0 = lap(f"arm_{arm}", t0)
     cols = min(16, ev.n_samples)  # one row of samples per seed
-    rows = [np.load(wd / "arms" / arm / f"seed_{s}" / "samples.npy")[:cols] for s in seeds]
+    rows = [np.load(layout.arm_dir(wd, arm, s) / "samples.npy")[:cols] for s in seeds]
     save_grid(wd / "grids" / f"{arm}.png", np.concatenate(rows), cols)
   if albat_info is not None:
     picks = [per_run["albat"][s]["aug_ids"] for s in seeds]
@@ -770,7 +294,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "albat": albat_info,
       "timings_s": {**timings, "total": time.perf_counter() - t_start},
   }
-  io.write_json_atomic(wd / "results.json", results)
-  io.write_text_atomic(wd / "report.md", render_report(results))
+  io.write_json_atomic(wd / layout.RESULTS_FILE, results)
+  io.write_text_atomic(wd / layout.REPORT_FILE, render_report(results))
   print(render_report(results))
   return results

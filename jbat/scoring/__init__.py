@@ -20,13 +20,14 @@ from jbat.scoring.kernels import (
     rademacher_projection,
     rademacher_words,
     random_scores,
+    rel_loss_diff,
+    relative_diff,
     surrogate_fit,
     tree_dot,
     tree_norm,
     tree_sub,
     words_nbytes,
 )
-# After kernels: stream imports jbat.surrogate, which imports jbat.scoring.kernels.
 from jbat.scoring.stream import SCORE_NAMES, ScoreTable, load_table, score_pool
 
 __all__ = [
@@ -34,5 +35,5 @@ __all__ = [
     "align", "check_same_structure", "cosine", "dsir_scores", "finish_mean", "fit_ngram_model",
     "grad_norm", "grad_sum", "hash_ngrams", "jit_kernel", "less", "loss_diff", "mean_grad",
     "per_example_grads", "per_example_losses_and_grads", "project", "project_target", "rademacher_projection", "rademacher_words",
-    "random_scores", "surrogate_fit", "tree_dot", "tree_norm", "tree_sub", "words_nbytes",
+    "random_scores", "rel_loss_diff", "relative_diff", "surrogate_fit", "tree_dot", "tree_norm", "tree_sub", "words_nbytes",
 ]

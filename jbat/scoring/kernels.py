@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbat.errors import JbatError
+from jbat.trees import check_same_structure, tree_sub  # noqa: F401 (part of this API)
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -55,11 +56,6 @@ def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
 def tree_norm(a: PyTree) -> jax.Array:
   """||a||_2 over all leaves, in float32. Returns f32[]."""
   return jnp.sqrt(tree_dot(a, a))
-
-
-def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-  """Leafwise a - b (same structure as `a`), e.g. delta = tree_sub(phi_s, phi0)."""
-  return jax.tree.map(jnp.subtract, a, b)
 
 
 def _batched_dot(a: PyTree, b: PyTree) -> jax.Array:
@@ -95,33 +91,6 @@ def _mask(valid: jax.Array, x: jax.Array, fill: float = 0.0) -> jax.Array:
   return jnp.where(valid, x.astype(jnp.float32), jnp.float32(fill))
 
 
-def check_same_structure(reference: PyTree, other: PyTree, *, name: str = "delta",
-                         reference_name: str = "phi0") -> None:
-  """Raise JbatError unless `other` has the tree structure and leaf shapes of `reference`.
-
-  The message names the first differing leaf by its path and gives both shapes (or the leaf
-  paths present in one tree and missing in the other).
-  """
-  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
-  oth_leaves, oth_def = jax.tree_util.tree_flatten_with_path(other)
-  ref_paths = [jax.tree_util.keystr(p) for p, _ in ref_leaves]
-  oth_paths = [jax.tree_util.keystr(p) for p, _ in oth_leaves]
-  if ref_paths != oth_paths:
-    missing = [p for p in ref_paths if p not in oth_paths]
-    extra = [p for p in oth_paths if p not in ref_paths]
-    raise JbatError(
-        f"scoring: {name} must have the tree structure of {reference_name}; leaves missing in "
-        f"{name}: {missing or 'none'}; leaves not in {reference_name}: {extra or 'none'}"
-        + ("" if missing or extra else f"; leaf order differs: {oth_paths} vs {ref_paths}"))
-  for path, (_, r), (_, o) in zip(ref_paths, ref_leaves, oth_leaves):
-    if jnp.shape(r) != jnp.shape(o):
-      raise JbatError(f"scoring: leaf {path} of {name} has shape {tuple(jnp.shape(o))}, but the "
-                      f"same leaf of {reference_name} has shape {tuple(jnp.shape(r))}")
-  if ref_def != oth_def:
-    raise JbatError(f"scoring: {name} has the leaves of {reference_name} but a different "
-                    f"container type: {oth_def} vs {ref_def}")
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -153,6 +122,22 @@ def loss_diff(loss_fn: LossFn, phi0: PyTree, phi_s: PyTree, batch: Batch) -> jax
   valid = _valid(batch)
   return _mask(valid, loss_fn(phi0, batch).astype(jnp.float32)
                - loss_fn(phi_s, batch).astype(jnp.float32))
+
+
+def relative_diff(l0: jax.Array, ls: jax.Array, valid: jax.Array) -> jax.Array:
+  """(l0 - ls) / l0 where the row is valid and l0 > 0, else 0 (f32[B] losses in, f32[B] out):
+  the one definition of `rel_loss_diff`, also used where l0 and ls are computed anyway."""
+  ok = valid & (l0 > 0)
+  return jnp.where(ok, (l0 - ls) / jnp.where(ok, l0, 1.0), 0.0)
+
+
+def rel_loss_diff(loss_fn: LossFn, phi0: PyTree, phi_s: PyTree, batch: Batch) -> jax.Array:
+  """s_i = (l(z_i; phi0) - l(z_i; phi_s)) / l(z_i; phi0): the share of the example's loss the
+  surrogate removes. 0 where l(z_i; phi0) <= 0 and on invalid rows. Cost: 2F. Returns f32[B].
+  """
+  check_same_structure(phi0, phi_s, name="phi_s")
+  return relative_diff(loss_fn(phi0, batch).astype(jnp.float32),
+                       loss_fn(phi_s, batch).astype(jnp.float32), _valid(batch))
 
 
 def per_example_losses_and_grads(loss_fn: LossFn, phi: PyTree,

@@ -56,22 +56,33 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jbat import distributed, io
+from jbat import distributed, io, registry
 from jbat.data import pipeline
 from jbat.errors import JbatError
 from jbat.scoring import dsir as dsir_lib
 from jbat.scoring import kernels
-from jbat import surrogate as surrogate_lib  # Module import: jbat.surrogate imports kernels.
+from jbat import surrogate as surrogate_lib
 from jbat.training import loop
 
-SCORE_NAMES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less", "dsir",
-               "random", "rel_loss_diff", "contrast", "contrast_align")
-MODEL_SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less",
-                "rel_loss_diff", "contrast", "contrast_align")
-CONTROL_SCORES = ("contrast", "contrast_align")  # Need the control surrogate's phi_c.
+# The names live in jbat.registry; these aliases keep `stream.SCORE_NAMES` etc. working.
+SCORE_NAMES = registry.SCORES
+MODEL_SCORES = registry.MODEL_SCORES
+CONTROL_SCORES = registry.CONTROL_SCORES
 CURSOR_FILE = "cursor.json"
 # Largest packed Rademacher matrix (|phi| x d / 8 bytes) that is made once and kept on device.
 MAX_PROJECTION_WORDS_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+  """How a stream walks its examples: global batches of `batch_size` rows (a multiple of the
+  mesh's `data` axis) of `max_len` tokens padded with `pad_id`, `chunk_batches` batches per
+  chunk file and resume point."""
+
+  batch_size: int
+  max_len: int
+  pad_id: int
+  chunk_batches: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +230,7 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
     out = {}
     if "rel_loss_diff" in rel_contrast:
       l0 = loss(p)(p["phi0"], b).astype(jnp.float32)
-      ok = valid & (l0 > 0)
-      out["rel_loss_diff"] = jnp.where(ok, (l0 - ls) / jnp.where(ok, l0, 1.0), 0.0)
+      out["rel_loss_diff"] = kernels.relative_diff(l0, ls, valid)
     if "contrast" in rel_contrast:
       lc = loss(p)(p["phi_c"], b).astype(jnp.float32)
       out["contrast"] = jnp.where(valid, lc - ls, 0.0)
@@ -358,14 +368,11 @@ def _stream_chunks(examples: Sequence[dict[str, Any]], out_dir: pathlib.Path, fi
 
 
 def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
-               pool_examples: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, *,
-               batch_size: int, max_len: int, pad_id: int,
-               mesh: jax.sharding.Mesh | None = None,
+               pool_examples: Sequence[dict[str, Any]], out_dir: str | pathlib.Path,
+               batches: Batches, *, mesh: jax.sharding.Mesh | None = None,
                adapt_examples: Sequence[dict[str, Any]] | None = None,
-               pool_texts: Sequence[str] | None = None,
-               adapt_texts: Sequence[str] | None = None, seed: int = 0,
-               less_proj_dim: int | None = None, chunk_batches: int = 64,
-               progress: bool = True,
+               texts: tuple[Sequence[str], Sequence[str]] | None = None, seed: int = 0,
+               less_proj_dim: int | None = None, progress: bool = True,
                control: surrogate_lib.Surrogate | None = None,
                cache_dir: str | pathlib.Path | None = None) -> ScoreTable:
   """Scores every pool example with each named score; resumable; returns the whole table.
@@ -375,14 +382,14 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     surrogate: phi0 / phi_s / graphdef / rest (may be None when only dsir / random are asked).
     pool_examples: encoded pool ({"id", "ids"}), scored in this order.
     out_dir: chunk files and cursor (see the module docstring).
-    batch_size: rows per batch; a multiple of the mesh's `data` axis size.
+    batches: rows per batch (a multiple of the mesh's `data` axis size), token length, pad id
+      and batches per chunk file (and per cursor update).
     adapt_examples: needed by `less` (mean adaptation gradient at phi_s).
-    pool_texts, adapt_texts: needed by `dsir` (pool_texts parallel to pool_examples).
+    texts: (pool texts parallel to pool_examples, adaptation texts); needed by `dsir`.
     seed: `random` scores and the `less` projection key.
     less_proj_dim: project gradients to this many dims for `less` (None: exact cosine). The
       projected target and (when under MAX_PROJECTION_WORDS_BYTES) the packed projection
       matrix are computed once per run, not per batch.
-    chunk_batches: batches per chunk file (and per cursor update).
     control: the control surrogate (its phi_s is phi_c; its phi0 must equal the surrogate's
       structure); needed by `contrast` and `contrast_align`, ignored otherwise.
     cache_dir: when given, the chunks and cursor live in cache_dir/<fingerprint>/ instead of
@@ -396,6 +403,9 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
       phi_s not shaped like phi0, batch size not divisible by the devices, non-finite scores
       (the message lists the first 10 offending example ids), or a cursor from other inputs.
   """
+  batch_size, max_len, pad_id = batches.batch_size, batches.max_len, batches.pad_id
+  chunk_batches = batches.chunk_batches
+  pool_texts, adapt_texts = texts if texts is not None else (None, None)
   scores = list(scores)
   unknown = [s for s in scores if s not in SCORE_NAMES]
   if unknown or not scores or len(set(scores)) != len(scores):
@@ -427,7 +437,7 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     raise JbatError("scoring: 'less' needs adapt_examples (the mean adaptation gradient)")
   if "dsir" in scores:
     if pool_texts is None or not adapt_texts:
-      raise JbatError("scoring: 'dsir' needs pool_texts and adapt_texts")
+      raise JbatError("scoring: 'dsir' needs texts=(pool texts, adaptation texts)")
     if len(pool_texts) != n:
       raise JbatError(f"scoring: pool_texts has {len(pool_texts)} entries for {n} pool "
                       f"examples (they must be parallel)")
@@ -533,10 +543,9 @@ def load_features(out_dir: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pool_grad_features(surrogate: surrogate_lib.Surrogate,
-                       examples: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, *,
-                       proj_dim: int, batch_size: int, max_len: int, pad_id: int,
+                       examples: Sequence[dict[str, Any]], out_dir: str | pathlib.Path,
+                       batches: Batches, *, proj_dim: int,
                        mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                       chunk_batches: int = 64,
                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Projected per-example gradients at phi_s: f_i = R^T flat(grad_phi l(z_i; phi_s)).
 
@@ -554,6 +563,8 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
     JbatError: empty examples, bad proj_dim / batch sizes, non-finite features, or a cursor
       from other inputs.
   """
+  batch_size, max_len, pad_id = batches.batch_size, batches.max_len, batches.pad_id
+  chunk_batches = batches.chunk_batches
   n = len(examples)
   if n == 0:
     raise JbatError("features: no examples to compute gradient features for")
