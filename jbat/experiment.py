@@ -413,7 +413,10 @@ def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: 
   for arm in arms:
     if arm in config_lib.BASE_ARMS and arm != "albat":
       continue
-    _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    try:
+      _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    except Diverged as e:
+      raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
     score = config.select.score if arm == "albat" else arm
     log(f"arm {arm}: {facts['n_selected']} documents selected -> "
         f"{workdir / 'select' / score / 'selection' / 'manifest.jsonl'}")

@@ -147,3 +147,15 @@ def test_two_runs_sharing_a_cache_at_once(tmp_path):
   a, b = (safetensors.numpy.load_file(str(tmp_path / f"wd{i}/arms/none/seed_0/adapter"
                                           ".safetensors")) for i in range(2))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_score_cursor_only_moves_forward(tmp_path):
+  """Two runs filling one score cache folder: the slower one's cursor writes never undo the
+  faster one's "done", which its load_table would otherwise refuse."""
+  from jbat.scoring import stream
+  stream._write_cursor(tmp_path, "fp", 3, 3, 30)  # Run A finished.
+  stream._write_cursor(tmp_path, "fp", 2, 3, 30)  # Run B, one chunk behind.
+  cursor = json.loads((tmp_path / stream.CURSOR_FILE).read_text())
+  assert cursor["done"] and cursor["next_chunk"] == 3
+  stream._write_cursor(tmp_path, "other", 1, 3, 30)  # Other inputs: not this cursor's run.
+  assert json.loads((tmp_path / stream.CURSOR_FILE).read_text())["fingerprint"] == "other"
