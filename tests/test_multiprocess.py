@@ -50,8 +50,8 @@ def _free_port() -> int:
 
 SELECT = ("--config.arms=albat", "--config.stop_after=select")
 # BAT training of arm random (no scoring), a checkpoint every other step.
-BAT = ("--config.arms=random", "--config.train.steps=12", "--config.train.ckpt_every=2",
-       "--config.train.eval_every=6", "--config.train.log_every=2")
+BAT = ("--config.arms=random", "--config.train.steps=8", "--config.train.ckpt_every=2",
+       "--config.train.eval_every=4", "--config.train.log_every=2")
 ADAPTER = pathlib.Path("arms/random/seed_0/adapter.safetensors")
 
 
