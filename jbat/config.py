@@ -417,6 +417,7 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
   A workdir that already holds a run of a different config (different fingerprint) is refused:
   resuming its checkpoints would silently mix two experiments.
   """
+  check_dirs(config)  # Also for callers that skip the CLI (notebooks).
   wd = workdir(config)
   cfg_path = wd / "config.json"
   fp = fingerprint(config)
