@@ -64,22 +64,27 @@ def load_or_pretrain(lm_cfg: LMConfig, spec: PretrainSpec, pool: Sequence[Docume
   folder = pathlib.Path(cache_dir) / "backbones" / key
   weights = folder / "model.safetensors"
   model = init_model(lm_cfg, spec.seed)
-  if weights.exists():
-    state = io.load_tree(weights, nnx.state(model, nnx.Param))
-    nnx.update(model, state)
-    return model, folder, True
-  examples = pipeline.encode(pool, tokenizer, spec.max_len)
-  train_iter = pipeline.train_loader(examples, spec.batch_size // jax.process_count(),
-                                     spec.max_len, tokenizer.pad_token_id, spec.seed, pack=True,
-                                     shard_index=jax.process_index(),
-                                     shard_count=jax.process_count())
-  train_spec = loop.TrainSpec(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps,
-                              weight_decay=spec.weight_decay, clip_norm=1.0,
-                              ckpt_every=spec.ckpt_every, keep=1, log_every=25, seed=spec.seed)
-  result = loop.fit(model, nnx.Param, train_iter, train_spec, folder / "pretrain", mesh=mesh,
-                    progress=progress, desc="pretrain backbone")
-  nnx.update(model, result.params)
-  io.write_json_atomic(folder / "lm_config.json", dataclasses.asdict(lm_cfg))
-  io.save_tree(nnx.state(model, nnx.Param), weights)
-  shutil.rmtree(folder / "pretrain" / "checkpoints", ignore_errors=True)
+  # Two runs that need the same backbone at once: the second waits for the first and loads
+  # its weights instead of pretraining into the same folder (one process per run only).
+  with io.file_lock(pathlib.Path(cache_dir) / "backbones" / f".{key}.lock",
+                    enabled=jax.process_count() == 1):
+    if weights.exists():
+      state = io.load_tree(weights, nnx.state(model, nnx.Param))
+      nnx.update(model, state)
+      return model, folder, True
+    examples = pipeline.encode(pool, tokenizer, spec.max_len)
+    train_iter = pipeline.train_loader(examples, spec.batch_size // jax.process_count(),
+                                       spec.max_len, tokenizer.pad_token_id, spec.seed,
+                                       pack=True, shard_index=jax.process_index(),
+                                       shard_count=jax.process_count())
+    train_spec = loop.TrainSpec(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps,
+                                weight_decay=spec.weight_decay, clip_norm=1.0,
+                                ckpt_every=spec.ckpt_every, keep=1, log_every=25,
+                                seed=spec.seed)
+    result = loop.fit(model, nnx.Param, train_iter, train_spec, folder / "pretrain", mesh=mesh,
+                      progress=progress, desc="backbone pretraining")
+    nnx.update(model, result.params)
+    io.write_json_atomic(folder / "lm_config.json", dataclasses.asdict(lm_cfg))
+    io.save_tree(nnx.state(model, nnx.Param), weights)
+    shutil.rmtree(folder / "pretrain" / "checkpoints", ignore_errors=True)
   return model, folder, False

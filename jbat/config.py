@@ -8,11 +8,14 @@ any work is done: unknown keys, wrong types, out-of-range values and missing pat
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import math
 import os
 import pathlib
 import re
+import socket
 from typing import Any
 
 import jax
@@ -170,7 +173,7 @@ def check_schema(config: ml_collections.ConfigDict,
                  schema: ml_collections.ConfigDict | None = None) -> None:
   """JbatError for the first key of `config` that is not in `schema` (default: this module's
   `base_config()`) or whose value's type differs from the schema default's (ints pass for
-  floats, bools never for ints)."""
+  floats, bools never for ints), or that is a NaN or infinite float."""
   schema = flatten(base_config() if schema is None else schema)
   given = flatten(config)
   for key, value in given.items():
@@ -185,6 +188,8 @@ def check_schema(config: ml_collections.ConfigDict,
     if not ok:
       raise JbatError(
           f"config: {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+      raise JbatError(f"config: {key} must be a finite number, got {value!r}")
 
 
 def load_config_file(path: str | os.PathLike, arg: str | None = None
@@ -280,11 +285,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (p / "config.json").is_file():
       raise JbatError(f"config: model.pretrained: {str(p)!r} is not a Hugging Face model folder "
                       "(expected a config.json in it)")
+  if not config.model.pretrained and config.data.vocab_size < 259:
+    raise JbatError(f"config: data.vocab_size must be >= 259 (3 special tokens + 256 bytes of "
+                    f"the byte-level BPE), got {config.data.vocab_size}")
   if config.train.batch_size % config.train.grad_accum:
     raise JbatError(f"config: train.batch_size={config.train.batch_size} must be a multiple of "
                     f"train.grad_accum={config.train.grad_accum}")
   if not config.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
     raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
+
+
+def check_select_k(config: ml_collections.ConfigDict, n_pool: int) -> None:
+  """JbatError if an arm that selects backbone documents (every arm but `none`) asks for more
+  (select.k) than the pool holds: like `jbat.selection.select`, the CLI never clamps k."""
+  if any(a != "none" for a in arm_list(config)) and config.select.k > n_pool:
+    raise JbatError(f"config: select.k={config.select.k} is larger than the backbone pool "
+                    f"({n_pool} documents of data.source={config.data.source!r}); lower "
+                    f"select.k")
 
 
 def arm_list(config: ml_collections.ConfigDict) -> list[str]:
@@ -304,6 +321,57 @@ def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
   return pathlib.Path(d).expanduser()
 
 
+def check_dirs(config: ml_collections.ConfigDict) -> None:
+  """JbatError if the workdir or the cache folder (cache_dir, else $JBAT_CACHE) cannot be a
+  folder: it, or a folder above it, is an existing file. Checked before anything is written."""
+  for what, path in (("workdir", workdir(config)), ("cache folder", cache_dir(config))):
+    key = ("workdir" if what == "workdir" else "cache_dir" if config.cache_dir else
+           "$JBAT_CACHE" if os.environ.get("JBAT_CACHE") else "the default cache")
+    for p in (path, *path.absolute().parents):
+      if p.exists() and not p.is_dir():
+        raise JbatError(f"config: {key}: the {what} {str(path)!r} cannot be a folder: "
+                        f"{str(p)!r} is a file")
+
+
+# Workdir locks held by this process: {workdir: open lock file}.
+_LOCKS: dict[pathlib.Path, Any] = {}
+LOCK_FILE = ".lock"
+
+
+def lock_workdir(wd: pathlib.Path) -> None:
+  """Takes the workdir's lock (an exclusive `flock` on <workdir>/.lock, holding "pid host"),
+  or raises JbatError naming the process that holds it. The OS drops the lock when its process
+  dies, so a crashed run never leaves it stuck; `release_workdirs` drops it at the end of a
+  run. Only process 0 of a multi-process run takes it (its processes share the workdir)."""
+  wd = wd.absolute()
+  if wd in _LOCKS or jax.process_index() != 0:
+    return
+  wd.mkdir(parents=True, exist_ok=True)
+  f = open(wd / LOCK_FILE, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().split()
+    f.close()
+    who = (f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process")
+    raise JbatError(f"workdir {str(wd)!r} is in use by {who} (lock {wd / LOCK_FILE}); wait for "
+                    "it to finish or use another --config.workdir") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"{os.getpid()} {socket.gethostname()}\n")
+  f.flush()
+  _LOCKS[wd] = f
+
+
+def release_workdirs() -> None:
+  """Drops the workdir locks this process holds (the end of a run)."""
+  while _LOCKS:
+    _, f = _LOCKS.popitem()
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
@@ -320,12 +388,13 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Creates the workdir (or checks it belongs to this config) and saves config.json
-  (process 0 writes it).
+  """Creates the workdir (or checks it belongs to this config), takes its lock (`lock_workdir`:
+  a second run on the same workdir is refused) and saves config.json (process 0 writes it).
 
   A workdir that already holds a run of a different config (different fingerprint) is refused:
   resuming its checkpoints would silently mix two experiments.
   """
+  check_dirs(config)  # Also for callers that skip the CLI (notebooks).
   wd = workdir(config)
   cfg_path = wd / layout.CONFIG_FILE
   fp = fingerprint(config)
@@ -343,6 +412,7 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
     if (wd / "adapt").exists() or (wd / "checkpoints").exists():
       raise JbatError(f"workdir {str(wd)!r} holds checkpoints but no config.json; "
                       "use another --config.workdir or delete it")
+  lock_workdir(wd)  # After the checks above, which write nothing; before the first write.
   if jax.process_index() == 0:
     io.write_json_atomic(cfg_path, {"fingerprint": fp, "config": to_dict(config)})
   return wd

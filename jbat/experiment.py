@@ -33,7 +33,7 @@ from flax import nnx
 from jbat import albat, backbone, distributed, io, layout, lora, registry, report, selection
 from jbat import config as config_lib
 from jbat.data import mixture, pipeline, sources, tokenizer as tokenizer_lib, tweets
-from jbat.errors import JbatError
+from jbat.errors import Diverged, JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
 from jbat.training import loop
@@ -106,9 +106,12 @@ def get_backbone(config: ml_collections.ConfigDict, pretrain_pool: Sequence[sour
                                max_len=config.data.max_len, ckpt_every=b.ckpt_every,
                                seed=config.seed)
   log("backbone: looking up cache / pretraining on the pool")
-  base, folder, cached = backbone.load_or_pretrain(lm_config(config, vocab_size=len(tok)), spec,
-                                                   pretrain_pool, tok, cache, mesh=mesh,
-                                                   progress=config.progress)
+  try:
+    base, folder, cached = backbone.load_or_pretrain(lm_config(config, vocab_size=len(tok)),
+                                                     spec, pretrain_pool, tok, cache, mesh=mesh,
+                                                     progress=config.progress)
+  except Diverged as e:
+    raise e.within("backbone", "backbone.lr", stage="pretraining") from None
   return base, tok, folder, cached
 
 
@@ -299,6 +302,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   docs = load_corpus(config, cache)
   task = sources.make_task(docs, config.data.domain, config.data.n_adapt, config.data.n_heldout,
                            config.seed)
+  config_lib.check_select_k(config, len(task.pool))
   pretrain_pool = task.pool
   if config.data.backbone_keep < 1.0:
     pretrain_pool = tweets.thin_domain(task.pool, config.data.domain, config.data.backbone_keep,
@@ -322,28 +326,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
   heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
   results: dict[str, Any] = {}
+  diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
   for arm in arms:
-    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
-    if arm != "none":
-      log(f"arm {arm}: {len(chosen)} backbone documents selected"
-          + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
-    selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
-    reselect = make_reselector(arm, config, task, base, tok, workdir, mesh)
-    runs = []
-    for seed in seeds:
-      r = train_one(arm, seed, base, config, adapt, heldout, selected, tok, workdir, mesh,
-                    reselect=reselect)
-      log(f"arm {arm} seed {seed}: held-out NLL backbone {r['backbone_nll']:.4f} -> best "
-          f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}")
-      runs.append(r)
-    results[arm] = {
-        "best_nll": [r["best_nll"] for r in runs], "final_nll": [r["final_nll"] for r in runs],
-        "best_step": [r["best_step"] for r in runs],
-        "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
-        "train_seconds": [r["train_seconds"] for r in runs],
-        "curves": [r["curve"] for r in runs], **facts}
-    if any(r.get("reselections") for r in runs):
-      results[arm]["reselections"] = [r["reselections"] for r in runs]
+    try:
+      results[arm] = run_arm(arm, seeds, config, task, base, tok, adapt, heldout, workdir, mesh)
+    except Diverged as e:
+      diverged[arm], hint = diverged_record(e, arm), e.hint()
+      log(e.short())
 
   summary = {
       "config": config.name, "domain": config.data.domain, "default_score": config.select.score,
@@ -352,13 +341,62 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "n_pool": len(task.pool), "n_pretrain_pool": len(pretrain_pool),
       "adapter_params": lora_param_count(base, config), "select": config.select.to_dict(),
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
+  if diverged:
+    summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
   summary["seconds"] = time.perf_counter() - t0
   if distributed.is_main():
-    io.write_json_atomic(workdir / layout.RESULTS_FILE, summary)
+    io.write_json_atomic(workdir / layout.RESULTS_FILE, summary, finite=True)
     report.write_report(workdir, summary)
   log(f"report: {workdir / layout.REPORT_FILE}")
+  if diverged:  # The other arms are reported; the run still fails (exit 2).
+    raise JbatError("; ".join(d["summary"] for d in diverged.values()) + f"; {hint}. "
+                    "results.json and report.md hold the arms that finished")
   return summary
+
+
+def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
+            task: sources.Task, base, tok, adapt, heldout, workdir: pathlib.Path,
+            mesh) -> dict[str, Any]:
+  """Selects an arm's backbone documents and trains its adapters (one per seed); returns the
+  arm's entry of results.json. Raises Diverged naming the arm (and seed) at the first seed
+  that diverges: an arm is reported whole or not at all, and its later seeds are not run
+  (they share the learning rate)."""
+  try:
+    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+  except Diverged as e:  # The surrogate (stage 1) of a selecting arm.
+    raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
+  if arm != "none":
+    log(f"arm {arm}: {len(chosen)} backbone documents selected"
+        + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
+  selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
+  reselect = make_reselector(arm, config, task, base, tok, workdir, mesh)
+  runs = []
+  for seed in seeds:
+    try:
+      r = train_one(arm, seed, base, config, adapt, heldout, selected, tok, workdir, mesh,
+                    reselect=reselect)
+    except Diverged as e:  # Raised before adapter.safetensors is written.
+      stage = "adapter training" if e.stage.startswith("adapt [") else e.stage  # or reselection
+      raise e.within(f"arm {arm} seed {seed}", "train.lr", seed=seed, stage=stage) from None
+    log(f"arm {arm} seed {seed}: held-out NLL backbone {r['backbone_nll']:.4f} -> best "
+        f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}")
+    runs.append(r)
+  out = {
+      "best_nll": [r["best_nll"] for r in runs], "final_nll": [r["final_nll"] for r in runs],
+      "best_step": [r["best_step"] for r in runs],
+      "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
+      "train_seconds": [r["train_seconds"] for r in runs],
+      "curves": [r["curve"] for r in runs], **facts}
+  if any(r.get("reselections") for r in runs):
+    out["reselections"] = [r["reselections"] for r in runs]
+  return out
+
+
+def diverged_record(e: Diverged, arm: str) -> dict[str, Any]:
+  """results.json's entry for an arm stopped by a divergence (no numbers that are not finite)."""
+  return {"arm": arm, "seed": e.seed, "stage": e.stage, "step": e.step, "summary": e.short(),
+          "message": str(e)}
 
 
 def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: sources.Task,
@@ -370,7 +408,10 @@ def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: 
     score = registry.score_for(arm, config)
     if score is None:
       continue
-    _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    try:
+      _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    except Diverged as e:
+      raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
     log(f"arm {arm}: {facts['n_selected']} documents selected -> "
         f"{layout.manifest(layout.select_dir(workdir, score))}")
     out[arm] = facts

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pathlib
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,10 +21,15 @@ import safetensors.numpy
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Yields a temporary path next to `path`; renames it to `path` if the block succeeds."""
+  """Yields a temporary path next to `path`; renames it to `path` if the block succeeds.
+
+  The temporary name is unique to this call (pid and a random suffix), so runs on several
+  machines writing the same entry of a shared cache never write into one temporary file; a
+  reader sees the old entry or the whole new one, never a part.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
   try:
     yield tmp
     os.replace(tmp, path)
@@ -32,13 +38,58 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
       tmp.unlink()
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+  """Holds an exclusive `flock` on `path` (created if needed) for the block, waiting for
+  another process that holds it: e.g. two runs that would fill the same cache entry. The OS
+  drops the lock when its process dies. `enabled=False`: a no-op (multi-process runs, whose
+  processes must not wait for each other)."""
+  if not enabled:
+    yield
+    return
+  import fcntl
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   with atomic_path(path) as tmp:
     tmp.write_text(text)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, finite: bool = False) -> None:
+  """Writes `obj` as JSON; with `finite`, refuses (JbatError naming the key) any NaN or
+  infinite number instead of writing it (results files must hold only real numbers)."""
+  if finite:
+    bad = first_non_finite(obj)
+    if bad is not None:
+      from jbat.errors import JbatError
+      raise JbatError(f"{path}: not written: non-finite value at {bad} (a diverged run?)")
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def first_non_finite(obj: Any, where: str = "") -> str | None:
+  """The key path ("arms.none.best_nll[0]") of the first NaN or infinite float in a JSON-like
+  value, or None."""
+  if isinstance(obj, dict):
+    items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+  elif isinstance(obj, (list, tuple)):
+    items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+  elif isinstance(obj, (float, np.floating)):
+    return None if np.isfinite(obj) else (where or "<top>")
+  else:
+    return None
+  for key, value in items:
+    bad = first_non_finite(value, key)
+    if bad is not None:
+      return bad
+  return None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

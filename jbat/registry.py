@@ -73,10 +73,13 @@ def parse_tau(text: Any) -> float | None | str:
   if text in ("default", "none"):
     return None if text == "none" else text
   try:
-    return float(text)
+    tau = float(text)
   except ValueError:
-    raise JbatError(f"config: select.tau must be 'default', 'none' or a number; "
-                    f"got {text!r}") from None
+    tau = float("nan")
+  if not np.isfinite(tau):
+    raise JbatError(f"config: select.tau must be 'default', 'none' or a finite number; "
+                    f"got {text!r}")
+  return tau
 
 
 def default_tau(score: str) -> float | None:

@@ -107,6 +107,15 @@ def reselection_lines(summary: dict[str, Any]) -> str:
           f"{summary['bat'].get('reselect_every')}):\n" + "\n".join(lines) + "\n") if lines else ""
 
 
+def diverged_lines(summary: dict[str, Any]) -> str:
+  """A paragraph naming the arms stopped by a divergence (results.json "diverged"); empty when
+  none diverged."""
+  lines = [f"- `{name}` **diverged**: {d['message']}."
+           for name, d in summary.get("diverged", {}).items()]
+  return ("\nDiverged (no result, no adapter; the run exits with code 2):\n" + "\n".join(lines)
+          + "\n") if lines else ""
+
+
 def plot_curves(summary: dict[str, Any], path: pathlib.Path) -> None:
   """Held-out NLL against step, mean over seeds, one line per arm."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -117,7 +126,8 @@ def plot_curves(summary: dict[str, Any], path: pathlib.Path) -> None:
   ax.set(xlabel="step", ylabel="held-out NLL (nats/token)",
          title=f"Held-out loss, mean over {len(summary['seeds'])} seed(s)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  if summary["arms"]:
+    ax.legend()
   fig.tight_layout()
   with io.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110, format="png")
@@ -155,6 +165,7 @@ def write_report(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
   has_labels = plot_labels(summary, workdir / "selected_labels.png")
   hists = sorted(p.relative_to(workdir) for p in workdir.glob("select/*/selection/score_hist.png"))
   sel = summary["select"]
+  first = next(iter(summary["arms"].values()), None)
   text = f"""# jbat report: {summary['config']}
 
 Adaptation domain `{summary['domain']}`: {summary['n_adapt']} adaptation documents,
@@ -171,10 +182,10 @@ Held-out NLL in nats/token (lower is better), mean ± sd over seeds; "best" is t
 evaluated step, "final" the last. Differences are paired by seed with 95% t-intervals: an
 interval entirely below zero means the arm beats the reference. Gap closed =
 (random - arm) / (random - oracle) on mean best NLL. Backbone (before adaptation):
-{next(iter(summary['arms'].values()))['backbone_nll']:.4f}.
+{'-' if first is None else f"{first['backbone_nll']:.4f}"}.
 
 {results_table(summary)}
-{reselection_lines(summary)}
+{diverged_lines(summary)}{reselection_lines(summary)}
 ![held-out loss curves](loss_curves.png)
 """
   if has_labels:

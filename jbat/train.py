@@ -2,8 +2,10 @@
 
 A thin layer: parse the ml_collections config (with `--config.x.y=v` overrides), validate it,
 run `jbat.experiment.run` (or, for configs with `pipeline = "personalize"`, the diffusion
-personalization experiment `jbat.diffusion.personalize.run`). Any problem with the user's input exits with code 2 and a message
-naming the file or field; nothing is written before the config is known to be valid.
+personalization experiment `jbat.diffusion.personalize.run`). Any problem with the user's input
+exits with code 2 and a message naming the file or field; nothing is written before the config
+(keys, values, the workdir and cache paths) is known to be valid. A training run that diverges
+also exits 2 (`jbat.errors.Diverged`), after reporting the arms that finished.
 """
 
 from __future__ import annotations
@@ -37,20 +39,24 @@ def main(argv: list[str] | None = None) -> int:
   if config is None:
     print("jbat: error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     return 2
+  from jbat import config as config_lib
   try:
     if config.get("pipeline", "lm") == "personalize":
       from jbat.diffusion import personalize
       personalize.validate(config)
+      config_lib.check_dirs(config)
       personalize.run(config)
     else:
-      from jbat import config as config_lib
       config_lib.validate(config)
+      config_lib.check_dirs(config)
       from jbat import distributed, experiment  # Heavy imports only after a good config.
       distributed.initialize(config.distributed)
       experiment.run(config)
   except JbatError as e:
     print(f"jbat: error: {e}", file=sys.stderr)
     return e.exit_code
+  finally:
+    config_lib.release_workdirs()  # main() may run again in this process (tests, notebooks).
   return 0
 
 

@@ -2,7 +2,8 @@
 
 The CLI runs surrogate -> score -> select (`stop_after=select`) on a small pool as 1 process and
 as 2 processes over the same global mesh; the manifests must be byte-identical. A run whose
-process 1 is SIGKILLed mid-scoring is rerun and must resume to the identical manifest.
+process 1 is SIGKILLed mid-scoring is rerun and must resume to the identical manifest; one
+killed mid-BAT-training (arm random) resumes to the adapter of an uninterrupted run.
 """
 
 import json
@@ -14,8 +15,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
+from jbat import io
 from tests import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,14 +48,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(d, corpus, workdir, n_proc, devices_per_proc):
+SELECT = ("--config.arms=albat", "--config.stop_after=select")
+# BAT training of arm random (no scoring), a checkpoint every other step.
+BAT = ("--config.arms=random", "--config.train.steps=8", "--config.train.ckpt_every=2",
+       "--config.train.eval_every=4", "--config.train.log_every=2")
+ADAPTER = pathlib.Path("arms/random/seed_0/adapter.safetensors")
+
+
+def launch(d, corpus, workdir, n_proc, devices_per_proc, stage=SELECT):
   """Starts the CLI as `n_proc` processes of `devices_per_proc` CPU devices each."""
   args = [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
           f"--config.model.pretrained={d / 'hf'}", f"--config.data.path={corpus}",
           "--config.data.domain=space", "--config.data.n_adapt=8", "--config.data.n_heldout=16",
           "--config.data.max_len=32", "--config.surrogate.steps=10",
           "--config.select.batch_size=8", "--config.select.chunk_batches=1",
-          "--config.select.k=32", "--config.arms=albat", "--config.stop_after=select",
+          "--config.select.k=32", *stage,
           "--config.progress=False", f"--config.workdir={workdir}",
           # Its own cache per run: the pool scores are cached by content, and a run that found
           # another run's scores would not score at all.
@@ -131,3 +142,31 @@ def test_kill_one_process_mid_scoring_then_resume(setup):
   finish(launch(d, corpus, workdir, 2, 1), workdir)
   assert (workdir / MANIFEST).read_bytes() == reference
   assert json.loads(cursor.read_text())["done"]  # The rerun continued the same scores.
+
+
+def test_kill_one_process_mid_bat_training_then_resume(setup):
+  d, corpus = setup
+  reference = d / "bat_ref"
+  finish(launch(d, corpus, reference, 2, 1, BAT), reference)
+  workdir = d / "bat_killed"
+  procs = launch(d, corpus, workdir, 2, 1, BAT)
+  ckpts = workdir / ADAPTER.parent / "checkpoints"
+  deadline, step = time.time() + 240, 0
+  while time.time() < deadline and procs[1].poll() is None and step < 2:
+    step = max([int(p.name) for p in ckpts.glob("*") if p.name.isdigit()], default=0)
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGKILL)
+  procs[0].send_signal(signal.SIGKILL)  # It would wait for its peer in the next collective.
+  for p in procs:
+    p.wait(timeout=60)
+  assert step >= 2, "BAT training never checkpointed"
+  assert not (workdir / ADAPTER).exists(), "the kill came too late to test resuming"
+  finish(launch(d, corpus, workdir, 2, 1, BAT), workdir)
+  a = safetensors.numpy.load_file(str(reference / ADAPTER))
+  b = safetensors.numpy.load_file(str(workdir / ADAPTER))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rs]  # noqa
+  assert strip(io.read_jsonl(reference / ADAPTER.parent / "metrics.jsonl")) == strip(
+      io.read_jsonl(workdir / ADAPTER.parent / "metrics.jsonl"))

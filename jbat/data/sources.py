@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -100,7 +99,8 @@ def fetch_debian_folder(packages: Sequence[str], folder: str, target: pathlib.Pa
   `apt-get download <packages>` (as root with empty apt lists: `apt-get update` once, then
   again), `dpkg -x` of every .deb into a temporary folder beside `target`, then the unpacked
   `folder` (e.g. "usr/share/games/fortunes") is checked with `complete` and renamed atomically
-  to `target`, so an interrupted fetch leaves no half-written copy. `fix` ends every error
+  to `target`, so an interrupted fetch leaves no half-written copy, and a run that fetches
+  while another one does keeps the first complete copy (never deleting one in use). `fix` ends every error
   message (what the user can do instead).
 
   Raises:
@@ -133,9 +133,15 @@ def fetch_debian_folder(packages: Sequence[str], folder: str, target: pathlib.Pa
     if not complete(unpacked):
       raise JbatError(f"{' '.join(packages)} unpacked to {unpacked} without the expected "
                       f"files; {fix}")
-    if target.exists():  # an incomplete copy left by hand: replace it
-      shutil.rmtree(target)
-    os.replace(unpacked, target)
+    if complete(target):  # another run fetched it meanwhile: keep that copy (in use)
+      return target
+    if target.exists():  # an incomplete copy left by hand: moved aside, deleted with tmp
+      os.replace(target, tmp / "stale")
+    try:
+      os.replace(unpacked, target)
+    except OSError:
+      if not complete(target):  # not a concurrent run that just put a complete copy there
+        raise
   return target
 
 
@@ -214,7 +220,7 @@ def load_text_folder(directory: str | os.PathLike) -> list[Document]:
   source = the file's relative path; id = ordinal in the sorted walk.
 
   Raises:
-    JbatError: the folder is missing or has no .txt files.
+    JbatError: the folder is missing or has no .txt files, or a file is not valid UTF-8.
   """
   root = pathlib.Path(directory)
   if not root.is_dir():
@@ -226,10 +232,14 @@ def load_text_folder(directory: str | os.PathLike) -> list[Document]:
   for i, path in enumerate(files):
     rel = path.relative_to(root)
     parent = rel.parent.as_posix()
+    try:
+      text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise JbatError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason}).") from None
     docs.append(
         Document(
             id=i,
-            text=path.read_bytes().decode("utf-8", errors="replace"),
+            text=text,
             source=rel.as_posix(),
             label=None if parent == "." else parent,
         )
@@ -250,19 +260,24 @@ def load_jsonl(
   source = the file name.
 
   Raises:
-    JbatError: unreadable file, a line that is not a JSON object, a missing / non-string
-      text field, a missing / non-integer id field, or duplicate ids (all name file + line).
+    JbatError: unreadable file, a line that is not valid UTF-8 or not a JSON object, a missing
+      / non-string text field, a missing / non-integer id field, or duplicate ids (all name
+      file + line).
   """
   path = pathlib.Path(path)
   try:
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = path.read_bytes().splitlines()  # Lines end at \n, \r\n or \r.
   except OSError as e:
     raise JbatError(f"cannot read JSONL file {path}: {e}") from e
   docs, seen = [], set()
-  for lineno, line in enumerate(lines, start=1):
+  for lineno, raw in enumerate(lines, start=1):
+    where = f"{path}, line {lineno}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise JbatError(f"{where}: not valid UTF-8 (byte {e.start}: {e.reason}).") from None
     if not line.strip():
       continue
-    where = f"{path}, line {lineno}"
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -332,8 +347,9 @@ def make_task(
     label_field_name: what a label is called in error messages ("domain", "category", ...).
 
   Raises:
-    JbatError: unknown domain (lists the available ones), n_adapt <= 0, n_heldout < 0, or
-      fewer than n_adapt + n_heldout documents in the domain.
+    JbatError: unknown domain (lists the available ones), n_adapt <= 0, n_heldout < 0,
+      fewer than n_adapt + n_heldout documents in the domain, or a pool with no text left
+      (every other document empty or whitespace after dedup; names the sources).
   """
   docs = dedup(docs)
   labels = sorted({d.label for d in docs if d.label is not None})
@@ -358,4 +374,10 @@ def make_task(
   adapt, heldout = shuffled[:n_adapt], shuffled[n_adapt:need]
   taken = {d.id for d in adapt} | {d.id for d in heldout}
   pool = [d for d in docs if d.id not in taken]
+  if not any(d.text.strip() for d in pool):
+    names = sorted({d.source for d in docs})
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise JbatError(
+        f"the backbone pool of {shown} is empty after cleaning: the documents outside the "
+        f"adaptation and held-out sets ({len(pool)} after dedup) hold no text.")
   return Task(adapt=adapt, heldout=heldout, pool=pool)

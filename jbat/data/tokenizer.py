@@ -71,6 +71,14 @@ def train_bpe_tokenizer(
   return load_tokenizer(path)
 
 
+def _from_file(path: pathlib.Path) -> tokenizers.Tokenizer:
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # noqa: BLE001  a Rust exception type (not OSError / ValueError).
+    raise JbatError(f"{path}: not a valid tokenizer.json ({' '.join(str(e).split())[:300]})"
+                    ) from None
+
+
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
   """Loads a tokenizer from a tokenizer.json file, or a folder holding one / an HF tokenizer.
 
@@ -83,14 +91,15 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerF
   """
   path = pathlib.Path(path)
   if path.is_file():
-    tok = _wrap(tokenizers.Tokenizer.from_file(str(path)))
+    tok = _wrap(_from_file(path))
   elif path.is_dir() and (path / "tokenizer_config.json").is_file():
     try:
       tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-      raise JbatError(f"cannot load the HF tokenizer in {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001  tokenizers raises its own (Rust) exception types.
+      raise JbatError(f"cannot load the HF tokenizer in {path}: "
+                      f"{' '.join(str(e).split())[:300]}") from None
   elif path.is_dir() and (path / "tokenizer.json").is_file():
-    tok = _wrap(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+    tok = _wrap(_from_file(path / "tokenizer.json"))
   else:
     raise JbatError(
         f"no tokenizer at {path}: expected a tokenizer.json file, or a folder holding "

@@ -149,9 +149,18 @@ def _read_cursor(out_dir: pathlib.Path, fingerprint: str, n_chunks: int) -> int:
 
 def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int, n_chunks: int,
                   n_examples: int) -> None:
-  io.write_json_atomic(out_dir / CURSOR_FILE, {
-      "fingerprint": fingerprint, "next_chunk": next_chunk, "n_chunks": n_chunks,
-      "n_examples": n_examples, "done": next_chunk == n_chunks})
+  # Two runs may fill one cache folder at once (same inputs: the same chunks): the cursor only
+  # moves forward, so a run that finished is never told by the other that it did not.
+  with io.file_lock(out_dir / ".cursor.lock"):
+    try:
+      old = json.loads((out_dir / CURSOR_FILE).read_text())
+      if old.get("fingerprint") == fingerprint and int(old.get("next_chunk", 0)) >= next_chunk:
+        return
+    except (OSError, ValueError):
+      pass
+    io.write_json_atomic(out_dir / CURSOR_FILE, {
+        "fingerprint": fingerprint, "next_chunk": next_chunk, "n_chunks": n_chunks,
+        "n_examples": n_examples, "done": next_chunk == n_chunks})
 
 
 def scores_dir(out_dir: str | pathlib.Path) -> pathlib.Path:

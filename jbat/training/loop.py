@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jbat import distributed, io, losses
+from jbat.errors import Diverged
 
 MODEL_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 
@@ -135,6 +136,15 @@ def train_step(params: nnx.State, opt_state: Any, frozen: nnx.State, rng: jax.Ar
   return params, opt_state, jax.random.key_data(rng), metrics
 
 
+@jax.jit
+def first_bad_step(first: jax.Array, metrics: dict[str, jax.Array], step: jax.Array
+                   ) -> jax.Array:
+  """`first` if it is set (> 0), else `step` if the step's loss or gradient norm is not finite,
+  else 0: the first diverged step, tracked on the device without waiting for the step."""
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  return jnp.where(first > 0, first, jnp.where(ok, 0, step)).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "eval_fn"))
 def eval_sums(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
               graphdef: nnx.GraphDef, eval_fn: EvalFn = lm_eval_sums
@@ -209,6 +219,11 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   metrics.jsonl and best.safetensors, orbax coordinates the checkpoint writes.
   Returns:
     FitResult with the final and best parameters and the metric history.
+  Raises:
+    Diverged: a step's loss or gradient norm (or a held-out loss) is not finite. The first bad
+      step is tracked on the device and checked before every log record, evaluation and
+      checkpoint, so nothing non-finite is logged, kept as best or checkpointed: the folder
+      keeps the last finite checkpoint (a rerun resumes there and diverges the same way).
   """
   mesh = mesh or data_mesh()
   last = spec.steps if until is None else until
@@ -265,6 +280,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     if evaluate is None:
       return
     loss = evaluate(params)
+    if not np.isfinite(loss):
+      raise Diverged(step, "held-out loss", desc, spec.lr)
     record({"step": step, "eval_loss": loss})
     if loss < meta["best_loss"]:
       meta.update(best_loss=loss, best_step=step)
@@ -276,32 +293,47 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   bar = tqdm(total=spec.steps, initial=start, desc=desc, dynamic_ncols=True,
              disable=not progress or not distributed.is_main())
   t0, n_seen = time.perf_counter(), 0
-  for step in range(start + 1, last + 1):
-    batch = next(train_iter)
-    first = next(k for k in batch_keys if k in batch)
-    n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch[first])
-    params, opt_state, rng, m = train_step(
-        params, opt_state, frozen, rng, put({k: batch[k] for k in batch_keys if k in batch}),
-        graphdef=graphdef, tx=tx, loss_fn=loss_fn, grad_accum=spec.grad_accum)
-    if step % spec.log_every == 0 or step == spec.steps:
-      loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # Waits for the step to finish.
-      dt = time.perf_counter() - t0
-      rec = {"step": step, "loss": loss, "grad_norm": grad_norm,
-             "lr": float(schedule_lr(step - 1)), "examples_per_s": n_seen / max(dt, 1e-9)}
-      record(rec)
-      bar.set_postfix(loss=f"{rec['loss']:.3f}", ex_s=f"{rec['examples_per_s']:.0f}")
-      t0, n_seen = time.perf_counter(), 0
-    if (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps:
-      maybe_eval(step, params)
-    if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == last:
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": rng}),
-          data=ocp.args.JsonSave(train_iter.get_state()), meta=ocp.args.JsonSave(dict(meta))),
-          force=True)
-    bar.update(1)
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
+  bad = np.int32(0)  # The first non-finite step so far (0: none), a device value.
+
+  def check_finite() -> None:  # Waits for the steps dispatched so far.
+    first = int(bad)
+    if first:
+      raise Diverged(first, "loss or gradient norm", desc, spec.lr)
+
+  try:
+    for step in range(start + 1, last + 1):
+      batch = next(train_iter)
+      first = next(k for k in batch_keys if k in batch)
+      n_seen += int(np.sum(batch["valid"])) if "valid" in batch else len(batch[first])
+      params, opt_state, rng, m = train_step(
+          params, opt_state, frozen, rng, put({k: batch[k] for k in batch_keys if k in batch}),
+          graphdef=graphdef, tx=tx, loss_fn=loss_fn, grad_accum=spec.grad_accum)
+      bad = first_bad_step(bad, m, np.int32(step))
+      do_log = step % spec.log_every == 0 or step == spec.steps
+      do_eval = (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps
+      do_ckpt = (spec.ckpt_every and step % spec.ckpt_every == 0) or step == last
+      if do_log or do_eval or do_ckpt:
+        check_finite()
+      if do_log:
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # Waits for the step.
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "loss": loss, "grad_norm": grad_norm,
+               "lr": float(schedule_lr(step - 1)), "examples_per_s": n_seen / max(dt, 1e-9)}
+        record(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", ex_s=f"{rec['examples_per_s']:.0f}")
+        t0, n_seen = time.perf_counter(), 0
+      if do_eval:
+        maybe_eval(step, params)
+      if do_ckpt:
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": rng}),
+            data=ocp.args.JsonSave(train_iter.get_state()),
+            meta=ocp.args.JsonSave(dict(meta))), force=True)
+      bar.update(1)
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
   distributed.barrier(f"jbat-fit-{workdir.name}-{last}")  # best.safetensors is written.
   best = io.load_tree(best_path, params) if evaluate is not None and best_path.exists() else None
   return FitResult(params=params, best_params=best, best_step=meta["best_step"],
