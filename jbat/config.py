@@ -284,9 +284,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise JbatError(f"config: data.path: {kind} {str(p)!r} does not exist")
   if config.model.pretrained:
     p = pathlib.Path(config.model.pretrained).expanduser()
-    if not (p / "config.json").is_file():
+    if p.suffix == ".gguf" and not p.is_file():
+      raise JbatError(f"config: model.pretrained: GGUF file {str(p)!r} does not exist")
+    if p.suffix != ".gguf" and not (p / "config.json").is_file():
       raise JbatError(f"config: model.pretrained: {str(p)!r} is not a Hugging Face model folder "
-                      "(expected a config.json in it)")
+                      "(expected a config.json in it) or a .gguf file")
   if config.train.batch_size % config.train.grad_accum:
     raise JbatError(f"config: train.batch_size={config.train.batch_size} must be a multiple of "
                     f"train.grad_accum={config.train.grad_accum}")

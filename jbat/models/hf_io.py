@@ -376,7 +376,8 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
 
   Args:
     path: folder with config.json (model_type gpt2 | llama | qwen2), model.safetensors or
-      model.safetensors.index.json + shards, and an HF tokenizer.
+      model.safetensors.index.json + shards, and an HF tokenizer; or a llama.cpp `.gguf`
+      file (llama architecture, de-quantized to float32: see `jbat.models.gguf_io`).
     dtype: compute dtype of the jbat model ("float32" | "bfloat16"); parameters are float32.
     mesh: parameters are placed replicated on it (NamedSharding(mesh, P())); default: the
       first device.
@@ -392,6 +393,9 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
       embedding rows.
   """
   root = pathlib.Path(path)
+  if root.suffix == ".gguf":
+    from jbat.models import gguf_io  # pylint: disable=import-outside-toplevel
+    return gguf_io.load_gguf(root, dtype, mesh=mesh, sharding=sharding)
   config_file = root / "config.json"
   if not config_file.is_file():
     raise JbatError(f"{root}: no config.json (expected a Hugging Face model folder)")
