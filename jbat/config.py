@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.rank = 8
   c.lora.alpha = 16.0
   c.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+  c.lora.dora = False  # DoRA: a learned magnitude per output column (jbat.lora.DoRALinear).
 
   # Adaptation training (every arm uses the same schedule and seeds).
   c.train = ml_collections.ConfigDict()
