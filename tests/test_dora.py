@@ -112,11 +112,18 @@ def test_trained_dora_matches_peft(tmp_path, config, targets):
   assert np.abs(plain - theirs).max() > 100 * RTOL * scale  # the adapter changes the logits
 
 
+def _keys_like(tree, key):
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
+
+
 def test_albat_scores_on_dora_match_brute_force(tmp_path):
   save_hf(llama_config(), tmp_path / "base")
   model = dora_model(tmp_path / "base", r".*(q_proj|v_proj|down_proj)")
   graphdef, phi0, rest = lora.split(model)
-  phi_s = lora.split(train(nnx.clone(model), jnp.asarray(random_ids(7, (4, 12)))))[1]
+  phi_s = jax.tree.map(  # a random non-zero step on A, B and the magnitudes
+      lambda p, k: p + 0.2 * jax.random.normal(k, p.shape) * (1 + jnp.abs(p)), phi0,
+      _keys_like(phi0, jax.random.key(7)))
   tokens = jnp.asarray(random_ids(9, (5, 12)))
   batch = {"tokens": tokens, "valid": jnp.ones(5, bool)}
   loss_fn = lambda a, b: nll_per_example(lora.merge(graphdef, a, rest), b["tokens"])

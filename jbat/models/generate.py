@@ -105,10 +105,10 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature, top_p, greedy: 
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "eos_id", "pad_id",
-                                             "greedy"))
-def _generate(graphdef, state, tokens, mask, rng, temperature, top_p, *, max_new, eos_id,
-              pad_id, greedy):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"))
+def _generate(graphdef, state, tokens, mask, rng, temperature, top_p, eos_id, pad_id, *,
+              max_new, greedy):
+  """eos_id: int32 scalar, -1 for none (no token id matches it); pad_id: int32 scalar."""
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
   b, p = tokens.shape
@@ -128,7 +128,7 @@ def _generate(graphdef, state, tokens, mask, rng, temperature, top_p, *, max_new
   logits, caches = forward_cached(model, toks, positions, caches, 0, prefill_mask)
   rng, sub = jax.random.split(rng)
   first = sample_token(logits, sub, temperature, top_p, greedy)
-  done = first == eos_id if eos_id is not None else jnp.zeros((b,), bool)
+  done = first == eos_id
   out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
 
   def cond(carry):
@@ -145,17 +145,13 @@ def _generate(graphdef, state, tokens, mask, rng, temperature, top_p, *, max_new
     tok = sample_token(logits, sub, temperature, top_p, greedy)
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-    if eos_id is not None:
-      done = done | (tok == eos_id)
+    done = done | (tok == eos_id)
     return i + 1, tok, done, out, caches, rng
 
   carry = (jnp.asarray(1, jnp.int32), first, done, out, caches, rng)
   _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-  if eos_id is None:
-    lengths = jnp.full((b,), max_new, jnp.int32)
-  else:  # generated tokens up to and including the first eos
-    is_eos = out == eos_id
-    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new)
+  is_eos = out == eos_id  # lengths: generated tokens up to and including the first eos
+  lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new)
   return out, lengths.astype(jnp.int32)
 
 
@@ -169,7 +165,7 @@ def generate(model: CausalLM, tokens, mask=None, *, max_new_tokens: int,
   max_new_tokens or once every row has produced `eos_id`. Returns (new tokens int32
   [B, max_new_tokens], pad_id after a row's eos; lengths int32 [B]: tokens up to and including
   the first eos). The model may carry LoRA/DoRA adapters. One compile per (graph, shapes,
-  max_new_tokens, eos_id, pad_id, greedy or not).
+  max_new_tokens, greedy or not); eos_id, pad_id, temperature and top_p are traced.
 
   Raises JbatError for max_new_tokens < 1, a prompt row with no real token, prompts + new
   tokens longer than a learned-position model's max_len, temperature < 0, top_p outside
@@ -196,7 +192,8 @@ def generate(model: CausalLM, tokens, mask=None, *, max_new_tokens: int,
     raise JbatError("generate: sampling (temperature > 0) needs an rng key")
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
+  if eos_id is not None and not 0 <= int(eos_id) < model.cfg.vocab_size:
+    raise JbatError(f"generate: eos_id {eos_id} is not a token id of the model")
   return _generate(graphdef, state, tokens, mask, rng, jnp.float32(max(temperature, 1e-6)),
-                   jnp.float32(top_p), max_new=max_new_tokens,
-                   eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
-                   greedy=greedy)
+                   jnp.float32(top_p), jnp.int32(-1 if eos_id is None else int(eos_id)),
+                   jnp.int32(pad_id), max_new=max_new_tokens, greedy=greedy)
