@@ -6,6 +6,7 @@ tokenizer.ggml.*, tensors under llama.cpp's names in HF [out, in] row order, and
 attn_q / attn_k permuted per head for ggml's adjacent-pair rope.
 """
 
+import json
 import pathlib
 import time
 
@@ -51,13 +52,13 @@ def write_tiny_gguf(path: pathlib.Path, qtype: str = "F32", tie: bool = False, s
   tok = _bpe_tokenizer()
   vocab = tok.backend_tokenizer.get_vocab()
   tokens = sorted(vocab, key=vocab.get)
-  import json
   merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
   merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
   cfg = transformers.LlamaConfig(
       vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=tie, initializer_range=0.1)
+      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+      tie_word_embeddings=tie, initializer_range=0.1)
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(cfg).eval()
   sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -222,3 +223,27 @@ def test_config_pretrained_may_name_a_gguf_file(tmp_path):
     C.validate(c)
   c.model.pretrained = str(write_tiny_gguf(tmp_path / "t.gguf"))
   C.validate(c)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_bfloat16_weights_give_the_bfloat16_compute_logits(tmp_path, fmt):
+  """param_dtype="bfloat16" stores every weight in bf16 (half the memory); with bf16 compute
+  the modules cast to bf16 anyway, so the logits are those of float32 storage."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  if fmt == "gguf":
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+  else:
+    from tests.test_hf_io import llama_config, save_hf
+    save_hf(llama_config(), tmp_path / "hf")
+    path = tmp_path / "hf"
+  ref, _ = hf_io.load_causal_lm(path, "bfloat16")
+  half, _ = hf_io.load_causal_lm(path, "bfloat16", param_dtype="bfloat16")
+  dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(half, nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 9)))
+  fwd = nnx.jit(lambda m, t: m(t))
+  np.testing.assert_array_equal(np.asarray(fwd(half, ids)), np.asarray(fwd(ref, ids)))
+  with pytest.raises(JbatError, match="param_dtype"):
+    hf_io.load_causal_lm(path, param_dtype="float16")

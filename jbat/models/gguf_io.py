@@ -208,16 +208,19 @@ def load_tokenizer(path: pathlib.Path):
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", *,
               mesh: jax.sharding.Mesh | None = None,
-              sharding: Sharding | None = None) -> tuple[CausalLM, object]:
+              sharding: Sharding | None = None,
+              param_dtype: str = "float32") -> tuple[CausalLM, object]:
   """(CausalLM, tokenizer) from a llama-architecture `.gguf` file; see `hf_io.load_causal_lm`
-  for `dtype`, `mesh` and `sharding`. Tensors are de-quantized to float32 one at a time and
-  placed straight onto their sharding.
+  for `dtype`, `mesh`, `sharding` and `param_dtype`. Tensors are de-quantized to float32 one
+  at a time, cast to `param_dtype` and placed straight onto their sharding.
 
   Raises:
     JbatError: missing/unreadable file, another architecture, unsupported rope scaling, a
       tensor type outside SUPPORTED_TYPES, a missing or misshapen tensor, a tokenizer larger
       than the embedding.
   """
+  from jbat.models.hf_io import storage_dtype  # pylint: disable=import-outside-toplevel
+  store = storage_dtype(param_dtype)
   path = pathlib.Path(path)
   reader = open_gguf(path)
   meta = metadata(reader)
@@ -233,7 +236,8 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *,
     sharding = lambda _name, _shape: target
   abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  loaded = {name: jax.device_put(x, sharding(name, x.shape))
+  loaded = {name: jax.device_put(x if x.dtype == store else x.astype(store),
+                                 sharding(name, x.shape))
             for name, x in iter_params(reader, cfg, where=str(path))}
   leaves = [(p, v.replace(loaded[".".join(str(q) for q in p)]))
             for p, v in nnx.to_flat_state(state)]
