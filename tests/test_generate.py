@@ -64,7 +64,7 @@ def _brute_force(model, toks, mask, n_new):
   out = []
   for i in range(n_new):
     logits = fwd(state, jnp.asarray(seq), jnp.asarray(pos), jnp.asarray(valid.astype(np.int32)))
-    nxt = np.asarray(jnp.argmax(logits[:, p + i - 1], axis=-1))
+    nxt = np.argmax(np.asarray(logits)[:, p + i - 1], axis=-1)
     out.append(nxt)
     seq[:, p + i], pos[:, p + i], valid[:, p + i] = nxt, pos[:, p + i - 1] + 1, True
   return np.stack(out, axis=1)
