@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.rank = 8
   c.lora.alpha = 16.0
   c.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+  c.lora.dora = False  # DoRA: a learned magnitude per output column (jbat.lora.DoRALinear).
 
   # Adaptation training (every arm uses the same schedule and seeds).
   c.train = ml_collections.ConfigDict()
@@ -282,9 +283,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise JbatError(f"config: data.path: {kind} {str(p)!r} does not exist")
   if config.model.pretrained:
     p = pathlib.Path(config.model.pretrained).expanduser()
-    if not (p / "config.json").is_file():
+    if p.suffix == ".gguf" and not p.is_file():
+      raise JbatError(f"config: model.pretrained: GGUF file {str(p)!r} does not exist")
+    if p.suffix != ".gguf" and not (p / "config.json").is_file():
       raise JbatError(f"config: model.pretrained: {str(p)!r} is not a Hugging Face model folder "
-                      "(expected a config.json in it)")
+                      "(expected a config.json in it) or a .gguf file")
   if not config.model.pretrained and config.data.vocab_size < 259:
     raise JbatError(f"config: data.vocab_size must be >= 259 (3 special tokens + 256 bytes of "
                     f"the byte-level BPE), got {config.data.vocab_size}")

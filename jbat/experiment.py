@@ -125,7 +125,7 @@ def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int | None =
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
   return lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
-                         targets=config.lora.targets)
+                         targets=config.lora.targets, dora=bool(config.lora.get("dora", False)))
 
 
 def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,

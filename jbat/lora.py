@@ -4,6 +4,16 @@ A LoRA linear computes  y = W x + b + (alpha / r) * (x A) B,  with A: [in, r], B
 At init B = 0, so the adapted model equals the backbone bit for bit (phi_0 in docs/method.md).
 Adapter weights are `nnx.LoRAParam` (a subclass of `nnx.Param`), the frozen backbone weights
 stay `nnx.Param`; `split` puts the LoRA filter first so the two sets are disjoint.
+
+DoRA (`LoRAConfig.dora`, weight-decomposed LoRA, Liu et al. 2024, as peft's `use_dora`) adds a
+learned magnitude m [out] per linear and normalises the adapted kernel per output column:
+
+  V = W + (alpha / r) A B   ([in, out]),   y = m * (x V) / ||V||_c + b,
+
+with ||V||_c the L2 norm of each column of V (over the input axis) and m initialised to ||W||_c,
+so at init (B = 0) the model equals the backbone. As in the paper (section 4.3) and peft,
+||V||_c is treated as a constant in the backward pass (`stop_gradient`): the gradient flows
+through x V and m only.
 """
 
 import dataclasses
@@ -28,6 +38,7 @@ class LoRAConfig:
   rank: int = 8
   alpha: float = 16.0
   targets: str = DEFAULT_TARGETS
+  dora: bool = False  # Weight-decomposed LoRA (DoRALinear) instead of plain LoRA.
 
   def validate(self) -> None:
     if not isinstance(self.rank, int) or self.rank <= 0:
@@ -60,6 +71,34 @@ class LoRALinear(nnx.Module):
     dt = self.base.dtype or x.dtype
     a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
     return self.base(x) + ((x.astype(dt) @ a) @ b) * jnp.asarray(self.scale, dt)
+
+
+def column_norms(kernel: jax.Array) -> jax.Array:
+  """L2 norm of each output column of an [in, out] kernel, float32 [out]."""
+  return jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
+
+
+class DoRALinear(LoRALinear):
+  """DoRA: base(x) + (g - 1) (x W) + g * scale * (x A) B  with  g = m / ||W + scale A B||_c
+  (= m * x V / ||V||_c + b, see the module docstring). magnitude m: [out] = ||W||_c at init."""
+
+  def __init__(self, base: nnx.Linear, rank: int, scale: float, *, rngs: nnx.Rngs):
+    super().__init__(base, rank, scale, rngs=rngs)
+    self.magnitude = nnx.LoRAParam(column_norms(base.kernel[...]))
+
+  def gain(self) -> jax.Array:
+    """g = m / ||W + scale A B||_c, float32 [out], the norm held constant for gradients."""
+    v = self.base.kernel[...].astype(jnp.float32) + self.scale * (self.lora_a[...] @
+                                                                  self.lora_b[...])
+    return self.magnitude[...] / jax.lax.stop_gradient(column_norms(v))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.base.dtype or x.dtype
+    a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
+    y = self.base(x)
+    xw = y - self.base.bias[...].astype(y.dtype) if self.base.bias is not None else y
+    g = self.gain().astype(dt)
+    return y + (g - 1) * xw + g * (((x.astype(dt) @ a) @ b) * jnp.asarray(self.scale, dt))
 
 
 def _path_str(path: tuple) -> str:
@@ -98,7 +137,8 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> list[st
     raise JbatError(f"lora.targets: {cfg.targets!r} matched no nnx.Linear in the model")
   for path in matches:
     base = _get(model, path)
-    _set_child(model, path, LoRALinear(base, cfg.rank, cfg.scale, rngs=rngs))
+    wrapper = DoRALinear if cfg.dora else LoRALinear
+    _set_child(model, path, wrapper(base, cfg.rank, cfg.scale, rngs=rngs))
   return [_path_str(p) for p in matches]
 
 
@@ -122,14 +162,18 @@ def count_params(model: nnx.Module) -> dict[str, int]:
 
 def merge_into_base(model: nnx.Module) -> nnx.Module:
   """A new model (the input is untouched) where each LoRALinear is a plain nnx.Linear with
-  kernel W + scale * A @ B (float32), so it runs at the backbone's cost."""
+  kernel W + scale * A @ B (float32; DoRA: g * (W + scale * A @ B) per output column), so it
+  runs at the backbone's cost."""
   model = nnx.clone(model)
   paths = [p for p, node in nnx.iter_modules(model) if isinstance(node, LoRALinear)]
   for path in paths:
     lora = _get(model, path)
     base = lora.base
     delta = lora.scale * (lora.lora_a[...] @ lora.lora_b[...])
-    base.kernel[...] = base.kernel[...] + delta.astype(base.kernel[...].dtype)
+    merged = base.kernel[...] + delta.astype(base.kernel[...].dtype)
+    if isinstance(lora, DoRALinear):
+      merged = (merged * lora.gain()).astype(base.kernel[...].dtype)
+    base.kernel[...] = merged
     _set_child(model, path, base)
   return model
 

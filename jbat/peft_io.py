@@ -14,6 +14,13 @@ targeted subset S of {q, k, v} (rank r each) are exactly one LoRA on c_attn of r
 
 with zero columns of B_c for an untargeted projection; its peft rank r|S| and lora_alpha
 alpha |S| (set per module through rank_pattern / alpha_pattern) keep the scale alpha / r.
+
+DoRA (`jbat.lora.DoRALinear`) exports with `use_dora: true` and each module's magnitude m
+([out], peft's `lora_magnitude_vector`). peft's DoRA output is
+base(x) + (g - 1) (x W) + g * scale * lora_B(lora_A(x)), g = m / ||W + scale B A||_row, the same
+function. On GPT-2's c_attn the magnitude is [m_q | m_k | m_v]; an untargeted projection gets
+its columns' norms ||W||_c (g = 1), and the block-diagonal B_c keeps each column's norm that of
+its own projection, so the fused DoRA is exact too.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from flax import nnx
 
 from jbat import io
 from jbat.errors import JbatError
-from jbat.lora import LoRALinear, merge_into_base
+from jbat.lora import DoRALinear, LoRALinear, column_norms, merge_into_base
 from jbat.models import hf_io
 
 _PEFT_PREFIX = "base_model.model."
@@ -53,9 +60,13 @@ def _ab(m: LoRALinear) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(m.lora_a[...], np.float32), np.asarray(m.lora_b[...], np.float32)
 
 
-def peft_modules(model: nnx.Module, model_type: str) -> dict[str, tuple[np.ndarray, np.ndarray,
-                                                                        float]]:
-  """{HF module name: (lora_A.weight [r, in], lora_B.weight [out, r], lora_alpha)}.
+def _magnitude(m: LoRALinear) -> np.ndarray | None:
+  return np.asarray(m.magnitude[...], np.float32) if isinstance(m, DoRALinear) else None
+
+
+def peft_modules(model: nnx.Module, model_type: str) -> dict[str, tuple]:
+  """{HF module name: (lora_A.weight [r, in], lora_B.weight [out, r], lora_alpha, DoRA
+  magnitude [out] or None for plain LoRA)}.
 
   Raises JbatError for an adapter on a module with no HF counterpart.
   """
@@ -67,7 +78,7 @@ def peft_modules(model: nnx.Module, model_type: str) -> dict[str, tuple[np.ndarr
   for path, m in _lora_modules(model).items():
     if path == "lm_head":
       a, b = _ab(m)
-      out["lm_head"] = (a.T, b.T, m.scale * a.shape[1])
+      out["lm_head"] = (a.T, b.T, m.scale * a.shape[1], _magnitude(m))
       continue
     match = re.fullmatch(r"layers\.(\d+)\.(.+)", path)
     sub = match and match.group(2)
@@ -81,13 +92,13 @@ def peft_modules(model: nnx.Module, model_type: str) -> dict[str, tuple[np.ndarr
     layer = f"transformer.h.{match.group(1)}" if model_type == "gpt2" else \
         f"model.layers.{match.group(1)}"
     a, b = _ab(m)
-    out[f"{layer}.{names[sub]}"] = (a.T, b.T, m.scale * a.shape[1])
+    out[f"{layer}.{names[sub]}"] = (a.T, b.T, m.scale * a.shape[1], _magnitude(m))
   for i, parts in sorted(fused.items()):
-    out[f"transformer.h.{i}.attn.c_attn"] = _fuse_qkv(i, parts)
+    out[f"transformer.h.{i}.attn.c_attn"] = _fuse_qkv(i, parts, model.layers[i].attn)
   return out
 
 
-def _fuse_qkv(layer: int, parts: dict[str, LoRALinear]) -> tuple[np.ndarray, np.ndarray, float]:
+def _fuse_qkv(layer: int, parts: dict[str, LoRALinear], attn: nnx.Module) -> tuple:
   """GPT-2 c_attn LoRA from the q/k/v LoRAs present in `parts` (see the module docstring)."""
   present = [p for p in _GPT2_QKV if p in parts]
   ranks = {parts[p].lora_a.shape[1] for p in present}
@@ -102,7 +113,16 @@ def _fuse_qkv(layer: int, parts: dict[str, LoRALinear]) -> tuple[np.ndarray, np.
   for j, p in enumerate(present):
     col = _GPT2_QKV.index(p) * d
     b_c[j * r:(j + 1) * r, col:col + d] = _ab(parts[p])[1]
-  return a_c.T, b_c.T, scale * r * len(present)
+  mag = None
+  if any(isinstance(parts[p], DoRALinear) for p in present):
+    if not all(isinstance(parts[p], DoRALinear) for p in present):
+      raise JbatError(f"export_peft: layers.{layer} mixes DoRA and LoRA on q/k/v; gpt2's fused "
+                      f"c_attn needs one kind")
+    # An untargeted projection keeps g = 1: its magnitude is its kernel's column norms.
+    mag = np.concatenate([_magnitude(parts[p]) if p in parts else
+                          np.asarray(column_norms(getattr(attn, p.split(".")[1]).kernel[...]))
+                          for p in _GPT2_QKV])
+  return a_c.T, b_c.T, scale * r * len(present), mag
 
 
 def _layer_suffix(name: str) -> tuple[str, str]:
@@ -126,7 +146,11 @@ def adapter_config(modules: dict, base_model_name_or_path: str, model_type: str,
   """The peft `LoraConfig` dict for `modules` (from `peft_modules`). The most common
   (r, lora_alpha) is global; any other goes to rank_pattern / alpha_pattern under its exact
   (regex-escaped) module name."""
-  shapes = {k: (a.shape[0], alpha) for k, (a, _, alpha) in modules.items()}
+  shapes = {k: (a.shape[0], alpha) for k, (a, _, alpha, _) in modules.items()}
+  dora = {mag is not None for (_, _, _, mag) in modules.values()}
+  if len(dora) > 1:
+    raise JbatError("export_peft: the model mixes DoRA and plain LoRA modules; peft's "
+                    "use_dora is one flag for the whole adapter")
   (r, alpha), _ = collections.Counter(shapes.values()).most_common(1)[0]
   return {
       "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -135,7 +159,7 @@ def adapter_config(modules: dict, base_model_name_or_path: str, model_type: str,
       "target_modules": target_modules(sorted(modules), n_layers),
       "rank_pattern": {re.escape(k): int(rk) for k, (rk, _) in shapes.items() if rk != r},
       "alpha_pattern": {re.escape(k): float(al) for k, (_, al) in shapes.items() if al != alpha},
-      "fan_in_fan_out": model_type == "gpt2", "use_rslora": False, "use_dora": False,
+      "fan_in_fan_out": model_type == "gpt2", "use_rslora": False, "use_dora": dora == {True},
       "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
       "layers_pattern": None, "inference_mode": True, "revision": None,
   }
@@ -154,9 +178,11 @@ def export_peft(model: nnx.Module, path: str | os.PathLike, base_model_name_or_p
   modules = peft_modules(model, model_type)
   cfg = adapter_config(modules, base_model_name_or_path, model_type, model.cfg.n_layers)
   tensors = {}
-  for name, (a, b, _) in modules.items():
+  for name, (a, b, _, mag) in modules.items():
     tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a)
     tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b)
+    if mag is not None:
+      tensors[f"{_PEFT_PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(mag)
   root = pathlib.Path(path)
   root.mkdir(parents=True, exist_ok=True)
   with io.atomic_path(root / "adapter_model.safetensors") as tmp:

@@ -252,6 +252,14 @@ class CausalLM(nnx.Module):
     under jit). segment_ids (packing): a query sees only keys of its own segment; padding
     (segment 0) attends to padding only, so no row is fully masked and outputs stay finite.
     """
+    x = self.hidden(tokens, positions, segment_ids)
+    logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+    """final_norm(h_L) [B, T, D] in the compute dtype: `__call__` without the output head (for
+    losses that compute the logits a vocabulary chunk at a time)."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -267,6 +275,4 @@ class CausalLM(nnx.Module):
         x = jax.checkpoint(lambda st, h: nnx.merge(gdef, st)(h, positions, mask))(state, x)
       else:
         x = layer(x, positions, mask)
-    x = self.final_norm(x)
-    logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
-    return logits.astype(jnp.float32)
+    return self.final_norm(x)

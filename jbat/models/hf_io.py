@@ -369,19 +369,32 @@ def _path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
+def storage_dtype(param_dtype: str) -> np.dtype:
+  """numpy dtype for `load_causal_lm(param_dtype=...)`; JbatError for anything but float32 or
+  bfloat16."""
+  if param_dtype not in ("float32", "bfloat16"):
+    raise JbatError(f"param_dtype: expected 'float32' or 'bfloat16', got {param_dtype!r}")
+  return np.dtype(jax.numpy.bfloat16) if param_dtype == "bfloat16" else np.dtype(np.float32)
+
+
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
                    mesh: jax.sharding.Mesh | None = None,
-                   sharding: Sharding | None = None) -> tuple[CausalLM, object]:
+                   sharding: Sharding | None = None,
+                   param_dtype: str = "float32") -> tuple[CausalLM, object]:
   """Loads a local Hugging Face model directory as (CausalLM, tokenizer).
 
   Args:
     path: folder with config.json (model_type gpt2 | llama | qwen2), model.safetensors or
-      model.safetensors.index.json + shards, and an HF tokenizer.
+      model.safetensors.index.json + shards, and an HF tokenizer; or a llama.cpp `.gguf`
+      file (llama architecture, de-quantized to float32: see `jbat.models.gguf_io`).
     dtype: compute dtype of the jbat model ("float32" | "bfloat16"); parameters are float32.
     mesh: parameters are placed replicated on it (NamedSharding(mesh, P())); default: the
       first device.
     sharding: optional `(param_path, shape) -> Sharding` overriding the placement per
       parameter (e.g. to shard a model too large for one device).
+    param_dtype: storage dtype of the loaded weights, "float32" (default) or "bfloat16"
+      (half the memory; each tensor is cast on the host before it is placed). The modules
+      cast weights to `dtype` for compute, so with dtype="bfloat16" both give the same logits.
 
   Nothing is downloaded. The model is never materialised at random: its abstract shapes come
   from `nnx.eval_shape` and each tensor goes straight from the file to its sharding.
@@ -392,6 +405,10 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
       embedding rows.
   """
   root = pathlib.Path(path)
+  if root.suffix == ".gguf":
+    from jbat.models import gguf_io  # pylint: disable=import-outside-toplevel
+    return gguf_io.load_gguf(root, dtype, mesh=mesh, sharding=sharding,
+                             param_dtype=param_dtype)
   config_file = root / "config.json"
   if not config_file.is_file():
     raise JbatError(f"{root}: no config.json (expected a Hugging Face model folder)")
@@ -401,6 +418,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
     raise JbatError(f"{config_file}: not valid JSON ({e})") from e
   cfg = config_from_hf(hf, dtype, where=str(config_file))
   model_type = hf["model_type"]
+  store = storage_dtype(param_dtype)
 
   tokenizer = load_tokenizer(root)
   if len(tokenizer) > cfg.vocab_size:
@@ -419,7 +437,8 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
     expect = tuple(want[name].shape)
     if x.shape != expect:  # Only reachable through an internal mapping bug.
       raise JbatError(f"{root}: parameter {name} has shape {x.shape}, expected {expect}")
-    loaded[name] = jax.device_put(x, sharding(name, expect))
+    loaded[name] = jax.device_put(x if x.dtype == store else x.astype(store),
+                                  sharding(name, expect))
   missing = sorted(set(want) - set(loaded))
   if missing:
     raise JbatError(f"{root}: no tensor mapped to the parameters {missing[:5]}")
