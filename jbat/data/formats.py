@@ -249,10 +249,10 @@ def encode_records(records: Sequence[Any], tokenizer: Any, max_len: int, fmt: st
 
 def record_text(record: Any, fmt: str, fields: Fields = Fields()) -> str:
   """The record's text as one string (for exact-text overlap checks and the manifest): the
-  text, prompt + response, or the messages' contents joined by newlines."""
+  text, or the prompt and the response / the messages' contents, joined by newlines."""
   if fmt == "text":
     return _string_field(record, fields.text, fmt)
   if fmt == "prompt_response":
-    return (_string_field(record, fields.prompt, fmt)
+    return (_string_field(record, fields.prompt, fmt) + "\n"
             + _string_field(record, fields.response, fmt))
   return "\n".join(m["content"] for m in _chat_messages(record, fields.messages))
