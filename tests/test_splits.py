@@ -86,3 +86,40 @@ def test_config_keys_default_to_today_and_are_validated(tmp_path):
   for data, msg in cases:
     with pytest.raises(JbatError, match=msg):
       config_lib.validate(own_config(tmp_path, **data))
+
+
+def test_pool_chunks_on_two_processes_equal_one(tmp_path):
+  """A pool of 3 JSONL.gz + 1 Parquet (+ an empty shard): 2 processes encode every row exactly
+  once, the same examples as 1 process; responses cut by max_len are dropped with their record."""
+  from tests.test_files import write_jsonl, write_parquet
+  from tests.test_formats import make_tokenizer
+  rows = [{"prompt": " ".join(f"w{9 + (i + j) % 30}" for j in range(1 + i % 5)),
+           "response": f"w{10 + i % 29}"} for i in range(26)]
+  for i, part in enumerate([rows[:6], rows[6:10], rows[10:18]]):
+    write_jsonl(tmp_path / f"p{i}.jsonl.gz", part, gz=True)
+  write_jsonl(tmp_path / "p3.jsonl.gz", [], gz=True)
+  write_parquet(tmp_path / "q.parquet", rows[18:])
+  c = config_lib.base_config()
+  c.data.pool, c.data.pool_format = f"{tmp_path}/p*.jsonl.gz,{tmp_path}/q.parquet", \
+      "prompt_response"
+  tok = make_tokenizer()
+
+  def run(shards):
+    out, cut, empty_files = {}, 0, set()
+    for i in range(shards):
+      reader = splits.pool_reader(c.data, i, shards)
+      empty_files.update(reader.empty_files)
+      for records, examples, stats in splits.pool_chunks(reader, c.data, tok, 4, 3):
+        assert [r.id for r in records] == [e["id"] for e in examples]
+        cut += stats.cut
+        for r, e in zip(records, examples):
+          assert r.id not in out
+          out[r.id] = (r.uid, e["ids"].tolist(), e["weights"].tolist())
+    return out, cut, empty_files
+
+  one, cut1, empty1 = run(1)
+  two, cut2, _ = run(2)
+  assert one == two and cut1 == cut2 and len(one) + cut1 == 26
+  # No bos here: ids = prompt + response, 5 ids kept; a 5-word prompt leaves no response.
+  assert cut1 == sum(1 for r in rows if len(r["prompt"].split()) == 5) > 0
+  assert empty1 == {f"{tmp_path}/p3.jsonl.gz"}

@@ -9,7 +9,7 @@ this process's streaming `RecordReader` over it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,6 +127,27 @@ def pool_reader(data: Any, shard_index: int = 0, shard_count: int = 1) -> files.
   return files.RecordReader(data.pool, fields=formats.required_fields(data.pool_format, f),
                             text_field=f.text, id_field=data.id_field, shard_index=shard_index,
                             shard_count=shard_count, what="data.pool")
+
+
+def encode_task(records: Sequence[files.Record], data: Any, tokenizer: Any, max_len: int,
+                framing: str | None = None) -> tuple[list[dict], formats.EncodeStats]:
+  """`formats.encode_records` of task records in data.format with the config's fields."""
+  return formats.encode_records(records, tokenizer, max_len, data.format, fields(data), framing)
+
+
+def pool_chunks(reader: files.RecordReader, data: Any, tokenizer: Any, max_len: int,
+                chunk_size: int, framing: str | None = None
+                ) -> Iterator[tuple[list[files.Record], list[dict], formats.EncodeStats]]:
+  """Streams a pool: per chunk of `chunk_size` records, (the records kept, their encoded
+  examples (data.pool_format), the chunk's EncodeStats). Records left out (cut / empty) are
+  dropped from both lists, so records[i] is the source of examples[i]."""
+  f = fields(data)
+  for chunk in reader.chunks(chunk_size):
+    examples, stats = formats.encode_records(chunk, tokenizer, max_len, data.pool_format, f,
+                                             framing)
+    dropped = set(stats.cut_ids) | set(stats.empty_ids)
+    kept = [r for r in chunk if r.id not in dropped] if dropped else chunk
+    yield kept, examples, stats
 
 
 def validate(data: Any) -> None:
