@@ -129,6 +129,15 @@ def test_chat_weights_follow_the_template(tmp_path):
   assert [t for t, w in zip(toks[1:], ex["weights"]) if w] == [
       "w13", "w14", "<|im_end|>", "w16", "<|im_end|>"]
   assert [j for j, w in enumerate(ex["weights"]) if w] == [10, 11, 12, 19, 20]
+  # A template marking the assistant's tokens itself. It has no generation prompt, so the
+  # rendering-by-prefixes method would also weight each turn's "<|im_start|> assistant" header.
+  marked = make_tokenizer()
+  marked.chat_template = (
+      "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+      "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}"
+      "{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}")
+  (same,), _ = formats.encode_records([rec(0, messages=CHAT)], marked, 64, "chat")
+  assert np.array_equal(same["ids"], ex["ids"]) and np.array_equal(same["weights"], ex["weights"])
   (short,), stats = formats.encode_records([rec(0, messages=CHAT)], tok, 12, "chat")
   assert len(short["ids"]) == 13 and short["weights"].sum() == 2 and stats.cut == 0
   _, stats = formats.encode_records([rec(0, messages=CHAT)], tok, 10, "chat")

@@ -161,6 +161,7 @@ def _open_text(path: str, what: str):
 
 def _jsonl_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
   """(1-based line number, line) of the non-blank lines of a JSONL(.gz) file."""
+  lineno = 0
   with _open_text(path, what) as f:
     try:
       for lineno, line in enumerate(f, start=1):

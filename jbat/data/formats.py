@@ -31,6 +31,7 @@ response targets are all cut away by max_len is not kept: it is counted in
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ FORMATS = ("text", "prompt_response", "chat")
 FRAMINGS = ("jbat", "tokenizer")
 _CHUNK = 1024
 _PROBE = "hello world"
+_GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
 
 Example = dict[str, Any]
 
@@ -157,12 +159,25 @@ def encode_chat(record: Any, tokenizer: Any, field: str = "messages"
                 ) -> tuple[list[int], list[float]]:
   """(ids, target weights) of one chat record, untruncated.
 
-  The conversation is rendered once; each assistant turn i spans the characters from the end of
-  messages[:i] rendered with the generation prompt to the end of messages[:i + 1] rendered
-  (trailing whitespace excluded). A token is an assistant token when its first character lies in
-  such a span; weights[j] is 1 when target ids[j + 1] is an assistant token.
+  A template that marks the assistant's tokens itself (`{% generation %}` blocks) gives the
+  mask through transformers' `return_assistant_tokens_mask`. Otherwise the conversation is
+  rendered once and each assistant turn i spans the characters from the end of messages[:i]
+  rendered with the generation prompt to the end of messages[:i + 1] rendered (trailing
+  whitespace excluded); a token is an assistant token when its first character lies in such a
+  span. weights[j] is 1 when target ids[j + 1] is an assistant token.
   """
   messages = _chat_messages(record, field)
+  if _GENERATION.search(tokenizer.chat_template or ""):
+    try:
+      enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+    except Exception as e:  # noqa: BLE001  jinja raises its own types for template errors.
+      raise JbatError(f"{record.where}: the chat template failed on this conversation: "
+                      f"{e}") from None
+    return list(enc["input_ids"]), [float(m) for m in enc["assistant_masks"][1:]]
+  if not getattr(tokenizer, "is_fast", False):
+    raise JbatError("data format 'chat' needs a fast (Rust) tokenizer to locate the assistant "
+                    "tokens (or a chat template with {% generation %} blocks).")
   full = _render(tokenizer, messages, record.where)
   spans = []
   for i, m in enumerate(messages):
