@@ -1,6 +1,8 @@
 """jbat.data.formats: token ids and per-target loss weights; the weights through the batches,
 the model's loss (vs a brute-force response-only NLL) and a score kernel."""
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,19 +68,19 @@ def test_text_framing_jbat_matches_encode_and_tokenizer_framing_follows_post_pro
   got, stats = formats.encode_records(recs, bpe, 6)
   want = pipeline.encode(docs, bpe, 6)
   assert stats.kept == 3 and stats.cut == stats.empty == 0
-  for g, w in zip(got, want):
+  for g, w in zip(got, want):  # Exactly encode's examples: no weights (1.0 each).
+    assert g.keys() == w.keys() == {"id", "ids"}
     assert g["id"] == w["id"] and np.array_equal(g["ids"], w["ids"])
-    assert np.array_equal(g["weights"], np.ones(len(w["ids"]) - 1, np.float32))
-  # The same examples with and without all-one weights give bitwise the same batches.
-  strip = [{k: v for k, v in ex.items() if k != "weights"} for ex in got]
+  # All-one weights give bitwise the same batches as none.
+  ones = [dict(ex, weights=np.ones(len(ex["ids"]) - 1, np.float32)) for ex in got]
   for fn in (pipeline.pad_batch, pipeline.pack_batch):
-    a, b = fn(got, 4, 6, 0), fn(strip, 4, 6, 0)
+    a, b = fn(got, 4, 6, 0), fn(ones, 4, 6, 0)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
   plain = make_tokenizer(chat=False)  # GPT-2 / Qwen-like: adds nothing.
   assert formats.default_framing(plain) == "tokenizer"
   (ex,), _ = formats.encode_records([rec(0, text="w9 w10 w11")], plain, 8)
-  assert words(plain, ex["ids"]) == ["w9", "w10", "w11"] and ex["weights"].tolist() == [1, 1]
+  assert words(plain, ex["ids"]) == ["w9", "w10", "w11"] and "weights" not in ex
   llama = make_tokenizer(chat=False, bos=True)  # Llama-like: a bos, no eos.
   assert formats.special_affixes(llama) == ([1], [])
   (ex,), _ = formats.encode_records([rec(0, text="w9 w10 w11")], llama, 8)
@@ -173,6 +175,17 @@ def test_weights_through_pad_pack_and_eval_batches():
   np.testing.assert_array_equal(p["weights"], [[0, 0, 1, 1, 1, 1, 0], [0, 1, 0, 1, 0, 1, 0]])
   ev = list(pipeline.eval_batches(exs, 2, 5, 0, shard_index=1, shard_count=2))
   assert len(ev) == 1 and ev[0]["weights"][0].tolist() == [1, 1, 0, 0, 0]
+  def digest(examples):
+    h = hashlib.sha256()
+    pipeline.hash_examples(h, examples)
+    return h.hexdigest()
+
+  # Caches keyed by the examples tell weightings apart; unweighted examples hash as before.
+  flipped = [dict(exs[0], weights=1 - exs[0]["weights"])] + exs[1:]
+  assert len({digest(exs), digest(flipped), digest(exs[1:2])}) == 3
+  h = hashlib.sha256()
+  h.update(np.int64(8).tobytes() + np.arange(1, 4, dtype=np.int32).tobytes() + b"\x00")
+  assert digest(exs[1:2]) == h.hexdigest()
   bad = [{"id": 1, "ids": np.arange(4, dtype=np.int32), "weights": np.ones(2, np.float32)}]
   with pytest.raises(JbatError, match=r"example 1: 2 weights for 3 targets"):
     pipeline.pad_batch(bad, 1, 8, 0)

@@ -12,7 +12,8 @@ Formats (`data.format` for the task sources, `data.pool_format` for the pool):
 
 Every encoded example is {"id": int, "ids": int32[n], "weights": float32[n - 1]} with
 2 <= n <= max_len + 1: ids[j + 1] is the target of input ids[j], with loss weight weights[j]
-(see `jbat.data.pipeline`).
+(see `jbat.data.pipeline`). A text example has no "weights" (1.0 on every target), so with the
+jbat framing it is exactly `pipeline.encode`'s example (same batches, same cache hashes).
 
 Framing (special tokens), for text and prompt_response:
   "jbat"       [bos] text [eos] (prompt and response ids concatenated inside it): the framing
@@ -256,6 +257,8 @@ def encode_records(records: Sequence[Any], tokenizer: Any, max_len: int, fmt: st
       elif fmt != "text" and not w.any():
         stats.cut += 1
         stats.cut_ids.append(int(rec.id))
+      elif fmt == "text":
+        out.append({"id": int(rec.id), "ids": ids})
       else:
         out.append({"id": int(rec.id), "ids": ids, "weights": w})
   stats.kept = len(out)
