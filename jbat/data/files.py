@@ -217,8 +217,19 @@ def _rows(span: Span, *, fields: Sequence[str], text_field: str, what: str
     if missing:
       raise JbatError(f"{what}: {path}: Parquet file has no column {missing[0]!r} (columns: "
                       f"{', '.join(sorted(names))}).")
-    row = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=list(fields) or None):
+    # Only the row groups overlapping [start, stop) are read.
+    groups, row, first = [], 0, None
+    for g in range(pf.metadata.num_row_groups):
+      n = pf.metadata.row_group(g).num_rows
+      if row + n > start and (stop is None or row < stop):
+        groups.append(g)
+        first = row if first is None else first
+      row += n
+    if not groups:
+      return
+    row = first
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, row_groups=groups,
+                                 columns=list(fields) or None):
       n = batch.num_rows
       if stop is not None and row >= stop:
         break
