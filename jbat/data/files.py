@@ -66,7 +66,9 @@ class Record:
   @property
   def where(self) -> str:
     """"file, line N" (JSONL) or "file, row N": where the record is, for error messages."""
-    return f"{self.file}, line {self.line}" if self.line is not None else f"{self.file}, row {self.row}"
+    if self.line is not None:
+      return f"{self.file}, line {self.line}"
+    return f"{self.file}, row {self.row}"
 
 
 @dataclasses.dataclass(frozen=True)

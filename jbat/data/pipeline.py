@@ -5,8 +5,8 @@ Every batch is a dict of numpy arrays with fixed shapes (B = batch size, L = max
   tokens      int32[B, L]    model inputs
   targets     int32[B, L]    next token of each input (the loss target)
   weights     float32[B, L]  the loss weight of each target: the example's own "weights"
-                             (e.g. 0 on prompt tokens, see `jbat.data.formats`) or 1.0 on
-                             every real target; 0.0 on padding
+                             (e.g. 0 on prompt tokens, see `jbat.data.formats`), else 1.0
+                             on every real target; 0.0 on padding
   positions   int32[B, L]    position of each token inside its document (0, 1, 2, ...)
   segment_ids int32[B, L]    1, 2, ... = which document of the row a token belongs to; 0 = pad
   id          int64[B]       document id (padded mode) / first document of the row (packed); -1
@@ -15,9 +15,9 @@ Every batch is a dict of numpy arrays with fixed shapes (B = batch size, L = max
 
 An encoded example is {"id": int, "ids": int32[n]} with ids = [bos, t_1, ..., t_k, eos]
 truncated to at most L + 1 tokens, optionally with "weights": float32[n - 1], the loss weight
-of each target (aligned with ids[1:]; absent: 1.0 each). It contributes n - 1 (input, target)
-pairs: (ids[j], ids[j+1]) for j < n - 1. So the eos token is a target (the model learns to stop) and,
-when packing, no target ever crosses into another document: the pairs of one document are
+of each target (aligned with ids[1:]; absent: 1.0 each). It contributes n - 1 (input,
+target) pairs: (ids[j], ids[j+1]) for j < n - 1. So the eos token is a target (the model
+learns to stop) and, when packing, no target ever crosses into another document: the pairs of one document are
 laid out contiguously in one row, one segment per document.
 
 The training stream (`train_loader`) is a grain pipeline, in process (no workers):
