@@ -72,6 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
   # Below 1 the target is rare in pretraining, as niche data is in a real backbone; selection
   # still draws from the full pool.
   c.data.backbone_keep = 1.0
+  # Your own data (jbat.data.splits): a task given as files instead of a labelled corpus. A spec
+  # is comma-separated files, globs or folders: JSONL, JSONL.gz, Parquet, a folder of .txt.
+  c.data.adapt = ""  # The task's training examples (a spec); empty: the labelled corpus above.
+  c.data.valid = ""  # Validation examples: a spec, or a count N split off data.adapt (seeded).
+  c.data.test = ""  # Test examples (reported, never used to choose): a spec, or a count N.
+  c.data.pool = ""  # The backbone pool to select from (a spec), streamed per process.
+  c.data.format = "text"  # Task examples: "text", "prompt_response" or "chat".
+  c.data.pool_format = "text"  # Pool examples: "text", "prompt_response" or "chat".
+  c.data.prompt_field = "prompt"  # prompt_response: the prompt's field (loss weight 0).
+  c.data.response_field = "response"  # prompt_response: the response's field (loss weight 1).
+  c.data.messages_field = "messages"  # chat: the field with the list of role/content messages.
+  c.data.id_field = ""  # The field holding a record's stable id; empty: file + row.
 
   c.model = ml_collections.ConfigDict()
   # A local Hugging Face model folder (gpt2 / llama / qwen2, safetensors): when set, it is the
@@ -281,6 +293,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (p.is_dir() if want_dir else p.is_file()):
       kind = "folder" if want_dir else "file"
       raise JbatError(f"config: data.path: {kind} {str(p)!r} does not exist")
+  from jbat.data import splits  # The own-data keys (data.adapt, data.pool, ...).
+  splits.validate(config.data)
   if config.model.pretrained:
     p = pathlib.Path(config.model.pretrained).expanduser()
     if p.suffix == ".gguf" and not p.is_file():

@@ -6,6 +6,8 @@ personalization experiment `jbat.diffusion.personalize.run`). Any problem with t
 exits with code 2 and a message naming the file or field; nothing is written before the config
 (keys, values, the workdir and cache paths) is known to be valid. A training run that diverges
 also exits 2 (`jbat.errors.Diverged`), after reporting the arms that finished.
+`--help` (`--helpfull`) lists every config key with its default and description, and with
+`--config` that config's values beside the defaults (see `jbat.cli_help`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from jbat.errors import JbatError
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  from jbat import cli_help
+  wants_help = [a for a in argv[1:] if a in cli_help.HELP_FLAGS]
+  argv = [argv[0]] + [a for a in argv[1:] if a not in cli_help.HELP_FLAGS]
   # Fresh flags per call: the `--config.x.y=v` override flags are defined from `argv`, so
   # main() can be called several times in one process (tests, notebooks).
   flag_values = flags.FlagValues()
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
       msg = f"unknown config key in an override: {msg}"
     print(f"jbat: error: bad command line: {msg}", file=sys.stderr)
     return 2
+  if wants_help:  # The config's keys, defaults and descriptions (and its values, if given).
+    print(cli_help.help_text(config, full="helpfull" in " ".join(wants_help)), end="")
+    return 0
   if config is None:
     print("jbat: error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
     return 2

@@ -1,4 +1,5 @@
-"""Data layer: text sources and task splits, tokenizers, and the grain batch pipeline."""
+"""Data layer: text sources and task splits, the user's own files (`files`, `formats`,
+`splits`), tokenizers, and the grain batch pipeline."""
 
 from jbat.data.pipeline import (
     encode,
@@ -27,5 +28,8 @@ from jbat.data.tokenizer import (
     load_tokenizer,
     train_bpe_tokenizer,
 )
+from jbat.data.files import Record, RecordReader, read_all, resolve
+from jbat.data.formats import FORMATS, EncodeStats, Fields, encode_records
+from jbat.data.splits import TaskRecords, load_task, pool_chunks, pool_reader
 from jbat.data.mixture import MixtureIterator, mixture_loader, split_rows
 from jbat.data.tweets import clean_tweet, load_health_tweets, thin_domain, tweets_zip

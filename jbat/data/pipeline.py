@@ -4,7 +4,9 @@ Every batch is a dict of numpy arrays with fixed shapes (B = batch size, L = max
 
   tokens      int32[B, L]    model inputs
   targets     int32[B, L]    next token of each input (the loss target)
-  weights     float32[B, L]  1.0 where the target is real, 0.0 on padding
+  weights     float32[B, L]  the loss weight of each target: the example's own "weights"
+                             (e.g. 0 on prompt tokens, see `jbat.data.formats`), else 1.0
+                             on every real target; 0.0 on padding
   positions   int32[B, L]    position of each token inside its document (0, 1, 2, ...)
   segment_ids int32[B, L]    1, 2, ... = which document of the row a token belongs to; 0 = pad
   id          int64[B]       document id (padded mode) / first document of the row (packed); -1
@@ -12,9 +14,10 @@ Every batch is a dict of numpy arrays with fixed shapes (B = batch size, L = max
   valid       bool[B]        False on padding rows
 
 An encoded example is {"id": int, "ids": int32[n]} with ids = [bos, t_1, ..., t_k, eos]
-truncated to at most L + 1 tokens. It contributes n - 1 (input, target) pairs:
-(ids[j], ids[j+1]) for j < n - 1. So the eos token is a target (the model learns to stop) and,
-when packing, no target ever crosses into another document: the pairs of one document are
+truncated to at most L + 1 tokens, optionally with "weights": float32[n - 1], the loss weight
+of each target (aligned with ids[1:]; absent: 1.0 each). It contributes n - 1 (input,
+target) pairs: (ids[j], ids[j+1]) for j < n - 1. So the eos token is a target (the model
+learns to stop) and, when packing, no target ever crosses into another document: the pairs of one document are
 laid out contiguously in one row, one segment per document.
 
 The training stream (`train_loader`) is a grain pipeline, in process (no workers):
@@ -49,6 +52,9 @@ def hash_examples(h: Any, examples: Sequence[Example]) -> None:
   for ex in examples:
     h.update(np.int64(ex["id"]).tobytes())
     h.update(np.asarray(ex["ids"], np.int32).tobytes())
+    if "weights" in ex:  # Absent: the hash of an unweighted example is unchanged.
+      h.update(b"w")
+      h.update(np.asarray(ex["weights"], np.float32).tobytes())
     h.update(b"\x00")
 
 
@@ -95,11 +101,23 @@ def _pairs(example: Example, max_len: int) -> tuple[np.ndarray, np.ndarray]:
   return ids[:-1], ids[1:]
 
 
+def _weights(example: Example, n: int) -> np.ndarray | float:
+  """The loss weights of the first n targets of an example: its "weights" or 1.0."""
+  if "weights" not in example:
+    return 1.0
+  w = np.asarray(example["weights"], np.float32)[:n]
+  if len(w) != n:
+    raise JbatError(f"example {example['id']}: {len(w)} weights for {n} targets (weights must "
+                    "be aligned with ids[1:]).")
+  return w
+
+
 def pad_batch(examples: Sequence[Example], batch_size: int, max_len: int, pad_id: int) -> Batch:
   """One example per row, right-padded to L; rows past len(examples) are padding rows.
 
   Row i (an example with n ids): tokens[i, :n-1] = ids[:-1], targets[i, :n-1] = ids[1:],
-  weights = segment_ids = 1 there, positions = 0 .. n-2; everything else pad / 0.
+  weights = the example's weights (1 without them), segment_ids = 1 there, positions =
+  0 .. n-2; everything else pad / 0.
   """
   if len(examples) > batch_size:
     raise JbatError(f"pad_batch got {len(examples)} examples for batch_size {batch_size}.")
@@ -109,7 +127,7 @@ def pad_batch(examples: Sequence[Example], batch_size: int, max_len: int, pad_id
     n = len(inputs)
     batch["tokens"][i, :n] = inputs
     batch["targets"][i, :n] = targets
-    batch["weights"][i, :n] = 1.0
+    batch["weights"][i, :n] = _weights(ex, n)
     batch["positions"][i, :n] = np.arange(n)
     batch["segment_ids"][i, :n] = 1
     batch["id"][i] = ex["id"]
@@ -162,7 +180,7 @@ def pack_batch(examples: Sequence[Example], batch_size: int, max_len: int, pad_i
       end = start + len(inputs)
       batch["tokens"][i, start:end] = inputs
       batch["targets"][i, start:end] = targets
-      batch["weights"][i, start:end] = 1.0
+      batch["weights"][i, start:end] = _weights(examples[j], len(inputs))
       batch["positions"][i, start:end] = np.arange(len(inputs))
       batch["segment_ids"][i, start:end] = k
       start = end

@@ -24,10 +24,15 @@ PAD, BOS, EOS = SPECIAL_TOKENS
 
 
 def _wrap(tok: tokenizers.Tokenizer) -> transformers.PreTrainedTokenizerFast:
-  """Wraps a `tokenizers.Tokenizer` with pad/bos/eos set to the jbat special tokens."""
-  return transformers.PreTrainedTokenizerFast(
+  """Wraps a `tokenizers.Tokenizer` with pad/bos/eos set to the jbat special tokens.
+
+  The wrapper is marked `jbat_bpe = True`: examples get jbat's `[bos] text [eos]` framing
+  (`jbat.data.formats.default_framing`)."""
+  wrapped = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS
   )
+  wrapped.jbat_bpe = True
+  return wrapped
 
 
 def train_bpe_tokenizer(
