@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jbat.errors import JbatError
@@ -276,3 +277,11 @@ class CausalLM(nnx.Module):
       else:
         x = layer(x, positions, mask)
     return self.final_norm(x)
+
+
+def storage_dtype(param_dtype: str) -> np.dtype:
+  """numpy dtype the weights are stored in (`load_causal_lm(param_dtype=...)`): float32 or
+  bfloat16; JbatError for anything else."""
+  if param_dtype not in ("float32", "bfloat16"):
+    raise JbatError(f"param_dtype: expected 'float32' or 'bfloat16', got {param_dtype!r}")
+  return np.dtype(jnp.bfloat16) if param_dtype == "bfloat16" else np.dtype(np.float32)

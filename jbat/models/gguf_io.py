@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jbat.errors import JbatError
-from jbat.models.causal_lm import CausalLM, LMConfig
+from jbat.models.causal_lm import CausalLM, LMConfig, storage_dtype
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # ggml types `read_tensor` de-quantizes (names of gguf.GGMLQuantizationType members).
@@ -219,7 +219,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *,
       tensor type outside SUPPORTED_TYPES, a missing or misshapen tensor, a tokenizer larger
       than the embedding.
   """
-  from jbat.models.hf_io import storage_dtype  # pylint: disable=import-outside-toplevel
   store = storage_dtype(param_dtype)
   path = pathlib.Path(path)
   reader = open_gguf(path)

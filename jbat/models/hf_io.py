@@ -42,7 +42,7 @@ from jbat import io
 from jbat.data.tokenizer import load_tokenizer
 from jbat.errors import JbatError
 from jbat.lora import LoRALinear
-from jbat.models.causal_lm import CausalLM, LMConfig
+from jbat.models.causal_lm import CausalLM, LMConfig, storage_dtype
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -367,14 +367,6 @@ def iter_params(ckpt_dir: str | os.PathLike, cfg: LMConfig,
 
 def _path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
-
-
-def storage_dtype(param_dtype: str) -> np.dtype:
-  """numpy dtype for `load_causal_lm(param_dtype=...)`; JbatError for anything but float32 or
-  bfloat16."""
-  if param_dtype not in ("float32", "bfloat16"):
-    raise JbatError(f"param_dtype: expected 'float32' or 'bfloat16', got {param_dtype!r}")
-  return np.dtype(jax.numpy.bfloat16) if param_dtype == "bfloat16" else np.dtype(np.float32)
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
