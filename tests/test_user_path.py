@@ -139,3 +139,22 @@ def test_peft_adapter_matches_jbat_logits(run):
   plain = torch_logits(
       transformers.AutoModelForCausalLM.from_pretrained(str(d / "hf")).eval(), ids)
   assert np.abs(plain - theirs).max() > 100 * TOL  # The adapter really changes the logits.
+
+
+def test_python_api_select_and_adapt(run, tmp_path):
+  """jbat.select / jbat.adapt on the same files, from a model folder, without the CLI."""
+  import jbat
+  d, _, _ = run
+  sel = jbat.select(str(d / "hf"), None, str(d / "adapt.jsonl"), [
+      {"text": phrase(A if i % 2 else B, i + 40, 7)} for i in range(12)], k=4, top_n=8,
+      format="chat", max_len=24, surrogate_steps=4, lr=0.02, batch_size=8)
+  assert len(sel.ids) == len(sel.scores) == len(sel.records) == 4
+  assert sel.scores == sorted(sel.scores, reverse=True)
+  assert all(i.startswith("pool:") for i in sel.ids)
+  assert [r["uid"] for r in sel.rows] == sel.ids and all(r["text"] for r in sel.rows)
+  model, fit = jbat.adapt(str(d / "hf"), None, str(d / "adapt.jsonl"), selection=sel,
+                          valid=str(d / "valid.jsonl"), format="chat", max_len=24, steps=4,
+                          lr=0.02, batch_size=4, eval_every=2)
+  evals = [r for r in fit.history if "eval_loss" in r]
+  assert fit.best_loss == min(r["eval_loss"] for r in evals) < evals[0]["eval_loss"]
+  assert lora.count_params(model)["adapter"] > 0
