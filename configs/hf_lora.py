@@ -19,9 +19,10 @@ data.adapt. The pool (data.pool: comma-separated files, globs or text folders) i
 data.pool_format (default `text`). Arms: plain LoRA (`none`), LoRA + random pool documents
 (`random`) and LoRA + the ALBAT selection (`albat`: relative loss difference, sampled uniformly
 among the best `select.top_n`), on paired seeds. Each arm's best step is chosen on data.valid;
-data.test is reported at that step. Outputs per arm and seed under the workdir: adapter.safetensors and
-PEFT adapters (peft/: final, peft_best/: best on valid); the selection manifest under
-select/rel_loss_diff/selection/manifest.jsonl (id, uid, file, row, score, rank, text).
+data.test is reported at that step. Outputs per arm and seed under the workdir (arms/<arm>/
+seed_<s>/): adapter.safetensors and PEFT adapters (peft/: final, peft_best/: best on valid);
+the selection manifest is select/rel_loss_diff/selection/manifest.jsonl (id, uid, file, row,
+score, rank, text).
 Time: dominated by the model size; a ~135M-parameter model adapts in minutes on a GPU, much
 longer on a CPU.
 

@@ -135,9 +135,10 @@ def select(model, tokenizer, adapt: Source, pool: Source, *, k: int = 256,
   task = sources.Task(adapt=[sources.Document(id=r.id, text=formats.record_text(r, format, fields),
                                               source=r.file) for r in a_recs],
                       heldout=[], pool=docs)
-  spec = selection_lib.SelectSpec(score=score, k=registry.pool_k(k, len(docs)),
-                                  tau=None if tau is None else registry.parse_tau(tau), rule=rule, top_n=top_n, seed=seed,
-                                  batch_size=batch_size)
+  spec = selection_lib.SelectSpec(
+      score=score, k=registry.pool_k(k, len(docs)),
+      tau=None if tau is None else registry.parse_tau(tau), rule=rule, top_n=top_n, seed=seed,
+      batch_size=batch_size)
   sur_spec = loop.TrainSpec(steps=surrogate_steps, lr=lr, eval_every=0,
                             ckpt_every=surrogate_steps, seed=seed)
   folder, tmp = _workdir(workdir)
