@@ -158,3 +158,21 @@ def test_python_api_select_and_adapt(run, tmp_path):
   evals = [r for r in fit.history if "eval_loss" in r]
   assert fit.best_loss == min(r["eval_loss"] for r in evals) < evals[0]["eval_loss"]
   assert lora.count_params(model)["adapter"] > 0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.arms=none,oracle", "oracle"),
+    ("--config.data.valid=", "data.valid is required"),
+])
+def test_own_path_config_errors(run, tmp_path, capsys, override, needle):
+  """Without labels there is no oracle arm; without a validation split nothing chooses the
+  best step: both exit 2 before anything is written."""
+  d, _, _ = run
+  rc = train.main([
+      "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+      f"--config.model.pretrained={d / 'hf'}", f"--config.data.adapt={d / 'adapt.jsonl'}",
+      "--config.data.format=chat", f"--config.data.valid={d / 'valid.jsonl'}",
+      f"--config.data.pool={d / 'pool.parquet'}", override,
+      f"--config.workdir={tmp_path / 'run'}", f"--config.cache_dir={tmp_path / 'cache'}"])
+  assert rc == 2 and needle in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
