@@ -43,7 +43,8 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                          workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
                          progress: bool = True, init_adapter=None,
                          score_cache: str | pathlib.Path | None = None,
-                         surrogate_cache: str | pathlib.Path | None = None) -> pathlib.Path:
+                         surrogate_cache: str | pathlib.Path | None = None,
+                         adapt_examples=None, pool_examples=None) -> pathlib.Path:
   """Runs ALBAT selection for `task` and returns the folder's manifest (layout.manifest).
 
   Args:
@@ -64,6 +65,9 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
       workdir with the same backbone, surrogate and pool does not score again.
     surrogate_cache: a folder shared between runs (e.g. <cache_dir>/surrogates) where trained
       surrogates are kept by content (train_surrogate's `cache_dir`).
+    adapt_examples, pool_examples: already encoded examples of task.adapt and task.pool (same
+      order, e.g. `jbat.data.formats` examples with response-only loss weights); None:
+      `pipeline.encode` of the documents.
   Raises:
     JbatError: see train_surrogate, stream.score_pool and selection.select.
   """
@@ -80,8 +84,10 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
     manifest.unlink(missing_ok=True)
   mesh = mesh or loop.data_mesh()
   pad_id = tokenizer.pad_token_id
-  adapt = pipeline.encode(task.adapt, tokenizer, max_len)
-  pool = pipeline.encode(task.pool, tokenizer, max_len)
+  adapt = (pipeline.encode(task.adapt, tokenizer, max_len) if adapt_examples is None
+           else list(adapt_examples))
+  pool = (pipeline.encode(task.pool, tokenizer, max_len) if pool_examples is None
+          else list(pool_examples))
   sur_kw = dict(batch_size=spec.batch_size, max_len=max_len, pad_id=pad_id, seed=seed,
                 mesh=mesh, progress=progress, cache_dir=surrogate_cache)
 

@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bias = True
   c.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   c.model.remat = False  # Recompute each block in the backward pass (less activation memory).
+  # With model.pretrained (a Hugging Face folder) each run's adapters are also written in PEFT
+  # format (peft/, peft_best/); this also writes them merged into the base weights.
+  c.model.export_merged = False
 
   # Stage 0: full-parameter pretraining of the backbone on the pool (cached by content hash).
   c.backbone = ml_collections.ConfigDict()

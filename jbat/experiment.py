@@ -32,11 +32,120 @@ from flax import nnx
 
 from jbat import albat, backbone, distributed, io, layout, lora, registry, report, selection
 from jbat import config as config_lib
-from jbat.data import mixture, pipeline, sources, tokenizer as tokenizer_lib, tweets
+from jbat import peft_io
+from jbat.data import files, formats, mixture, pipeline, sources, splits
+from jbat.data import tokenizer as tokenizer_lib, tweets
 from jbat.errors import Diverged, JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
 from jbat.training import loop
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolDocument(sources.Document):
+  """A pool document read from the user's files: `manifest_fields` (uid, file, row, text) go
+  into the selection manifest (`selection.write_manifest`)."""
+
+  manifest_fields: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclasses.dataclass
+class OwnData:
+  """The user's task (data.adapt and friends), encoded in data.format / data.pool_format.
+
+  adapt / valid / test: encoded task examples (response-only loss weights); pool_by_id: id ->
+  encoded pool example; counts: what was read, cut by max_len, dropped (reported)."""
+
+  adapt: list
+  valid: list
+  test: list
+  pool_by_id: dict
+  counts: dict
+
+
+def own_data(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run takes the user's path (data.adapt set) instead of a labelled corpus."""
+  return bool(config.data.adapt)
+
+
+def target_label(config: ml_collections.ConfigDict) -> str | None:
+  """The label that counts as on-target in a selection (precision); None without labels."""
+  return None if own_data(config) else config.data.domain
+
+
+def check_own_config(config: ml_collections.ConfigDict) -> None:
+  """JbatError (before any work) for the user's path: no oracle arm without labels, a
+  validation split to choose steps on, a pool for the arms that select."""
+  arms = config_lib.arm_list(config)
+  if "oracle" in arms:
+    raise JbatError("config: arms: 'oracle' needs a labelled corpus (data.source + data.domain); "
+                    "with data.adapt there are no labels: drop the oracle arm")
+  if not config.data.valid:
+    raise JbatError("config: data.valid is required with data.adapt (files, or a count split "
+                    "off data.adapt): every arm chooses its best step on it")
+  if any(a != "none" for a in arms) and not config.data.pool:
+    raise JbatError("config: data.pool is required for the arms that add backbone data "
+                    f"({', '.join(a for a in arms if a != 'none')})")
+
+
+def _task_doc(r: files.Record, fmt: str, f: formats.Fields) -> sources.Document:
+  return sources.Document(id=r.id, text=formats.record_text(r, fmt, f), source=r.file)
+
+
+def load_own_task(config: ml_collections.ConfigDict
+                  ) -> tuple[sources.Task, splits.TaskRecords, list[files.Record]]:
+  """The user's task as a `sources.Task` (heldout = the validation split) plus its records
+  and the pool's records. The pool is read whole on every process (every process scores the
+  whole pool list; `stream.score_pool` shards the batches)."""
+  d = config.data
+  f = splits.fields(d)
+  recs = splits.load_task(d, config.seed)
+  pool_recs = list(splits.pool_reader(d)) if d.pool else []
+  task = sources.Task(adapt=[_task_doc(r, d.format, f) for r in recs.adapt],
+                      heldout=[_task_doc(r, d.format, f) for r in recs.valid],
+                      pool=[_task_doc(r, d.pool_format, f) for r in pool_recs])
+  return task, recs, pool_recs
+
+
+def encode_own_task(config: ml_collections.ConfigDict, task: sources.Task,
+                    recs: splits.TaskRecords, pool_recs: Sequence[files.Record], tok
+                    ) -> tuple[sources.Task, OwnData]:
+  """Encodes the user's task and pool with the model's tokenizer. Pool records whose text
+  equals a task example's, repeated ids, and pool records cut away by max_len are dropped
+  (counted). Returns the task with those pool documents only, as `PoolDocument`s."""
+  d, max_len = config.data, config.data.max_len
+  f = splits.fields(d)
+  counts: dict[str, Any] = {}
+  enc = {}
+  for name, rs in (("adapt", recs.adapt), ("valid", recs.valid), ("test", recs.test)):
+    enc[name], st = splits.encode_task(rs, d, tok, max_len)
+    counts[name] = {"read": len(rs), "kept": st.kept, "cut_by_max_len": st.cut,
+                    "empty": st.empty}
+    if rs and not enc[name]:
+      raise JbatError(f"data.{name}: every example was cut away by data.max_len={max_len} "
+                      "(or is empty); raise data.max_len")
+  pool_ex, st = formats.encode_records(pool_recs, tok, max_len, d.pool_format, f)
+  by_id = {e["id"]: e for e in pool_ex}
+  task_hashes = {sources.text_hash(doc.text) for doc in (*task.adapt, *task.heldout)}
+  task_hashes |= {sources.text_hash(formats.record_text(r, d.format, f)) for r in recs.test}
+  docs, seen, overlap, repeated = [], set(), 0, 0
+  for r, doc in zip(pool_recs, task.pool):
+    if r.id not in by_id:
+      continue
+    if r.id in seen:
+      repeated += 1
+      continue
+    if sources.text_hash(doc.text) in task_hashes:
+      overlap += 1
+      continue
+    seen.add(r.id)
+    docs.append(PoolDocument(id=r.id, text=doc.text, source=r.file, manifest_fields={
+        "uid": r.uid, "file": r.file, "row": r.row, "text": doc.text}))
+  counts["pool"] = {"read": len(pool_recs), "kept": len(docs), "cut_by_max_len": st.cut,
+                    "empty": st.empty, "same_text_as_task": overlap, "repeated_id": repeated}
+  own = OwnData(adapt=enc["adapt"], valid=enc["valid"], test=enc["test"],
+                pool_by_id={doc.id: by_id[doc.id] for doc in docs}, counts=counts)
+  return dataclasses.replace(task, pool=docs), own
 
 
 def log(msg: str) -> None:
@@ -129,8 +238,10 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
 
 
 def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,
-                    tok, workdir: pathlib.Path, mesh) -> tuple[list[sources.Document], dict]:
-  """The backbone documents an arm trains on, and facts about the selection."""
+                    tok, workdir: pathlib.Path, mesh, own: OwnData | None = None
+                    ) -> tuple[list[sources.Document], dict]:
+  """The backbone documents an arm trains on, and facts about the selection (`own`: the
+  user's encoded examples, see `albat_docs`)."""
   k = registry.pool_k(config.select.k, len(task.pool))
   t0 = time.perf_counter()
   if arm == "none":
@@ -148,14 +259,17 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
   else:
     score = registry.score_for(arm, config)
     chosen = albat_docs(config, task, base, tok, score, layout.select_dir(workdir, score), mesh,
-                        seed=config.seed)
+                        seed=config.seed, own=own)
   facts = {"n_selected": len(chosen), "select_seconds": time.perf_counter() - t0,
-           **label_facts(chosen, config.data.domain)}
+           **label_facts(chosen, target_label(config))}
   return chosen, facts
 
 
-def label_facts(chosen: Sequence[sources.Document], domain: str) -> dict[str, Any]:
-  """Label counts (most common first) and precision (share labelled `domain`) of a selection."""
+def label_facts(chosen: Sequence[sources.Document], domain: str | None) -> dict[str, Any]:
+  """Label counts (most common first) and precision (share labelled `domain`) of a selection;
+  for domain None (no labels) no counts and precision None."""
+  if domain is None:
+    return {"label_counts": {}, "precision": None}
   labels: dict[str, int] = {}
   for d in chosen:
     labels[str(d.label)] = labels.get(str(d.label), 0) + 1
@@ -165,10 +279,11 @@ def label_facts(chosen: Sequence[sources.Document], domain: str) -> dict[str, An
 
 def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok, score: str,
                folder: pathlib.Path, mesh, *, seed: int, select_seed: int | None = None,
-               init_adapter=None) -> list[sources.Document]:
+               init_adapter=None, own: OwnData | None = None) -> list[sources.Document]:
   """The pool documents `albat.select_backbone_data` selects by `score` with the config's rule
   (surrogate from a fresh adapter, or from `init_adapter` for a re-selection; `seed` also
-  seeds the rule unless `select_seed` is given)."""
+  seeds the rule unless `select_seed` is given). With `own`, the surrogate and the scores use
+  the user's encoded examples (response-only loss weights) instead of `pipeline.encode`."""
   sur_spec = train_spec(config, seed, steps=config.surrogate.steps)
   sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
   spec = selection.SelectSpec.from_config(config, len(task.pool), score=score,
@@ -178,7 +293,9 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
       max_len=config.data.max_len, seed=seed, workdir=folder, mesh=mesh,
       progress=config.progress, init_adapter=init_adapter,
       score_cache=config_lib.cache_dir(config) / "scores",
-      surrogate_cache=config_lib.cache_dir(config) / "surrogates")
+      surrogate_cache=config_lib.cache_dir(config) / "surrogates",
+      adapt_examples=None if own is None else own.adapt,
+      pool_examples=None if own is None else [own.pool_by_id[d.id] for d in task.pool])
   by_id = {d.id: d for d in task.pool}
   return [by_id[r["id"]] for r in io.read_jsonl(manifest)]
 
@@ -188,7 +305,8 @@ Reselector = Callable[[int, int, Any, pathlib.Path], list[sources.Document]]
 
 
 def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base, tok,
-                    workdir: pathlib.Path, mesh) -> Reselector | None:
+                    workdir: pathlib.Path, mesh, own: OwnData | None = None
+                    ) -> Reselector | None:
   """Re-selection around the current adapter for a model-score arm (None: the arm does not
   re-select, or bat.reselect_every = 0). The candidates are the top bat.reselect_top documents
   of the arm's first ranking (all of the pool for 0); the adapter may be None only when the
@@ -217,9 +335,9 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
     select_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
     if not from_adapter:  # The stage-1 surrogate again (its seed), a new sample.
       return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=config.seed,
-                        select_seed=select_seed)
+                        select_seed=select_seed, own=own)
     return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
-                      select_seed=select_seed, init_adapter=adapter)
+                      select_seed=select_seed, init_adapter=adapter, own=own)
 
   return reselect
 
@@ -233,8 +351,14 @@ def phase_ends(steps: int, every: int) -> list[int]:
 
 def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.ConfigDict,
               adapt, heldout, selected, tok, workdir: pathlib.Path, mesh,
-              reselect: Reselector | None = None) -> dict[str, Any]:
+              reselect: Reselector | None = None, own: OwnData | None = None
+              ) -> dict[str, Any]:
   """Trains a fresh adapter (init and data order from `seed`); returns its summary.
+
+  `heldout` chooses the best step (fit's evaluations). With `own` (the user's path) the test
+  split `own.test` is evaluated once the training ends, never during it: at the backbone
+  (step 0), at the best validation step (the best adapter fit kept) and at the final step; and
+  with a Hugging Face backbone the final and best adapters are also written in PEFT format.
 
   With `reselect`, training runs in phases of bat.reselect_every steps (one schedule over all
   of them); after each phase but the last the backbone documents are selected again around the
@@ -243,6 +367,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   """
   model = nnx.clone(base)
   lora.apply_lora(model, lora_config(config), rngs=nnx.Rngs(seed))
+  init_params = nnx.state(model, nnx.LoRAParam) if own is not None else None
   t = config.train
   n_proc, proc = jax.process_count(), jax.process_index()
   rho = 0.0 if arm == "none" else config.bat.rho
@@ -256,10 +381,11 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   for phase, end in enumerate(ends):
     if phase:
       chosen = reselect(seed, ends[phase - 1], params, folders[phase - 1])
-      selected = pipeline.encode(chosen, tok, config.data.max_len)
+      selected = (pipeline.encode(chosen, tok, config.data.max_len) if own is None
+                  else [own.pool_by_id[d.id] for d in chosen])
       ids = {d.id for d in chosen}
       reselections.append({"step": ends[phase - 1], "overlap": len(ids & previous) / len(ids),
-                           **label_facts(chosen, config.data.domain)})
+                           **label_facts(chosen, target_label(config))})
       previous = ids
     if phase < first:
       continue
@@ -284,7 +410,43 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
          "curve": [(r["step"], r["eval_loss"]) for r in evals]}
   if reselections:
     out["reselections"] = reselections
+  if own is not None:
+    best = result.best_params if result.best_params is not None else result.params
+    if own.test:
+      out.update(test_nlls(model, {"backbone": init_params, "best": best,
+                                   "final": result.params}, own.test, config, tok, mesh))
+    export_adapters(model, config, run_dir, {"peft": result.params, "peft_best": best}, tok)
   return out
+
+
+def test_nlls(model, params: dict[str, Any], test: Sequence[dict], config, tok, mesh
+              ) -> dict[str, float]:
+  """{"test_nll_<name>": mean token NLL of the test examples} for each adapter state in
+  `params` (LoRA states of `model`)."""
+  n_proc, proc = jax.process_count(), jax.process_index()
+  graphdef, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  evaluate = loop.make_eval_fn(
+      graphdef, distributed.place_params(frozen, mesh),
+      lambda: pipeline.eval_batches(test, config.train.eval_batch_size // n_proc,
+                                    config.data.max_len, tok.pad_token_id, shard_index=proc,
+                                    shard_count=n_proc), mesh)
+  return {f"test_nll_{name}": evaluate(distributed.place_params(p, mesh))
+          for name, p in params.items()}
+
+
+def export_adapters(model, config: ml_collections.ConfigDict, run_dir: pathlib.Path,
+                    adapters: dict[str, Any], tok) -> None:
+  """With a Hugging Face backbone (model.pretrained, not GGUF): each adapter state is written
+  as a PEFT adapter in run_dir/<name>/ (`peft_io.export_peft`), and with model.export_merged
+  also merged into the base weights in run_dir/<name>_merged/ (Hugging Face layout)."""
+  pretrained = config.model.pretrained
+  if not pretrained or pretrained.endswith(".gguf") or not distributed.is_main():
+    return
+  for name, params in adapters.items():
+    nnx.update(model, params)
+    peft_io.export_peft(model, run_dir / name, str(pathlib.Path(pretrained).expanduser()))
+    if config.model.get("export_merged", False):
+      peft_io.export_merged(model, tok, run_dir / f"{name}_merged")
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -298,18 +460,25 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   check_batch_sizes(config, mesh.shape["data"])
   arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
 
-  log(f"data: loading {config.data.source} corpus")
-  docs = load_corpus(config, cache)
-  task = sources.make_task(docs, config.data.domain, config.data.n_adapt, config.data.n_heldout,
-                           config.seed)
-  config_lib.check_select_k(config, len(task.pool))
-  pretrain_pool = task.pool
-  if config.data.backbone_keep < 1.0:
-    pretrain_pool = tweets.thin_domain(task.pool, config.data.domain, config.data.backbone_keep,
-                                       config.seed)
-  log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} held-out documents of "
-      f"{config.data.domain!r}; backbone pool {len(task.pool)} documents "
-      f"({len(pretrain_pool)} used for pretraining)")
+  own = None
+  if own_data(config):
+    check_own_config(config)
+    log(f"data: reading your task (data.adapt={config.data.adapt}) and pool")
+    task, own_recs, pool_recs = load_own_task(config)
+    pretrain_pool = task.pool
+  else:
+    log(f"data: loading {config.data.source} corpus")
+    docs = load_corpus(config, cache)
+    task = sources.make_task(docs, config.data.domain, config.data.n_adapt,
+                             config.data.n_heldout, config.seed)
+    config_lib.check_select_k(config, len(task.pool))
+    pretrain_pool = task.pool
+    if config.data.backbone_keep < 1.0:
+      pretrain_pool = tweets.thin_domain(task.pool, config.data.domain,
+                                         config.data.backbone_keep, config.seed)
+    log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} held-out documents of "
+        f"{config.data.domain!r}; backbone pool {len(task.pool)} documents "
+        f"({len(pretrain_pool)} used for pretraining)")
   workdir = config_lib.prepare_workdir(config)
   distributed.barrier("jbat-workdir")
   log(f"workdir: {workdir}" + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
@@ -321,15 +490,29 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
          "loaded from cache" if cached else "pretrained")
   log(f"backbone: {n_params:,} parameters, {how} ({folder})")
 
+  if own_data(config):
+    task, own = encode_own_task(config, task, own_recs, pool_recs, tok)
+    c = own.counts
+    log(f"data: adapt {c['adapt']['kept']} / valid {c['valid']['kept']} / test "
+        f"{c['test']['kept']} examples (cut by data.max_len: {c['adapt']['cut_by_max_len']} / "
+        f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool "
+        f"{c['pool']['kept']} of {c['pool']['read']} records")
+    if any(a != "none" for a in arms) and config.select.k > len(task.pool):
+      raise JbatError(f"config: select.k={config.select.k} is larger than the pool "
+                      f"({len(task.pool)} usable records of data.pool); lower select.k")
   if config.stop_after == "select":
-    return stop_after_select(config, arms, task, base, tok, workdir, mesh)
-  adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
-  heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
+    return stop_after_select(config, arms, task, base, tok, workdir, mesh, own=own)
+  if own is None:
+    adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
+    heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
+  else:
+    adapt, heldout = own.adapt, own.valid
   results: dict[str, Any] = {}
   diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
   for arm in arms:
     try:
-      results[arm] = run_arm(arm, seeds, config, task, base, tok, adapt, heldout, workdir, mesh)
+      results[arm] = run_arm(arm, seeds, config, task, base, tok, adapt, heldout, workdir, mesh,
+                             own=own)
     except Diverged as e:
       diverged[arm], hint = diverged_record(e, arm), e.hint()
       log(e.short())
@@ -341,6 +524,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "n_pool": len(task.pool), "n_pretrain_pool": len(pretrain_pool),
       "adapter_params": lora_param_count(base, config), "select": config.select.to_dict(),
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
+  if own is not None:
+    summary.update(own_summary(config, own, results))
   if diverged:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
@@ -348,6 +533,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if distributed.is_main():
     io.write_json_atomic(workdir / layout.RESULTS_FILE, summary, finite=True)
     report.write_report(workdir, summary)
+    if own is not None:
+      path = workdir / layout.REPORT_FILE
+      io.write_text_atomic(path, path.read_text() + protocol_report(summary))
   log(f"report: {workdir / layout.REPORT_FILE}")
   if diverged:  # The other arms are reported; the run still fails (exit 2).
     raise JbatError("; ".join(d["summary"] for d in diverged.values()) + f"; {hint}. "
@@ -357,25 +545,28 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
             task: sources.Task, base, tok, adapt, heldout, workdir: pathlib.Path,
-            mesh) -> dict[str, Any]:
+            mesh, own: OwnData | None = None) -> dict[str, Any]:
   """Selects an arm's backbone documents and trains its adapters (one per seed); returns the
   arm's entry of results.json. Raises Diverged naming the arm (and seed) at the first seed
   that diverges: an arm is reported whole or not at all, and its later seeds are not run
   (they share the learning rate)."""
   try:
-    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh, own=own)
   except Diverged as e:  # The surrogate (stage 1) of a selecting arm.
     raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
   if arm != "none":
     log(f"arm {arm}: {len(chosen)} backbone documents selected"
         + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
-  selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
-  reselect = make_reselector(arm, config, task, base, tok, workdir, mesh)
+  if own is not None:
+    selected = [own.pool_by_id[d.id] for d in chosen]
+  else:
+    selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
+  reselect = make_reselector(arm, config, task, base, tok, workdir, mesh, own=own)
   runs = []
   for seed in seeds:
     try:
       r = train_one(arm, seed, base, config, adapt, heldout, selected, tok, workdir, mesh,
-                    reselect=reselect)
+                    reselect=reselect, own=own)
     except Diverged as e:  # Raised before adapter.safetensors is written.
       stage = "adapter training" if e.stage.startswith("adapt [") else e.stage  # or reselection
       raise e.within(f"arm {arm} seed {seed}", "train.lr", seed=seed, stage=stage) from None
@@ -390,7 +581,52 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
       "curves": [r["curve"] for r in runs], **facts}
   if any(r.get("reselections") for r in runs):
     out["reselections"] = [r["reselections"] for r in runs]
+  for key in ("test_nll_backbone", "test_nll_best", "test_nll_final"):
+    if key in runs[0]:
+      out[key] = [r[key] for r in runs]
   return out
+
+
+def own_summary(config: ml_collections.ConfigDict, own: OwnData,
+                results: dict[str, Any]) -> dict[str, Any]:
+  """results.json's facts of the user's path: the sources, the example counts, and which
+  split chose what (the protocol)."""
+  d = config.data
+  return {
+      "domain": "data.adapt", "n_adapt": len(own.adapt), "n_heldout": len(own.valid),
+      "n_valid": len(own.valid), "n_test": len(own.test), "counts": own.counts,
+      "sources": {k: d[k] for k in ("adapt", "valid", "test", "pool", "format", "pool_format")},
+      "protocol": {
+          "best_step_chosen_on": "valid",
+          "best_nll": "valid NLL at the best valid step",
+          "final_nll": "valid NLL at the final step",
+          "test_nll_best": "test NLL at the best valid step (the reported number)",
+          "test_nll_final": "test NLL at the final step",
+          "test_used_for": "reporting only (evaluated after training, never during it)"}}
+
+
+def protocol_report(summary: dict[str, Any]) -> str:
+  """report.md's section on the user's path: which split chose what, and the test NLLs."""
+  c = summary["counts"]
+  lines = ["", "## Protocol (your data)", "",
+           f"Every arm chose its best step on the **validation** split (data.valid, "
+           f"{summary['n_valid']} examples): `best_nll` / `best_step` above are validation "
+           f"numbers. The **test** split (data.test, {summary['n_test']} examples) chose "
+           "nothing: it was evaluated once per arm and seed after training, at the best "
+           "validation step and at the final step.", "",
+           "Examples cut by data.max_len (response cut away): "
+           + ", ".join(f"{k} {c[k]['cut_by_max_len']} of {c[k]['read']}"
+                       for k in ("adapt", "valid", "test", "pool")) + ".", ""]
+  if summary["n_test"]:
+    lines += ["| arm | test NLL at best valid step | test NLL final | test NLL backbone |",
+              "|---|---|---|---|"]
+    for name, a in summary["arms"].items():
+      if "test_nll_best" in a:
+        lines.append(f"| {name} | {report.mean_sd(a['test_nll_best'])} | "
+                     f"{report.mean_sd(a['test_nll_final'])} | "
+                     f"{report.mean_sd(a['test_nll_backbone'])} |")
+    lines.append("")
+  return "\n".join(lines)
 
 
 def diverged_record(e: Diverged, arm: str) -> dict[str, Any]:
@@ -400,7 +636,8 @@ def diverged_record(e: Diverged, arm: str) -> dict[str, Any]:
 
 
 def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: sources.Task,
-                      base: CausalLM, tok, workdir: pathlib.Path, mesh) -> dict[str, Any]:
+                      base: CausalLM, tok, workdir: pathlib.Path, mesh,
+                      own: OwnData | None = None) -> dict[str, Any]:
   """`stop_after = "select"`: the selections of the selecting arms (albat, score names), no
   adapter training. Returns {arm: facts}; the manifests are under workdir/select/<score>/."""
   out = {}
@@ -409,7 +646,7 @@ def stop_after_select(config: ml_collections.ConfigDict, arms: list[str], task: 
     if score is None:
       continue
     try:
-      _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh)
+      _, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh, own=own)
     except Diverged as e:
       raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
     log(f"arm {arm}: {facts['n_selected']} documents selected -> "

@@ -427,10 +427,12 @@ def write_manifest(selection: Selection, docs_by_id: Mapping[int, Any],
   """Writes out_dir/selection/{manifest.jsonl, summary.json, score_hist.png}; returns the manifest.
 
   Manifest records (rank order, sorted keys): {"id", "source", "score", "rank" (1-based),
-  "label" (only when the document has one)}. summary.json also records "rule" and
-  "rule_settings", plus the keys of `extra_summary` (e.g. albat's "request"). `docs_by_id` maps id -> Document (anything with
-  .source and .label). All files are written atomically; the manifest is the last one written,
-  so its presence means the selection stage finished.
+  "label" (only when the document has one)}, plus the document's `manifest_fields` (a dict)
+  when it has them (e.g. the uid, file, row and text of a pool file record). summary.json also
+  records "rule" and "rule_settings", plus the keys of `extra_summary` (e.g. albat's
+  "request"). `docs_by_id` maps id -> Document (anything with .source and .label). All files
+  are written atomically; the manifest is the last one written, so its presence means the
+  selection stage finished.
   """
   folder = layout.selection_files(out_dir)
   missing = [int(i) for i in selection.ids if int(i) not in docs_by_id]
@@ -443,6 +445,7 @@ def write_manifest(selection: Selection, docs_by_id: Mapping[int, Any],
     label = getattr(doc, "label", None)
     if label is not None:
       rec["label"] = label
+    rec.update(getattr(doc, "manifest_fields", None) or {})
     labels[str(label)] = labels.get(str(label), 0) + 1
     lines.append(json.dumps(rec, sort_keys=True) + "\n")
   summary = {

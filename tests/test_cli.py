@@ -174,7 +174,7 @@ def test_cli_with_own_hf_model(corpus, tmp_path):
   wd = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   r = subprocess.run(
-      [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+      [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py") + ":corpus",
        f"--config.model.pretrained={hf_dir}", f"--config.data.path={path}",
        "--config.data.domain=space", "--config.data.n_adapt=8", "--config.data.n_heldout=16",
        "--config.data.max_len=32", "--config.train.steps=6", "--config.train.eval_every=3",
@@ -189,7 +189,7 @@ def test_cli_with_own_hf_model(corpus, tmp_path):
   assert not (tmp_path / "cache" / "backbones").exists()  # Nothing was pretrained.
   # A wrong path is a clear config error.
   r = subprocess.run(
-      [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+      [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py") + ":corpus",
        f"--config.data.path={path}", f"--config.workdir={tmp_path / 'run2'}"],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
   assert r.returncode == 2 and "model.pretrained" in r.stderr and "my-hf-model" in r.stderr

@@ -57,7 +57,8 @@ ADAPTER = pathlib.Path("arms/random/seed_0/adapter.safetensors")
 
 def launch(d, corpus, workdir, n_proc, devices_per_proc, stage=SELECT):
   """Starts the CLI as `n_proc` processes of `devices_per_proc` CPU devices each."""
-  args = [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
+  args = [sys.executable, "-m", "jbat.train", "--config",
+          str(ROOT / "configs/hf_lora.py") + ":corpus",
           f"--config.model.pretrained={d / 'hf'}", f"--config.data.path={corpus}",
           "--config.data.domain=space", "--config.data.n_adapt=8", "--config.data.n_heldout=16",
           "--config.data.max_len=32", "--config.surrogate.steps=10",
