@@ -30,6 +30,24 @@ with extra keys "model", "adapter_params", "vmap_over_loop" (grads / loop exampl
 time: on a shared machine these move less with other processes' load than the median).
 Targets on a CPU: align >= 0.45x forward; vmap per-example gradients faster than the loop.
 
+Pretrained models (`--pretrained PATH` = an HF folder or a .gguf file, `--smollm2` = the
+SmolLM2-135M-Instruct GGUF fetched by `jbat.models.hub_free`; a GGUF is converted once to an
+HF folder `<file>.hf/` next to it, which jbat and transformers then both load):
+
+  .venv/bin/python benchmarks/scoring_throughput.py --smollm2 --seq-lens 128 --peers
+  .venv/bin/python benchmarks/scoring_throughput.py --smollm2 --seq-lens 512 --memory-only
+
+times forward, align, loss_diff, rel_loss_diff and less (d = --proj-dim, default 8192 as
+LESS) with the vocabulary-chunked loss (`--vocab-chunk`, default 8192; 0 = full logits) at each
+sequence length and dtype (`--dtype float32,bfloat16`), in examples/s and tokens/s (non-padding
+tokens), with XLA's temporary-buffer size per compiled method. `--peers` adds, in the same
+alternated rounds and threads, the same weights in transformers + peft: torch_forward,
+less_loop (LESS: batch-1 loop of LoRA gradients, block-wise seeded Rademacher projection,
+cosine) and trak_vmap (TRAK: torch.func.vmap(grad) + the same projection); the JSON line gets
+"vs_peers" = jbat align examples/s / the peer's. `--memory` (or `--memory-only`) measures the
+peak RSS of each method in a fresh subprocess (load the model, compile, one call; "load" is
+the same child without a call). One JSON line per (length, dtype).
+
 Model FLOP utilisation: the FLOPs of one call of `forward`, `align` and `loss_diff` come from
 XLA's cost analysis of the compiled program; the peak is measured on the same device as the
 best time of a square matmul in the model's dtype (`--dtype`). MFU = FLOPs / seconds / peak,
@@ -353,13 +371,14 @@ def jbat_methods(m: dict[str, Any], batch: dict[str, jax.Array], proj_dim: int, 
   return {k: v for k, v in out.items() if k in only}
 
 
-def xla_memory_mb(fn: Callable, args: tuple) -> dict[str, float]:
-  """XLA's own accounting of one compiled call (memory_analysis): temporaries, arguments and
-  outputs in MB. The temporaries are what a method adds on top of the weights and batch."""
-  ma = fn.lower(*args).compile().memory_analysis()
+def compile_with_memory(fn: Callable, args: tuple) -> tuple[Callable, dict[str, float]]:
+  """(the compiled call of fn(*args), XLA's accounting of it: memory_analysis temporaries and
+  arguments in MB). The temporaries are what a method adds on top of the weights and batch."""
+  compiled = fn.lower(*args).compile()
+  ma = compiled.memory_analysis()
   mb = lambda n: round(float(n) / 2 ** 20, 1)
-  return {"temp": mb(getattr(ma, "temp_size_in_bytes", float("nan"))),
-          "args": mb(getattr(ma, "argument_size_in_bytes", float("nan")))}
+  return compiled, {"temp": mb(getattr(ma, "temp_size_in_bytes", float("nan"))),
+                    "args": mb(getattr(ma, "argument_size_in_bytes", float("nan")))}
 
 
 # ----------------------------------------------------------------------------- peers (torch)
@@ -367,21 +386,20 @@ def xla_memory_mb(fn: Callable, args: tuple) -> dict[str, float]:
 
 def torch_project(grads, d: int, seed: int, block: int = 4096):
   """[B, n] float32 torch gradients -> [B, d]: a Rademacher projection generated block by
-  block (`block` parameter rows at a time, each from its own seeded torch.Generator, 16 signs
-  per random int32 word, entries +-1/sqrt(d)), as TRAK's and LESS's projectors do: the n x d
-  matrix is never held, one block x d block at a time."""
+  block, as TRAK's and LESS's CPU projectors do: `block` parameter rows at a time, each block
+  drawn from its own seeded torch.Generator (fair +-1 signs by `bernoulli_(0.5)` in place,
+  scaled by 1/sqrt(d)) into one reused buffer, so the n x d matrix is never held."""
   import torch  # pylint: disable=import-outside-toplevel
   b, n = grads.shape
   out = torch.zeros(b, d, dtype=torch.float32)
-  shifts = torch.arange(16, dtype=torch.int32)
+  buf = torch.empty(min(block, n), d, dtype=torch.float32)
   scale = 1.0 / float(np.sqrt(d))
   for j, start in enumerate(range(0, n, block)):
     rows = min(block, n - start)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + j)
-    words = torch.randint(0, 1 << 16, (rows, -(-d // 16)), generator=gen, dtype=torch.int32)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, :d]
-    signs = (1.0 - 2.0 * bits.to(torch.float32)) * scale
-    out += grads[:, start:start + rows].to(torch.float32) @ signs
+    signs = buf[:rows]
+    signs.bernoulli_(0.5, generator=torch.Generator().manual_seed(seed * 1_000_003 + j))
+    signs.mul_(2.0 * scale).sub_(scale)
+    out.addmm_(grads[:, start:start + rows].to(torch.float32), signs)
   return out
 
 
@@ -520,8 +538,10 @@ def run_pretrained(folder: str, name: str, seq_len: int, dtype: str, batch_size:
   batch = random_batch(np.random.default_rng(seed), cfg, batch_size)
   real_tokens = int(np.asarray(batch["segment_ids"] > 0).sum())
   jm = jbat_methods(m, batch, proj_dim, seed, vocab_chunk, methods)
-  calls = {k: functools.partial(fn, *args) for k, (fn, args) in jm.items()}
-  xla_mem = {k: xla_memory_mb(fn, args) for k, (fn, args) in jm.items()}
+  calls, xla_mem = {}, {}
+  for k, (fn, args) in jm.items():  # Compiled once, ahead of time; timed as compiled.
+    compiled, xla_mem[k] = compile_with_memory(fn, args)
+    calls[k] = functools.partial(compiled, *args)
   threads = {"xla": os.cpu_count()}
   if peers:
     import torch  # pylint: disable=import-outside-toplevel
