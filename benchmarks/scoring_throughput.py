@@ -30,6 +30,24 @@ with extra keys "model", "adapter_params", "vmap_over_loop" (grads / loop exampl
 time: on a shared machine these move less with other processes' load than the median).
 Targets on a CPU: align >= 0.45x forward; vmap per-example gradients faster than the loop.
 
+Pretrained models (`--pretrained PATH` = an HF folder or a .gguf file, `--smollm2` = the
+SmolLM2-135M-Instruct GGUF fetched by `jbat.models.hub_free`; a GGUF is converted once to an
+HF folder `<file>.hf/` next to it, which jbat and transformers then both load):
+
+  .venv/bin/python benchmarks/scoring_throughput.py --smollm2 --seq-lens 128 --peers
+  .venv/bin/python benchmarks/scoring_throughput.py --smollm2 --seq-lens 512 --memory-only
+
+times forward, align, loss_diff, rel_loss_diff and less (d = --proj-dim, default 8192 as
+LESS) with the vocabulary-chunked loss (`--vocab-chunk`, default 8192; 0 = full logits) at each
+sequence length and dtype (`--dtype float32,bfloat16`), in examples/s and tokens/s (non-padding
+tokens), with XLA's temporary-buffer size per compiled method. `--peers` adds, in the same
+alternated rounds and threads, the same weights in transformers + peft: torch_forward,
+less_loop (LESS: batch-1 loop of LoRA gradients, block-wise seeded Rademacher projection,
+cosine) and trak_vmap (TRAK: torch.func.vmap(grad) + the same projection); the JSON line gets
+"vs_peers" = jbat align examples/s / the peer's. `--memory` (or `--memory-only`) measures the
+peak RSS of each method in a fresh subprocess (load the model, compile, one call; "load" is
+the same child without a call). One JSON line per (length, dtype).
+
 Model FLOP utilisation: the FLOPs of one call of `forward`, `align` and `loss_diff` come from
 XLA's cost analysis of the compiled program; the peak is measured on the same device as the
 best time of a square matmul in the model's dtype (`--dtype`). MFU = FLOPs / seconds / peak,
@@ -268,30 +286,389 @@ def run_model(name: str, batch_size: int, repeats: int, proj_dim: int, seed: int
                                    for k in METHODS if k != "forward"}}
 
 
+
+# ============================================================================= real models
+# `--pretrained PATH` / `--smollm2`: a pretrained checkpoint (HF folder or .gguf) at several
+# sequence lengths and dtypes, the vocabulary-chunked loss, peak memory per method, and (with
+# `--peers`) the same model in transformers + peft on the same token batches.
+
+PRETRAINED_METHODS = ("forward", "align", "loss_diff", "rel_loss_diff", "less")
+PEER_METHODS = ("torch_forward", "less_loop", "trak_vmap")
+# LoRA targets of `lora.DEFAULT_TARGETS` as peft module names (the Llama family).
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "fc1", "fc2"]
+
+
+def hf_folder(path: str) -> str:
+  """`path` if it is an HF folder; for a .gguf file, an HF folder converted from it once with
+  `hf_io.save_causal_lm` (float32 safetensors, de-quantized) and cached next to the file as
+  `<name>.hf/`, so that jbat children and transformers load the very same weights fast."""
+  from jbat.models import hf_io  # pylint: disable=import-outside-toplevel
+  if not path.endswith(".gguf"):
+    return path
+  out = path[:-len(".gguf")] + ".hf"
+  if not os.path.isfile(os.path.join(out, "model.safetensors")):
+    t0 = time.perf_counter()
+    model, tokenizer = hf_io.load_causal_lm(path, "float32")
+    hf_io.save_causal_lm(model, tokenizer, out)
+    print(f"converted {path} -> {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
+  return out
+
+
+def load_pretrained(folder: str, dtype: str, seed: int) -> tuple[dict[str, Any], LMConfig]:
+  """The jbat model of `folder` with LoRA (r=8, alpha=16, default targets), split as `build`
+  does, with the same kind of random delta / phi_s / target_grad."""
+  from jbat.models import hf_io  # pylint: disable=import-outside-toplevel
+  model, _ = hf_io.load_causal_lm(folder, dtype)
+  lora.apply_lora(model, LORA, rngs=nnx.Rngs(seed + 1))
+  counts = lora.count_params(model)
+  graphdef, phi0, rest = lora.split(model)
+  leaves, treedef = jax.tree.flatten(phi0)
+  keys = jax.random.split(jax.random.key(seed + 2), 2 * len(leaves))
+  noise = lambda k, x, s: s * jax.random.normal(k, x.shape, x.dtype)
+  delta = jax.tree.unflatten(treedef, [noise(k, x, 1e-3) for k, x in zip(keys, leaves)])
+  target = jax.tree.unflatten(treedef, [noise(k, x, 1.0)
+                                        for k, x in zip(keys[len(leaves):], leaves)])
+  return {"graphdef": graphdef, "phi0": phi0, "rest": rest, "delta": delta,
+          "phi_s": jax.tree.map(jnp.add, phi0, delta),
+          "target_grad": target, "counts": counts}, model.cfg
+
+
+def jbat_methods(m: dict[str, Any], batch: dict[str, jax.Array], proj_dim: int, seed: int,
+                 vocab_chunk: int | None,
+                 only: tuple[str, ...] = PRETRAINED_METHODS) -> dict[str, tuple[Callable, tuple]]:
+  """name -> (jitted function, arguments) for the PRETRAINED_METHODS in `only`.
+
+  `less` regenerates the Rademacher blocks from the key on every call (the packed matrix of a
+  2.4M-entry adapter at d=8192 would take 2.5 GB, over `stream.score_pool`'s 256 MB limit for
+  storing it); its target is projected once, outside the timing.
+  """
+  graphdef = m["graphdef"]
+
+  def loss(rest, phi, b):
+    return lm_per_example_loss(lora.merge(graphdef, phi, rest), b, vocab_chunk=vocab_chunk)
+
+  def rel_loss_diff(rest, phi0, phi_s, b):  # as stream's rel_loss_diff kernel
+    l0, ls = loss(rest, phi0, b), loss(rest, phi_s, b)
+    ok = b["valid"] & (l0 > 0)
+    return jnp.where(ok, (l0 - ls) / jnp.where(ok, l0, 1.0), 0.0)
+
+  rest, phi0, phi_s, delta = m["rest"], m["phi0"], m["phi_s"], m["delta"]
+  key = jax.random.key(seed + 3)
+  out = {
+      "forward": (jax.jit(loss), (rest, phi0, batch)),
+      "align": (jax.jit(lambda r, *a: kernels.align(functools.partial(loss, r), *a)),
+                (rest, phi0, delta, batch)),
+      "loss_diff": (jax.jit(lambda r, *a: kernels.loss_diff(functools.partial(loss, r), *a)),
+                    (rest, phi0, phi_s, batch)),
+      "rel_loss_diff": (jax.jit(rel_loss_diff), (rest, phi0, phi_s, batch)),
+  }
+  if "less" in only:
+    target = jax.jit(kernels.project_target, static_argnums=2)(m["target_grad"], key, proj_dim)
+    out["less"] = (jax.jit(lambda r, p, t, b, k: kernels.less(
+        functools.partial(loss, r), p, t, b, key=k, proj_dim=proj_dim)),
+        (rest, phi_s, target, batch, key))
+  return {k: v for k, v in out.items() if k in only}
+
+
+def compile_with_memory(fn: Callable, args: tuple) -> tuple[Callable, dict[str, float]]:
+  """(the compiled call of fn(*args), XLA's accounting of it: memory_analysis temporaries and
+  arguments in MB). The temporaries are what a method adds on top of the weights and batch."""
+  compiled = fn.lower(*args).compile()
+  ma = compiled.memory_analysis()
+  mb = lambda n: round(float(n) / 2 ** 20, 1)
+  return compiled, {"temp": mb(getattr(ma, "temp_size_in_bytes", float("nan"))),
+                    "args": mb(getattr(ma, "argument_size_in_bytes", float("nan")))}
+
+
+# ----------------------------------------------------------------------------- peers (torch)
+
+
+def torch_project(grads, d: int, seed: int, block: int = 4096):
+  """[B, n] float32 torch gradients -> [B, d]: a Rademacher projection generated block by
+  block, as TRAK's and LESS's CPU projectors do: `block` parameter rows at a time, each block
+  drawn from its own seeded torch.Generator (fair +-1 signs by `bernoulli_(0.5)` in place,
+  scaled by 1/sqrt(d)) into one reused buffer, so the n x d matrix is never held."""
+  import torch  # pylint: disable=import-outside-toplevel
+  b, n = grads.shape
+  out = torch.zeros(b, d, dtype=torch.float32)
+  buf = torch.empty(min(block, n), d, dtype=torch.float32)
+  scale = 1.0 / float(np.sqrt(d))
+  for j, start in enumerate(range(0, n, block)):
+    rows = min(block, n - start)
+    signs = buf[:rows]
+    signs.bernoulli_(0.5, generator=torch.Generator().manual_seed(seed * 1_000_003 + j))
+    signs.mul_(2.0 * scale).sub_(scale)
+    out.addmm_(grads[:, start:start + rows].to(torch.float32), signs)
+  return out
+
+
+def torch_peers(folder: str, dtype: str, batch: dict[str, jax.Array], proj_dim: int,
+                seed: int) -> dict[str, Callable[[], Any]]:
+  """The same checkpoint in transformers + peft (LoRA r=8, alpha=16, dropout 0, the same
+  targets), on the same token batch:
+
+    torch_forward  no_grad forward of the padded batch, per-example mean NLL (as `forward`)
+    less_loop      LESS: a batch-1 loop, each example unpadded, loss.backward(), the LoRA
+                   gradients flattened; then the batch's gradients projected to proj_dim
+                   (`torch_project`) and the cosine to the projected target gradient
+    trak_vmap      TRAK: torch.func.vmap(grad(loss)) over the rows (LoRA parameters as the
+                   functional_call arguments), then the same projection and cosine
+
+  Right padding and a causal mask mean a padded row's real positions never see its padding,
+  so the padded rows need no attention mask (padded positions have weight 0).
+  """
+  import peft  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=tdt,
+                                                           local_files_only=True)
+  targets = sorted({t for t in PEFT_TARGETS
+                    if any(n.endswith("." + t) for n, _ in base.named_modules())})
+  model = peft.get_peft_model(base, peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha,
+                                                    lora_dropout=0.0, target_modules=targets))
+  model.eval()
+  names = [n for n, p in model.named_parameters() if p.requires_grad]
+  params = dict(model.named_parameters())
+  n_lora = sum(params[n].numel() for n in names)
+  tokens = torch.from_numpy(np.asarray(batch["tokens"]).astype(np.int64))
+  tgts = torch.from_numpy(np.asarray(batch["targets"]).astype(np.int64))
+  weights = torch.from_numpy(np.asarray(batch["weights"], np.float32))
+  lengths = [int(n) for n in np.asarray(batch["segment_ids"] > 0).sum(1)]
+  gen = torch.Generator().manual_seed(seed + 4)
+  target = torch_project(torch.randn(1, n_lora, generator=gen), proj_dim, seed)[0]
+
+  def nll(logits, tg, w):  # [b, T, V], [b, T], [b, T] -> [b] weighted mean NLL (float32)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = -logp.gather(-1, tg.unsqueeze(-1)).squeeze(-1)
+    return (w * tok).sum(-1) / w.sum(-1).clamp_min(1e-9)
+
+  def cosine(projected):
+    return projected @ target / (projected.norm(dim=1) * target.norm()).clamp_min(1e-12)
+
+  def forward():
+    with torch.no_grad():
+      return nll(model(input_ids=tokens).logits, tgts, weights)
+
+  def less_loop():
+    rows = []
+    for i, n in enumerate(lengths):
+      model.zero_grad(set_to_none=True)
+      out = model(input_ids=tokens[i:i + 1, :n]).logits
+      nll(out, tgts[i:i + 1, :n], weights[i:i + 1, :n])[0].backward()
+      rows.append(torch.cat([params[k].grad.reshape(-1).float() for k in names]))
+    return cosine(torch_project(torch.stack(rows), proj_dim, seed))
+
+  lora_params = {k: params[k].detach() for k in names}
+
+  def row_loss(p, ids, tg, w):
+    out = torch.func.functional_call(model, p, args=(), kwargs={"input_ids": ids[None]})
+    return nll(out.logits, tg[None], w[None])[0]
+
+  vgrad = torch.func.vmap(torch.func.grad(row_loss), in_dims=(None, 0, 0, 0))
+
+  def trak_vmap():
+    g = vgrad(lora_params, tokens, tgts, weights)
+    flat = torch.cat([g[k].reshape(g[k].shape[0], -1).float() for k in names], dim=1)
+    return cosine(torch_project(flat, proj_dim, seed))
+
+  torch_peers.adapter_params = n_lora
+  return {"torch_forward": forward, "less_loop": less_loop, "trak_vmap": trak_vmap}
+
+
+# ----------------------------------------------------------------------------- memory children
+
+MEMORY_CHILD = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+sys.argv = [sys.argv[0]] + sys.argv[2:]
+import scoring_throughput as st
+print(json.dumps(st.memory_child(sys.argv[1:])))
+"""
+
+
+def memory_child(argv: list[str]) -> dict:
+  """In a fresh process: load the model, build the batch, compile and run `method` once;
+  returns {"method", "peak_rss_mb"} (ru_maxrss: the high-water mark of the whole process,
+  weights, compilation and the call included). method "load" stops before compiling."""
+  import resource  # pylint: disable=import-outside-toplevel
+  folder, dtype, seq_len, batch_size, method, proj_dim, seed, chunk = argv
+  vocab_chunk = int(chunk) or None
+  m, cfg = load_pretrained(folder, dtype, int(seed))
+  cfg = dataclasses.replace(cfg, max_len=int(seq_len))
+  batch = random_batch(np.random.default_rng(int(seed)), cfg, int(batch_size))
+  if method in PEER_METHODS:
+    del m
+    fn = torch_peers(folder, dtype, batch, int(proj_dim), int(seed))[method]
+    fn()
+  elif method != "load":
+    fn, args = jbat_methods(m, batch, int(proj_dim), int(seed), vocab_chunk, (method,))[method]
+    jax.block_until_ready(fn(*args))
+  return {"method": method, "peak_rss_mb": round(
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def peak_rss(folder: str, dtype: str, seq_len: int, batch_size: int, methods: list[str],
+             proj_dim: int, seed: int, vocab_chunk: int | None) -> dict[str, float]:
+  """method -> peak RSS (MB) of a fresh subprocess that loads the model and runs that method
+  once (see `memory_child`); "load" is the baseline (model + batch, nothing compiled)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(here)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+  out = {}
+  for method in ["load"] + methods:
+    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, here, folder, dtype,
+                          str(seq_len), str(batch_size), method, str(proj_dim), str(seed),
+                          str(vocab_chunk or 0)], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+      raise RuntimeError(f"memory child {method} failed:\n{res.stderr[-2000:]}")
+    out[method] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    print(f"  peak RSS {method:<14} {out[method]:>9.1f} MB", flush=True)
+  return out
+
+
+def run_pretrained(folder: str, name: str, seq_len: int, dtype: str, batch_size: int,
+                   repeats: int, proj_dim: int, seed: int, vocab_chunk: int | None,
+                   peers: bool, memory: bool, methods: tuple[str, ...]) -> dict:
+  """One (sequence length, dtype) configuration of a pretrained model; the JSON record."""
+  m, cfg = load_pretrained(folder, dtype, seed)
+  cfg = dataclasses.replace(cfg, max_len=seq_len)
+  batch = random_batch(np.random.default_rng(seed), cfg, batch_size)
+  real_tokens = int(np.asarray(batch["segment_ids"] > 0).sum())
+  jm = jbat_methods(m, batch, proj_dim, seed, vocab_chunk, methods)
+  calls, xla_mem = {}, {}
+  for k, (fn, args) in jm.items():  # Compiled once, ahead of time; timed as compiled.
+    compiled, xla_mem[k] = compile_with_memory(fn, args)
+    calls[k] = functools.partial(compiled, *args)
+  threads = {"xla": os.cpu_count()}
+  if peers:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(os.cpu_count())  # XLA's CPU pool: one thread per core.
+    threads["torch"] = torch.get_num_threads()
+    calls.update(torch_peers(folder, dtype, batch, proj_dim, seed))
+  t0 = time.perf_counter()
+  stats = time_methods(calls, repeats)
+  eps = {k: batch_size / v["median"] for k, v in stats.items()}
+  tps = {k: real_tokens / v["median"] for k, v in stats.items()}
+  print(f"\n== {name}: {m['counts']['total'] / 1e6:.1f}M params ({m['counts']['adapter']} "
+        f"adapter), vocab {cfg.vocab_size}, {dtype}, batch {batch_size} x L={seq_len} "
+        f"({real_tokens} real tokens), vocab_chunk {vocab_chunk}, proj_dim {proj_dim}, "
+        f"{repeats} rounds, {time.perf_counter() - t0:.0f} s, threads {threads}")
+  print(f"{'method':<14} {'s/batch':>9} {'examples/s':>11} {'tokens/s':>10} {'x forward':>10} "
+        f"{'best s':>9} {'cpu s':>9} {'XLA temp MB':>12}")
+  for k, st in stats.items():
+    print(f"{k:<14} {st['median']:>9.3f} {eps[k]:>11.3f} {tps[k]:>10.1f} "
+          f"{eps[k] / eps['forward']:>10.3f} {st['best']:>9.3f} {st['cpu']:>9.3f} "
+          f"{xla_mem.get(k, {}).get('temp', float('nan')):>12.1f}", flush=True)
+  rec = {"device": device_name(), "model": name, "dtype": dtype, "seq_len": seq_len,
+         "vocab": cfg.vocab_size, "params": m["counts"]["total"],
+         "adapter_params": m["counts"]["adapter"], "batch": batch_size,
+         "real_tokens": real_tokens, "vocab_chunk": vocab_chunk, "proj_dim": proj_dim,
+         "repeats": repeats, "threads": threads,
+         "examples_per_s": {k: round(v, 4) for k, v in eps.items()},
+         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+         "ratio_to_forward": {k: round(eps[k] / eps["forward"], 4) for k in eps if k != "forward"},
+         "xla_temp_mb": {k: v["temp"] for k, v in xla_mem.items()}}
+  if peers:
+    rec["vs_peers"] = {p: round(eps["align"] / eps[p], 3) for p in PEER_METHODS}
+    rec["forward_vs_torch"] = round(eps["forward"] / eps["torch_forward"], 3)
+    print(f"vs_peers (jbat align / peer, examples/s): {rec['vs_peers']}; jbat forward / "
+          f"torch forward: {rec['forward_vs_torch']}", flush=True)
+  if memory:
+    del m, jm, calls
+    rss = peak_rss(folder, dtype, seq_len, batch_size,
+                   list(methods) + (list(PEER_METHODS) if peers else []), proj_dim, seed,
+                   vocab_chunk)
+    rec["peak_rss_mb"] = rss
+    rec["peak_rss_ratio_to_forward"] = {k: round(v / rss["forward"], 3) for k, v in rss.items()
+                                        if k not in ("forward", "load")}
+    print(f"peak RSS / forward's: {rec['peak_rss_ratio_to_forward']}", flush=True)
+  return rec
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="demo model only (< 3 min on 2 CPUs)")
   p.add_argument("--models", default=None,
                  help=f"comma-separated subset of {sorted(MODELS)} (default: all, or demo "
                       "with --quick)")
-  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--batch", type=int, default=None,
+                 help="examples per batch (default: 32; 4 with --pretrained / --smollm2)")
   p.add_argument("--repeats", type=int, default=None,
-                 help="timed rounds per model, median taken (default: 5 demo, 3 for 25m)")
-  p.add_argument("--proj-dim", type=int, default=1024, help="LESS projection dimension")
+                 help="timed rounds per model, median taken (default: 5 demo, 3 for 25m, "
+                      "2 pretrained)")
+  p.add_argument("--proj-dim", type=int, default=None,
+                 help="LESS projection dimension (default: 1024; 8192 as LESS with a "
+                      "pretrained model)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype of the model (parameters stay float32)")
+  p.add_argument("--dtype", default="float32",
+                 help="compute dtype(s) of the model, comma-separated from float32,bfloat16 "
+                      "(parameters stay float32)")
+  p.add_argument("--pretrained", default=None,
+                 help="a pretrained checkpoint (HF folder or .gguf file) instead of --models")
+  p.add_argument("--smollm2", action="store_true",
+                 help="--pretrained = SmolLM2-135M-Instruct (Q4_1 GGUF via jbat.models.hub_free)")
+  p.add_argument("--seq-lens", default="128",
+                 help="comma-separated sequence lengths for --pretrained (e.g. 128,512)")
+  p.add_argument("--vocab-chunk", type=int, default=8192,
+                 help="vocabulary chunk of the loss for --pretrained (0: full logits)")
+  p.add_argument("--methods", default=",".join(PRETRAINED_METHODS),
+                 help=f"jbat methods for --pretrained, from {','.join(PRETRAINED_METHODS)}")
+  p.add_argument("--peers", action="store_true",
+                 help="also time transformers + peft peers (torch_forward, less_loop, "
+                      "trak_vmap) in the same rounds; adds vs_peers to the JSON line")
+  p.add_argument("--memory", action="store_true",
+                 help="peak RSS per method, each in a fresh subprocess (--pretrained)")
+  p.add_argument("--memory-only", action="store_true",
+                 help="--memory without the timed rounds")
   args = p.parse_args(argv)
-  names = (args.models.split(",") if args.models
-           else ["demo"] if args.quick else list(MODELS))
-  for n in names:
-    if n not in MODELS:
-      p.error(f"--models: unknown model {n!r}, expected some of {sorted(MODELS)}")
-  if args.batch <= 0 or (args.repeats is not None and args.repeats <= 0):
+  dtypes = args.dtype.split(",")
+  if any(d not in ("float32", "bfloat16") for d in dtypes):
+    p.error(f"--dtype: expected float32 and/or bfloat16, got {args.dtype!r}")
+  if (args.batch is not None and args.batch <= 0) or (
+      args.repeats is not None and args.repeats <= 0):
     p.error("--batch and --repeats must be positive")
   print(f"jax {jax.__version__}, device: {device_name()}")
-  records = [run_model(n, args.batch, args.repeats or DEFAULT_REPEATS[n], args.proj_dim,
-                       args.seed, args.dtype) for n in names]
+  if args.pretrained or args.smollm2:
+    if args.smollm2:
+      from jbat.models import hub_free  # pylint: disable=import-outside-toplevel
+      args.pretrained = str(hub_free.smollm2_gguf())
+    methods = tuple(args.methods.split(","))
+    if any(k not in PRETRAINED_METHODS for k in methods) or "forward" not in methods or (
+        args.peers and "align" not in methods):
+      p.error(f"--methods: a subset of {PRETRAINED_METHODS} with forward (and align with "
+              "--peers)")
+    folder = hf_folder(args.pretrained)
+    name = os.path.basename(args.pretrained.rstrip("/"))
+    records = []
+    for seq_len in [int(x) for x in args.seq_lens.split(",")]:
+      for dtype in dtypes:
+        kw = dict(folder=folder, dtype=dtype, seq_len=seq_len, batch_size=args.batch or 4,
+                  proj_dim=args.proj_dim or 8192, seed=args.seed,
+                  vocab_chunk=args.vocab_chunk or None)
+        if args.memory_only:
+          rss = peak_rss(methods=list(methods) + (list(PEER_METHODS) if args.peers else []),
+                         **kw)
+          rec = {"model": name, "dtype": dtype, "seq_len": seq_len, "batch": kw["batch_size"],
+                 "vocab_chunk": kw["vocab_chunk"], "peak_rss_mb": rss,
+                 "peak_rss_ratio_to_forward": {k: round(v / rss["forward"], 3)
+                                               for k, v in rss.items()
+                                               if k not in ("forward", "load")}}
+          print(f"peak RSS / forward's: {rec['peak_rss_ratio_to_forward']}", flush=True)
+        else:
+          rec = run_pretrained(name=name, repeats=args.repeats or 2, peers=args.peers,
+                               memory=args.memory, methods=methods, **kw)
+        records.append(rec)
+  else:
+    names = (args.models.split(",") if args.models
+             else ["demo"] if args.quick else list(MODELS))
+    for n in names:
+      if n not in MODELS:
+        p.error(f"--models: unknown model {n!r}, expected some of {sorted(MODELS)}")
+    records = [run_model(n, args.batch or 32, args.repeats or DEFAULT_REPEATS[n],
+                         args.proj_dim or 1024, args.seed, d) for n in names for d in dtypes]
   print()
   for rec in records:
     print(json.dumps(rec), flush=True)

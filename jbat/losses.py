@@ -7,12 +7,23 @@ A batch is a dict: "tokens" int32 [B, T], "targets" int32 [B, T] (tokens shifted
   nll[b, t]   = -log softmax(logits[b, t])[targets[b, t]]
   l(z_b)      = sum_t w[b, t] nll[b, t] / sum_t w[b, t]        (mean token NLL of example b)
   L(batch)    = sum_{b,t} w nll / max(sum_{b,t} w, 1)           (mean over weighted tokens)
+
+With `vocab_chunk` (an int) the model-level losses never hold the [B, T, V] logits: they take
+the final hidden states h [B, T, D] and the unembedding W [V, D] (`CausalLM.hidden_states`,
+`CausalLM.output_embedding`) and run an online log-sum-exp over vocabulary chunks of
+`vocab_chunk` rows (`chunked_token_nll`): each chunk's logits h W_c^T are computed in the
+model's dtype (bf16 or f32), and the running max, sum of exponentials and target logit are
+accumulated in float32. Each chunk is rematerialised in the backward pass, so the memory of
+the loss and of its gradient is O(B T vocab_chunk). vocab_chunk=None (the default) is the plain
+path, bit for bit as before.
 """
 
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from jbat.errors import JbatError
 
 Batch = Mapping[str, jax.Array]
 
@@ -21,6 +32,54 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """logits [B, T, V], targets int [B, T] -> float32 [B, T] negative log-likelihoods."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def chunked_token_nll(hidden: jax.Array, unembed: jax.Array, targets: jax.Array,
+                      vocab_chunk: int) -> jax.Array:
+  """hidden [B, T, D], unembed W [V, D], targets int [B, T] -> float32 [B, T] NLLs of the
+  logits h W^T, without materialising them: a `lax.scan` over ceil(V / vocab_chunk) chunks of
+  W (the last zero-padded; its padded columns are excluded) keeps the running max m, the sum
+  s of exp(logit - m) and the target's logit in float32; nll = m + log(s) - logit[target].
+
+  The chunk logits are computed in hidden's dtype (bf16 compute, f32 accumulation) and the
+  scan body is `jax.checkpoint`ed, so neither the forward nor the backward pass holds more
+  than one [B, T, vocab_chunk] block. The running max is a stop_gradient constant (the
+  log-sum-exp does not depend on it), so gradients and jvps are those of the plain loss.
+  """
+  if not isinstance(vocab_chunk, int) or isinstance(vocab_chunk, bool) or vocab_chunk <= 0:
+    raise JbatError(f"losses: vocab_chunk must be a positive int or None, got {vocab_chunk!r}")
+  v, d = unembed.shape
+  chunk = min(vocab_chunk, v)
+  n = -(-v // chunk)
+  w = jnp.pad(unembed, ((0, n * chunk - v), (0, 0))).reshape(n, chunk, d).astype(hidden.dtype)
+  targets = targets.astype(jnp.int32)
+  lead = hidden.shape[:-1]
+
+  @jax.checkpoint
+  def body(carry, xs):
+    m, s, tgt = carry
+    wc, start = xs
+    logits = jnp.einsum("...d,vd->...v", hidden, wc).astype(jnp.float32)
+    cols = start + jnp.arange(chunk, dtype=jnp.int32)
+    logits = jnp.where(cols < v, logits, -jnp.inf)
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+    tgt = tgt + jnp.sum(jnp.where(cols == targets[..., None], logits, 0.0), axis=-1)
+    return (m_new, s, tgt), None
+
+  init = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32),
+          jnp.zeros(lead, jnp.float32))
+  starts = jnp.arange(n, dtype=jnp.int32) * chunk
+  (m, s, tgt), _ = jax.lax.scan(body, init, (w, starts))
+  return m + jnp.log(s) - tgt
+
+
+def _weighted_mean(nll: jax.Array, weights: jax.Array) -> jax.Array:
+  """[B]: sum_t w nll / sum_t w, positions with w == 0 (padding) skipped even if nll is not
+  finite there."""
+  w = weights.astype(jnp.float32)
+  return (jnp.sum(jnp.where(w != 0, w * nll, 0.0), axis=-1)
+          / jnp.maximum(jnp.sum(w, axis=-1), 1e-9))
 
 
 def per_example_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -39,11 +98,26 @@ def _logits(model: Any, batch: Batch) -> jax.Array:
   return model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
 
 
-def lm_per_example_loss(model: Any, batch: Batch) -> jax.Array:
-  """[B] per-example loss l(z; phi) of `model` (a CausalLM, possibly with LoRA) on `batch`."""
-  return per_example_loss(_logits(model, batch), batch["targets"], batch["weights"])
+def _chunked_nll(model: Any, batch: Batch, vocab_chunk: int) -> jax.Array:
+  hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+  return chunked_token_nll(hidden, model.output_embedding(), batch["targets"], vocab_chunk)
 
 
-def lm_loss(model: Any, batch: Batch) -> jax.Array:
-  """Scalar training loss: token-weighted mean NLL of `model` on `batch`."""
-  return mean_token_loss(_logits(model, batch), batch["targets"], batch["weights"])
+def lm_per_example_loss(model: Any, batch: Batch, vocab_chunk: int | None = None) -> jax.Array:
+  """[B] per-example loss l(z; phi) of `model` (a CausalLM, possibly with LoRA) on `batch`.
+
+  vocab_chunk: None -> from the full logits; an int -> vocabulary-chunked (module docstring).
+  """
+  if vocab_chunk is None:
+    return per_example_loss(_logits(model, batch), batch["targets"], batch["weights"])
+  return _weighted_mean(_chunked_nll(model, batch, vocab_chunk), batch["weights"])
+
+
+def lm_loss(model: Any, batch: Batch, vocab_chunk: int | None = None) -> jax.Array:
+  """Scalar training loss: token-weighted mean NLL of `model` on `batch` (vocab_chunk as
+  `lm_per_example_loss`)."""
+  if vocab_chunk is None:
+    return mean_token_loss(_logits(model, batch), batch["targets"], batch["weights"])
+  w = batch["weights"].astype(jnp.float32)
+  nll = _chunked_nll(model, batch, vocab_chunk)
+  return jnp.sum(jnp.where(w != 0, w * nll, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)

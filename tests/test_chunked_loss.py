@@ -1,5 +1,5 @@
-"""`jbat.models.chunked_loss`: the chunked-vocabulary NLL equals `jbat.losses` (values and adapter
-gradients) and its program, backward pass included, holds no [B, T, V] array."""
+"""`jbat.losses` with `vocab_chunk`: the chunked-vocabulary NLL equals the full-logits one (values
+and adapter gradients) and its program, backward pass included, holds no [B, T, V] array."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from jbat import losses, lora
-from jbat.models import chunked_loss as C
 from jbat.models.causal_lm import CausalLM, LMConfig
 
 B, T, V = 2, 11, 97  # V prime, unlike every other dimension
@@ -22,7 +21,7 @@ def _model(kind: str):
   else:
     model = CausalLM(LMConfig.llama_like(V, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2),
                      rngs=nnx.Rngs(0))
-    targets = r".*(v_proj|lm_head)" if kind == "llama_lora_head" else r".*v_proj"
+    targets = r".*v_proj"  # LoRA on an untied lm_head is refused by the chunked loss.
   lora.apply_lora(model, lora.LoRAConfig(rank=2, alpha=4.0, targets=targets), rngs=nnx.Rngs(1))
   key = jax.random.key(2)
   for _, m in nnx.iter_modules(model):
@@ -46,7 +45,7 @@ def _losses(model, batch, chunk):
   def both(a):
     m = lora.merge(graphdef, a, rest)
     return (losses.lm_per_example_loss(m, batch),
-            C.lm_per_example_loss_chunked(m, batch, chunk))
+            losses.lm_per_example_loss(m, batch, vocab_chunk=chunk))
 
   def fn(a):
     (ref, got), vjp = jax.vjp(both, a)
@@ -57,16 +56,15 @@ def _losses(model, batch, chunk):
 
 
 # chunk 7: an uneven last chunk (97 = 13 * 7 + 6); V + 3: one chunk wider than the vocabulary.
-# (An untied head without LoRA takes the llama_lora_head path minus the (x A) B term.)
-@pytest.mark.parametrize("kind,chunk", [("gpt2_tied", V + 3), ("llama_lora_head", 7)])
+@pytest.mark.parametrize("kind,chunk", [("gpt2_tied", V + 3), ("llama_untied", 7)])
 def test_chunked_equals_full_logits(kind, chunk):
   model, batch = _model(kind), _batch()
   ref, got, g_ref, g_got = _losses(model, batch, chunk)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-  if kind == "llama_lora_head":
-    np.testing.assert_allclose(float(nnx.jit(lambda m: C.lm_loss_chunked(m, batch, 16))(model)),
+  if kind == "llama_untied":
+    np.testing.assert_allclose(float(nnx.jit(lambda m: losses.lm_loss(m, batch, vocab_chunk=16))(model)),
                                float(nnx.jit(lambda m: losses.lm_loss(m, batch))(model)),
                                rtol=1e-5)
 
@@ -85,10 +83,10 @@ def _shapes(jaxpr, out=None):
 
 
 def test_no_batch_by_length_by_vocab_array():
-  model, batch = _model("llama_lora_head"), _batch()
+  model, batch = _model("llama_untied"), _batch()
   graphdef, adapter, rest = lora.split(model)
   grad = lambda f: jax.grad(lambda a: f(lora.merge(graphdef, a, rest), batch))
   ref = _shapes(jax.make_jaxpr(grad(losses.lm_loss))(adapter).jaxpr)
-  got = _shapes(jax.make_jaxpr(grad(lambda m, b: C.lm_loss_chunked(m, b, 16)))(adapter).jaxpr)
+  got = _shapes(jax.make_jaxpr(grad(lambda m, b: losses.lm_loss(m, b, vocab_chunk=16)))(adapter).jaxpr)
   assert (B, T, V) in ref  # the check can fail: the plain loss does build the logits
   assert (B, T, 16) in got and not any(s[-1:] in ((V,), (112,)) and len(s) >= 3 for s in got)

@@ -253,14 +253,27 @@ class CausalLM(nnx.Module):
     under jit). segment_ids (packing): a query sees only keys of its own segment; padding
     (segment 0) attends to padding only, so no row is fully masked and outputs stay finite.
     """
-    x = self.hidden(tokens, positions, segment_ids)
+    x = self.hidden_states(tokens, positions, segment_ids)
     logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
     return logits.astype(jnp.float32)
 
-  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> jax.Array:
-    """final_norm(h_L) [B, T, D] in the compute dtype: `__call__` without the output head (for
-    losses that compute the logits a vocabulary chunk at a time)."""
+  def output_embedding(self) -> jax.Array:
+    """The unembedding as [V, D] (float32 parameters): logits = hidden_states @ W^T.
+
+    Tied: the token embedding; untied: lm_head's kernel transposed. Raises JbatError when
+    lm_head is not a plain linear (e.g. wrapped by LoRA), whose logits are not h @ W^T.
+    """
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding[...]
+    if not isinstance(self.lm_head, nnx.Linear):
+      raise JbatError("model.lm_head is not a plain nnx.Linear (LoRA on lm_head?): the "
+                      "vocabulary-chunked loss needs logits = h @ W^T; set vocab_chunk=None")
+    return self.lm_head.kernel[...].T
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states [B, T, D] in cfg.dtype (the logits are these times the
+    unembedding, see `output_embedding`); arguments as `__call__`."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
