@@ -52,7 +52,6 @@ in the workdir once made.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import time
@@ -64,12 +63,14 @@ import numpy as np
 from flax import nnx
 
 from jbat import config as config_lib
-from jbat import io, layout, lora, selection
+from jbat import io, layout, selection
+from jbat import surrogate as surrogate_lib
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
 from jbat.diffusion import ddpm
 from jbat.diffusion.denoiser import Denoiser
-from jbat.diffusion.evaluate import generate, per_example_losses, sample_metrics
+from jbat.diffusion.evaluate import (
+    generate, hash_images, image_scorable, per_example_losses, sample_metrics)
 from jbat.diffusion.report import render_report, save_grid, save_npy, summarize
 # The schema's names are re-exported: configs start from `personalize.base_config()`.
 from jbat.diffusion.schema import (  # noqa: F401
@@ -77,54 +78,68 @@ from jbat.diffusion.schema import (  # noqa: F401
 from jbat.diffusion.task import (  # noqa: F401
     SubjectTask, data_mesh, load_or_pretrain_backbone, load_or_train_classifier, make_task,
     with_lora)
-from jbat.scoring import kernels
-from jbat.scoring.stream import ScoreTable
+from jbat.errors import Diverged
+from jbat.scoring import stream
 from jbat.training import loop
 
-
-def _score_batch_fn(name: str):
-  """jit(phi0, phi_s, rest, batch, graphdef) -> f32[B] for a score of SCORES (kernels)."""
-
-  @functools.partial(jax.jit, static_argnames=("graphdef",))
-  def score(phi0, phi_s, rest, batch, *, graphdef):
-    def loss_fn(adapter, b):
-      return ddpm.per_example_loss(lora.merge(graphdef, adapter, rest), b)
-    if name == "align":
-      return kernels.align(loss_fn, phi0, kernels.tree_sub(phi_s, phi0), batch)
-    return getattr(kernels, name)(loss_fn, phi0, phi_s, batch)  # loss_diff, rel_loss_diff
-  return score
+# Pool image i's scoring draws are seeded by its train-split id + this (ddpm.seeded_draws).
+POOL_SEED_OFFSET = 1_000_000
 
 
-def score_images(config: ml_collections.ConfigDict, graphdef, phi0, phi_s, rest,
-               pool_x: np.ndarray, pool_y: np.ndarray, pool_ids: np.ndarray) -> np.ndarray:
-  """ALBAT scores f32[P] of the pool under config.score (batched, fixed shape, padded)."""
-  s = config.score
+def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int,
+               lr: float) -> loop.TrainSpec:
+  """The TrainSpec of the surrogate and of every arm (only steps and lr differ)."""
+  return loop.TrainSpec(steps=steps, lr=lr, warmup_steps=config.train.warmup_steps,
+                        clip_norm=1.0, ckpt_every=config.train.ckpt_every, keep=1,
+                        log_every=config.train.log_every, seed=seed)
+
+
+def image_examples(x: np.ndarray, label: np.ndarray, ident: np.ndarray,
+                   ids: np.ndarray) -> list[dict[str, Any]]:
+  """Images as the examples of `evaluate.image_scorable`: {"id", "x", "label", "ident"}."""
+  return [{"id": int(i), "x": xi, "label": int(li), "ident": int(di)}
+          for i, xi, li, di in zip(ids, x, label, ident)]
+
+
+def pool_scores(config: ml_collections.ConfigDict, backbone: Denoiser, subject: images.Source,
+                pool_x: np.ndarray, pool_y: np.ndarray, pool_ids: np.ndarray,
+                folder: pathlib.Path, cache: pathlib.Path) -> stream.ScoreTable:
+  """ALBAT stages 1-2 on the image pool, through the shared core: the surrogate adapter
+  (surrogate.fit_surrogate, on the subject rows only) and the pool's `config.score.name`
+  (stream.score_pool with the denoiser's Scorable: resumable chunks, multi-process, kept in
+  <cache>/diffusion/scores by content). Each pool image is scored with its own label
+  (score.cond "own") or the subject prompt ("subject") at draws seeded by its id."""
+  s, seed = config.score, config.seed
+  n_subject = len(subject.x)
+  spec = train_spec(config, seed, config.surrogate.steps, config.surrogate.lr)
+  subject_ex = image_examples(subject.x, subject.label, subject.ident, np.arange(n_subject))
+  key = lambda phi0, rest: surrogate_lib.cache_key(
+      phi0, rest, subject_ex, spec, hash_examples=hash_images, rows=subject.rows,
+      weight=subject.weight, seed=seed, model="denoiser")
+  sur = surrogate_lib.fit_surrogate(
+      with_lora(backbone, config, seed), lambda: images.MixtureIterator([subject], seed), spec,
+      folder / "surrogate", key=key, cache_dir=cache / "diffusion" / "surrogates",
+      mesh=data_mesh(), progress=config.progress, loss_fn=ddpm.train_loss, batch_keys=TRAIN_KEYS)
   n = len(pool_x)
   if s.cond == "own":
     label, ident = pool_y, np.zeros(n, np.int32)
   else:
     label = np.full(n, config.data.subject_class, np.int32)
     ident = np.full(n, SUBJECT_IDENT, np.int32)
-  fn = _score_batch_fn(s.name)
-  out = np.zeros(n, np.float32)
-  # Seeds are the pool ids: a pool image gets the same draws whatever the pool subset.
-  for b in images.eval_rows(pool_x, label, ident, pool_ids + 1_000_000, s.n_draws,
-                            s.batch_size, ddpm.seeded_draws):
-    keys = {k: b[k] for k in ("x", "t", "noise", "label", "ident", "valid")}
-    vals = np.asarray(fn(phi0, phi_s, rest, keys, graphdef=graphdef))
-    ok = b["valid"]
-    out[b["index"][ok]] = vals[ok]
-  return out
+  model = image_scorable(s.n_draws, pool_x.shape[1:], POOL_SEED_OFFSET)
+  batches = stream.Batches(s.batch_size, model=model)
+  return stream.score_pool([s.name], sur, image_examples(pool_x, label, ident, pool_ids),
+                           folder / "scores", batches, mesh=data_mesh(), seed=seed,
+                           progress=config.progress, cache_dir=cache / "diffusion" / "scores")
 
 
 def train_adapter(backbone: Denoiser, config: ml_collections.ConfigDict, sources,
                   seed: int, steps: int, lr: float, workdir: pathlib.Path,
                   desc: str) -> Denoiser:
-  """LoRA (+ identifier row) trained on the mixture `sources` with loop.fit; returns the model."""
+  """LoRA (+ identifier row) trained on the mixture `sources` with loop.fit; returns the model
+  (BAT training of one arm and seed: stage 4)."""
   model = with_lora(backbone, config, seed)
-  spec = loop.TrainSpec(steps=steps, lr=lr, warmup_steps=config.train.warmup_steps,
-                        clip_norm=1.0, ckpt_every=config.train.ckpt_every, keep=1,
-                        log_every=config.train.log_every, seed=seed)
+  spec = train_spec(config, seed, steps, lr)
   result = loop.fit(model, nnx.LoRAParam, images.MixtureIterator(sources, seed), spec, workdir,
                     mesh=data_mesh(), progress=config.progress, desc=desc,
                     loss_fn=ddpm.train_loss, batch_keys=TRAIN_KEYS)
@@ -149,9 +164,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   task = make_task(data, config)
   cls = config.data.subject_class
   t0 = lap("data", t0)
-  backbone, bb_folder, bb_cached = load_or_pretrain_backbone(config, data, task, cache)
+  try:
+    backbone, bb_folder, bb_cached = load_or_pretrain_backbone(config, data, task, cache)
+  except Diverged as e:
+    raise e.within("backbone", "backbone.lr", seed=config.seed, stage="pretraining") from None
   t0 = lap("backbone", t0)
-  clf, clf_acc, clf_cached = load_or_train_classifier(config, data, cache)
+  try:
+    clf, clf_acc, clf_cached = load_or_train_classifier(config, data, cache)
+  except Diverged as e:
+    raise e.within("classifier", "classifier.lr", seed=config.seed,
+                   stage="classifier training") from None
   t0 = lap("classifier", t0)
 
   ev = config.eval
@@ -190,19 +212,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t0 = lap("prior_images", t0)
 
   albat_info = None
-  scores = None
+  table = None
   if "albat" in arms:
-    sdir = wd / "albat"
-    score_path = sdir / "scores.npy"
-    if score_path.exists():
-      scores = np.load(score_path)
-    else:
-      sur = train_adapter(backbone, config, [subject], config.seed, config.surrogate.steps,
-                          config.surrogate.lr, sdir / "surrogate", desc="surrogate")
-      graphdef, phi_s, rest = lora.split(sur)
-      phi0 = lora.split(with_lora(backbone, config, config.seed))[1]
-      scores = score_images(config, graphdef, phi0, phi_s, rest, pool_x, pool_y, task.pool_ids)
-      save_npy(score_path, scores)
+    try:
+      table = pool_scores(config, backbone, subject, pool_x, pool_y, task.pool_ids,
+                          wd / "albat", cache)
+    except Diverged as e:
+      raise e.within("arm albat", "surrogate.lr", seed=config.seed,
+                     stage="surrogate training") from None
     albat_info = {"score": config.score.name, "cond": config.score.cond,
                   "rule": config.select.rule, "tau": str(config.select.tau),
                   "top_n": config.select.top_n, "k": k, "pool_size": len(task.pool_ids),
@@ -221,11 +238,15 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if arm == "random":
       pos = np.sort(np.random.default_rng([seed, 5]).permutation(len(pool_x))[:k])
     else:
-      table = ScoreTable(ids=task.pool_ids, scores={config.score.name: scores})
-      feats = pool_x.reshape(len(pool_x), -1) if config.select.rule == "cluster" else None
-      sel = selection.select(table, config.score.name, k=k, tau=select_tau(config),
-                             rule=config.select.rule, top_n=config.select.top_n, seed=seed,
-                             features=feats, n_clusters=config.select.n_clusters)
+      spec = selection.SelectSpec(score=config.score.name, k=k, tau=select_tau(config),
+                                  rule=config.select.rule, top_n=config.select.top_n,
+                                  n_clusters=config.select.n_clusters, seed=seed,
+                                  batch_size=config.score.batch_size)
+      # The cluster rule's features are the pixels (the LM's are projected gradients).
+      feats = pool_x.reshape(len(pool_x), -1) if spec.rule == "cluster" else None
+      sel = selection.select(table, spec.score, k=k, tau=spec.tau, rule=spec.rule,
+                             top_n=int(spec.top_n), seed=int(spec.seed), features=feats,
+                             n_clusters=int(spec.n_clusters))
       pos = np.searchsorted(task.pool_ids, sel.ids)
     y = pool_y[pos]
     return images.Source(pool_x[pos], y, np.zeros_like(y), rows=rows, weight=w), pos
@@ -243,8 +264,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       t_arm = time.perf_counter()
       aug, pos = aug_source(arm, seed)
       sources = [subject] + ([aug] if aug is not None else [])
-      model = train_adapter(backbone, config, sources, seed, config.train.steps,
-                            config.train.lr, rdir / "fit", desc=f"{arm} seed {seed}")
+      try:
+        model = train_adapter(backbone, config, sources, seed, config.train.steps,
+                              config.train.lr, rdir / "fit", desc=f"{arm} seed {seed}")
+      except Diverged as e:  # Raised before result.json is written.
+        raise e.within(f"arm {arm} seed {seed}", "train.lr", seed=seed,
+                       stage="adapter training") from None
       fid = float(np.mean(per_example_losses(model, task.heldout_x, cls, SUBJECT_IDENT,
                                              ev.n_draws, ev.batch_size)))
       drift_after = float(np.mean(per_example_losses(model, task.drift_x, cls, 0, ev.n_draws,
@@ -294,7 +319,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "albat": albat_info,
       "timings_s": {**timings, "total": time.perf_counter() - t_start},
   }
-  io.write_json_atomic(wd / layout.RESULTS_FILE, results)
+  io.write_json_atomic(wd / layout.RESULTS_FILE, results, finite=True)
   io.write_text_atomic(wd / layout.REPORT_FILE, render_report(results))
   print(render_report(results))
   return results
