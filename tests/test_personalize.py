@@ -12,6 +12,7 @@ from jbat import train
 from jbat.data import images
 from jbat.diffusion import personalize
 from jbat.errors import JbatError
+from jbat.scoring import stream
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/personalize_demo.py")
@@ -73,9 +74,15 @@ def test_every_arm_ran_the_same_steps_and_seeds(tiny_run):
 def test_albat_picks_follow_the_scores(tiny_run):
   _, wd, res = tiny_run
   cfg = _tiny_config()
-  scores = np.load(wd / "albat" / "scores.npy")
+  tmp = wd.parent
+  # Scored by the shared stream (stream.score_pool): chunks in the score cache, by content.
+  folder = stream.scores_dir(wd / "albat" / "scores")
+  assert folder.parent == tmp / "cache" / "diffusion" / "scores"
+  table = stream.load_table(folder, [cfg.score.name])
+  scores = table.scores[cfg.score.name]
   data = images.load_digits()
   task = personalize.make_task(data, cfg)
+  np.testing.assert_array_equal(table.ids, task.pool_ids)
   assert scores.shape == (len(task.pool_ids),)
   rank = {int(i): r for r, i in enumerate(task.pool_ids[np.lexsort((task.pool_ids, -scores))])}
   for seed in res["seeds"]:

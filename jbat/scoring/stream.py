@@ -31,7 +31,8 @@ Score names (docs/method.md, "Scores"; every score is "higher = select first"):
   dsir            hashed n-gram log importance ratio D_A vs pool (host, no model)
   random          uniform [0, 1) from (seed, example id)
 
-All losses are per-token means (`surrogate.per_example_loss_fn`). phi_c is the trained adapter
+All losses are the model's per-example loss (`Batches.model`'s, via
+`surrogate.per_example_loss_fn`; for the LM per-token means). phi_c is the trained adapter
 of a *control* surrogate (`control=`): same spec, seed and init as the surrogate, trained on
 |D_A| random pool documents, so `contrast` is Moore & Lewis's cross-entropy difference in
 adapter space and `contrast_align` its first-order form.
@@ -403,8 +404,9 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     surrogate: phi0 / phi_s / graphdef / rest (may be None when only dsir / random are asked).
     pool_examples: encoded pool ({"id", "ids"}), scored in this order.
     out_dir: chunk files and cursor (see the module docstring).
-    batches: rows per batch (a multiple of the mesh's `data` axis size), token length, pad id
-      and batches per chunk file (and per cursor update).
+    batches: rows per batch (a multiple of the mesh's `data` axis size), batches per chunk
+      file (and per cursor update) and the model's Scorable (batch maker, loss, example
+      hasher; the LM's from token length and pad id by default).
     adapt_examples: needed by `less` (mean adaptation gradient at phi_s).
     texts: (pool texts parallel to pool_examples, adaptation texts); needed by `dsir`.
     seed: `random` scores and the `less` projection key.
