@@ -153,6 +153,22 @@ def test_rerun_skips_finished_runs_and_a_lost_result_is_recomputed_identically(t
   assert again["backbone"]["cached"] is True
 
 
+@pytest.mark.parametrize("key, arm, words", [
+    ("surrogate.lr", "albat", ("arm albat (surrogate seed 0)", "surrogate training diverged at step")),
+    ("train.lr", "none", ("arm none seed 0", "adapter training diverged at step"))])
+def test_divergence_exits_2_naming_the_arm_seed_and_lr_key(tiny_run, capsys, key, arm, words):
+  tmp, _, _ = tiny_run  # Same cache: the backbone and classifier are loaded, not trained.
+  argv = _args(tmp, f"--config.{key}=1e6", f"--config.arms={arm}", "--config.seeds=0")
+  argv[3] = f"--config.workdir={tmp / ('wd_diverged_' + arm)}"
+  assert _main(argv) == 2
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("jbat: error:")]
+  assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+  for word in words + (f"{key}=1e+06 is too high",):
+    assert word in errors[0], (word, errors[0])
+  assert not (tmp / f"wd_diverged_{arm}" / "results.json").exists()
+
+
 def test_bad_config_exits_2_and_names_the_field(tmp_path, capsys):
   assert _main(_args(tmp_path, "--config.train.steps=0")) == 2
   assert "train.steps" in capsys.readouterr().err

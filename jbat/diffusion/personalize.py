@@ -224,7 +224,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       table = pool_scores(config, backbone, subject, pool_x, pool_y, task.pool_ids,
                           wd / "albat", cache)
     except Diverged as e:
-      raise e.within("arm albat", "surrogate.lr", seed=config.seed,
+      raise e.within(f"arm albat (surrogate seed {config.seed})", "surrogate.lr", seed=config.seed,
                      stage="surrogate training") from None
     albat_info = {"score": config.score.name, "cond": config.score.cond,
                   "rule": config.select.rule, "tau": str(config.select.tau),

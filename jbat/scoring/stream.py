@@ -2,8 +2,9 @@
 
 The pool is read in order in fixed-shape padded batches made by the model's batch maker
 (`jbat.scorable.Scorable`: for the LM B rows of L tokens, for the denoiser B images with their
-seeded timesteps and noise; a `valid` mask on padding rows). Each batch is split over the mesh's `data` axis
-(NamedSharding, `loop.shard_batch`) while the adapters and the frozen backbone are replicated;
+seeded timesteps and noise; a `valid` mask on padding rows). Each batch is split over the
+mesh's `data` axis (NamedSharding, `loop.shard_batch`) while the adapters and the frozen
+backbone are replicated;
 each score has its own jitted kernel, compiled once for the batch shape. Scores are written in
 chunks of `chunk_batches` batches:
 
