@@ -50,15 +50,18 @@ class Surrogate:
     return trees.tree_sub(self.phi_s, self.phi0)
 
 
-def per_example_loss_fn(graphdef: nnx.GraphDef,
-                        rest: nnx.State) -> Callable[[Any, dict[str, Any]], jax.Array]:
-  """loss_fn(adapter, batch) -> f32[B]: l(z_i; adapter), the mean token NLL of each row.
+def per_example_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State,
+                        model_loss: Callable[[Any, dict[str, Any]], jax.Array] = (
+                            losses.lm_per_example_loss)
+                        ) -> Callable[[Any, dict[str, Any]], jax.Array]:
+  """loss_fn(adapter, batch) -> f32[B]: l(z_i; adapter) = model_loss(merged model, batch), by
+  default the mean token NLL of each row (a Scorable's `loss`, jbat.scorable).
 
   The kernels' contract (jbat.scoring.kernels): row i depends only on row i of the batch.
   `rest` may be a traced argument (pass it through jit instead of closing over constants).
   """
   def loss_fn(adapter: Any, batch: dict[str, Any]) -> jax.Array:
-    return losses.lm_per_example_loss(nnx.merge(graphdef, adapter, rest), batch)
+    return model_loss(nnx.merge(graphdef, adapter, rest), batch)
   return loss_fn
 
 
@@ -69,14 +72,16 @@ def _host(tree: Any) -> Any:
 
 
 def cache_key(phi0: Any, rest: Any, adapt_examples: Sequence[dict[str, Any]],
-              spec: loop.TrainSpec, **settings: Any) -> str:
+              spec: loop.TrainSpec, hash_examples: Callable[[Any, Sequence[dict[str, Any]]], None]
+              = pipeline.hash_examples, **settings: Any) -> str:
   """sha256 (first 16 hex) of everything that determines phi_s: the initial adapter and the
-  frozen backbone values, the adaptation tokens, the training spec and batch settings."""
+  frozen backbone values, the adaptation examples (`hash_examples`, a Scorable's; by default
+  the LM's tokens), the training spec and batch settings."""
   h = hashlib.sha256(json.dumps({"spec": dataclasses.asdict(spec), **settings, "version": 1},
                                 sort_keys=True).encode())
   for tree in (phi0, rest):
     io.hash_tree(h, tree)
-  pipeline.hash_examples(h, adapt_examples)
+  hash_examples(h, adapt_examples)
   return h.hexdigest()[:16]
 
 
@@ -110,9 +115,50 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
   """
   if len(adapt_examples) == 0:
     raise JbatError("surrogate: the adaptation set is empty (need at least one example)")
-  workdir = pathlib.Path(workdir)
   model = nnx.clone(base)
   lora.apply_lora(model, lora_cfg, rngs=nnx.Rngs(seed))
+  key = None
+  if cache_dir is not None:
+    key = lambda phi0, rest: cache_key(phi0, rest, adapt_examples, spec, batch_size=batch_size,
+                                       max_len=max_len, pad_id=pad_id, seed=seed)
+  # Every process reads the whole (small) adaptation set and every device computes the whole
+  # batch: no cross-device gradient sum, so phi_s is bitwise the same however the run is
+  # split into processes.
+  return fit_surrogate(
+      model, lambda: pipeline.train_loader(adapt_examples, batch_size, max_len, pad_id, seed),
+      spec, workdir, init=init, key=key, cache_dir=cache_dir, mesh=mesh, progress=progress)
+
+
+def fit_surrogate(model: nnx.Module, train_iter: Callable[[], Any], spec: loop.TrainSpec,
+                  workdir: str | pathlib.Path, *, init: nnx.State | None = None,
+                  key: Callable[[Any, Any], str] | None = None,
+                  cache_dir: str | pathlib.Path | None = None,
+                  mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                  **fit_kwargs: Any) -> Surrogate:
+  """Trains (or reloads) the surrogate adapter of any model: the one stage 1 of both
+  modalities (`train_surrogate` is the LM's call of it).
+
+  Args:
+    model: the frozen backbone with a fresh adapter (its nnx.LoRAParam leaves are phi_0);
+      trained in place.
+    train_iter: () -> the iterator of training batches on the adaptation set only (called
+      only when training is needed).
+    spec: optimisation settings for `loop.fit`.
+    workdir: phi0.safetensors, phi_s.safetensors and the fit run (fit/); when both adapter
+      files exist they are loaded and nothing is trained.
+    init: start from this adapter instead of the fresh one (phi_0 is then `init`).
+    key: (phi0, rest) -> content key of everything that determines phi_s (`cache_key`); with
+      `cache_dir`, phi_s is kept in cache_dir/<key>/ and reused by a new workdir.
+    **fit_kwargs: passed to `loop.fit` (loss_fn, batch_keys for a non-LM model). Batches are
+      replicated on every device (no cross-device gradient sum), so phi_s does not depend on
+      how the run is split into processes.
+  Returns:
+    Surrogate(graphdef, phi0, phi_s, rest) with numpy leaves, reloaded from disk (a fresh
+    and a resumed run hold bitwise the same values).
+  Raises:
+    JbatError: saved adapters that do not fit this model; Diverged (loop.fit).
+  """
+  workdir = pathlib.Path(workdir)
   if init is not None:
     trees.check_same_structure(nnx.state(model, nnx.LoRAParam), init, name="init adapter")
     nnx.update(model, init)
@@ -123,22 +169,16 @@ def train_surrogate(base: CausalLM, lora_cfg: lora.LoRAConfig,
     return Surrogate(graphdef, io.load_tree(phi0_path, phi0), io.load_tree(phi_s_path, phi0),
                      rest)
   cached = None
-  if cache_dir is not None:
-    key = cache_key(phi0, rest, adapt_examples, spec, batch_size=batch_size, max_len=max_len,
-                    pad_id=pad_id, seed=seed)
-    cached = pathlib.Path(cache_dir) / key / PHI_S_FILE
+  if cache_dir is not None and key is not None:
+    cached = pathlib.Path(cache_dir) / key(phi0, rest) / PHI_S_FILE
   if distributed.is_main():
     io.save_tree(phi0, phi0_path)
   if cached is not None and cached.exists():
     if distributed.is_main():
       io.save_tree(io.load_tree(cached, phi0), phi_s_path)
   else:
-    # Every process reads the whole (small) adaptation set and every device computes the whole
-    # batch: no cross-device gradient sum, so phi_s is bitwise the same however the run is
-    # split into processes.
-    train_iter = pipeline.train_loader(adapt_examples, batch_size, max_len, pad_id, seed)
-    result = loop.fit(model, nnx.LoRAParam, train_iter, spec, workdir / "fit", mesh=mesh,
-                      progress=progress, desc="surrogate", replicate_batches=True)
+    result = loop.fit(model, nnx.LoRAParam, train_iter(), spec, workdir / "fit", mesh=mesh,
+                      progress=progress, desc="surrogate", replicate_batches=True, **fit_kwargs)
     if distributed.is_main():
       phi_s = _host(result.params)
       io.save_tree(phi_s, phi_s_path)

@@ -9,12 +9,14 @@ import pytest
 from flax import nnx
 
 from jbat import lora
+from jbat import surrogate as surrogate_lib
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
 from jbat.diffusion import ddpm
+from jbat.diffusion import evaluate
 from jbat.diffusion.denoiser import Denoiser, DenoiserConfig, patchify, unpatchify
 from jbat.errors import JbatError
-from jbat.scoring import kernels
+from jbat.scoring import kernels, stream
 
 CFG = DenoiserConfig(image_size=8, channels=1, patch=2, d_model=16, depth=2, n_heads=2,
                      mlp_ratio=2, n_classes=10, n_identifiers=2)
@@ -171,6 +173,38 @@ def test_identifier_gets_gradient_through_the_kernels():
   assert np.abs(g[0, 0]).sum() > 0 and np.abs(g[1, 0]).sum() > 0
   np.testing.assert_array_equal(g[2], 0.0)  # no identifier in row 2
   np.testing.assert_array_equal(g[:, 1], 0.0)  # identifier 2 is never used
+
+
+def test_image_scorable_batches_are_eval_rows_and_the_stream_scores_equal_the_kernel(tmp_path):
+  # The denoiser through the shared scoring core: its batch maker gives the rows of
+  # images.eval_rows (padding repeats row 0, draws seeded by id + offset), and
+  # stream.score_pool's loss_diff equals kernels.loss_diff on those batches.
+  x, label, ident = _images(5), np.array([1, 2, 3, 4, 5]), np.array([0, 1, 0, 1, 0])
+  ids = np.array([3, 7, 11, 20, 21])
+  model = evaluate.image_scorable(2, x.shape[1:], 1000)
+  examples = [{"id": int(i), "x": xi, "label": int(li), "ident": int(di)}
+              for i, xi, li, di in zip(ids, x, label, ident)]
+  rows = images.eval_rows(x, label, ident, ids + 1000, 2, 4, ddpm.seeded_draws)
+  for lo, ref in zip((0, 4), rows):
+    b = model.make_batch(examples[lo:lo + 4], 4)
+    for k in evaluate.IMAGE_KEYS + ("valid",):
+      np.testing.assert_array_equal(b[k], ref[k])
+    np.testing.assert_array_equal(b["id"], np.where(ref["valid"], ids[lo:lo + 4].tolist()
+                                                    + [0] * (4 - len(ids[lo:lo + 4])), -1))
+  net = _model()
+  lora.apply_lora(net, lora.LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+  graphdef, phi0, rest = lora.split(net)
+  phi_s = jax.tree.map(lambda a: np.asarray(a) + np.float32(0.05), phi0)
+  sur = surrogate_lib.Surrogate(graphdef, jax.tree.map(np.asarray, phi0), phi_s, rest)
+  table = stream.score_pool(["loss_diff"], sur, examples, tmp_path / "s",
+                            stream.Batches(4, chunk_batches=1, model=model), progress=False)
+  np.testing.assert_array_equal(table.ids, ids)
+  loss_fn = surrogate_lib.per_example_loss_fn(graphdef, rest, ddpm.per_example_loss)
+  want = np.concatenate([np.asarray(jax.jit(kernels.loss_diff, static_argnums=0)(
+      loss_fn, sur.phi0, phi_s, {k: r[k] for k in evaluate.IMAGE_KEYS + ("valid",)}))[r["valid"]]
+      for r in rows])
+  np.testing.assert_allclose(table.scores["loss_diff"], want, rtol=1e-6, atol=1e-7)
+  assert np.abs(want).max() > 0
 
 
 # ----------------------------------------------------------------------------- DDIM

@@ -12,6 +12,7 @@ from jbat import train
 from jbat.data import images
 from jbat.diffusion import personalize
 from jbat.errors import JbatError
+from jbat.scoring import stream
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/personalize_demo.py")
@@ -73,9 +74,15 @@ def test_every_arm_ran_the_same_steps_and_seeds(tiny_run):
 def test_albat_picks_follow_the_scores(tiny_run):
   _, wd, res = tiny_run
   cfg = _tiny_config()
-  scores = np.load(wd / "albat" / "scores.npy")
+  tmp = wd.parent
+  # Scored by the shared stream (stream.score_pool): chunks in the score cache, by content.
+  folder = stream.scores_dir(wd / "albat" / "scores")
+  assert folder.parent == tmp / "cache" / "diffusion" / "scores"
+  table = stream.load_table(folder, [cfg.score.name])
+  scores = table.scores[cfg.score.name]
   data = images.load_digits()
   task = personalize.make_task(data, cfg)
+  np.testing.assert_array_equal(table.ids, task.pool_ids)
   assert scores.shape == (len(task.pool_ids),)
   rank = {int(i): r for r, i in enumerate(task.pool_ids[np.lexsort((task.pool_ids, -scores))])}
   for seed in res["seeds"]:
@@ -144,6 +151,22 @@ def test_rerun_skips_finished_runs_and_a_lost_result_is_recomputed_identically(t
     assert again["runs"]["albat"]["1"][k] == before[k]
   assert again["summary"] == res["summary"]
   assert again["backbone"]["cached"] is True
+
+
+@pytest.mark.parametrize("key, arm, words", [
+    ("surrogate.lr", "albat", ("arm albat (surrogate seed 0)", "surrogate training diverged at step")),
+    ("train.lr", "none", ("arm none seed 0", "adapter training diverged at step"))])
+def test_divergence_exits_2_naming_the_arm_seed_and_lr_key(tiny_run, capsys, key, arm, words):
+  tmp, _, _ = tiny_run  # Same cache: the backbone and classifier are loaded, not trained.
+  argv = _args(tmp, f"--config.{key}=1e6", f"--config.arms={arm}", "--config.seeds=0")
+  argv[3] = f"--config.workdir={tmp / ('wd_diverged_' + arm)}"
+  assert _main(argv) == 2
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("jbat: error:")]
+  assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+  for word in words + (f"{key}=1e+06 is too high",):
+    assert word in errors[0], (word, errors[0])
+  assert not (tmp / f"wd_diverged_{arm}" / "results.json").exists()
 
 
 def test_bad_config_exits_2_and_names_the_field(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Evaluation of a denoiser: seeded per-example losses, DDIM samples, sample metrics."""
+"""Evaluation of a denoiser: seeded per-example losses, DDIM samples, sample metrics, and the
+denoiser as a `jbat.scorable.Scorable` (what the surrogate and pool scoring streams need)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,49 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jbat import lora
+from jbat import lora, scorable
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
 from jbat.diffusion import ddpm
 from jbat.diffusion.denoiser import Denoiser
+
+
+IMAGE_KEYS = ("x", "t", "noise", "label", "ident")
+
+
+def hash_images(h, examples) -> None:
+  """Feeds image examples ({"id", "x", "label", "ident"}, in order) to a hashlib object."""
+  for ex in examples:
+    h.update(np.asarray([ex["id"], ex["label"], ex["ident"]], np.int64).tobytes())
+    x = np.ascontiguousarray(ex["x"], np.float32)
+    h.update(np.asarray(x.shape, np.int64).tobytes() + x.tobytes())
+
+
+def image_scorable(n_draws: int, shape: tuple[int, ...], seed_offset: int) -> scorable.Scorable:
+  """The denoiser as a Scorable: examples {"id", "x" f32[H,W,C], "label", "ident"}; the loss
+  is `ddpm.per_example_loss` over `n_draws` (t, noise) draws seeded by id + seed_offset
+  (ddpm.seeded_draws), so an image's loss does not depend on its batch or pool. Padding rows
+  repeat row 0 (as `images.eval_rows`), so every row is a real image."""
+  shape = tuple(int(d) for d in shape)
+
+  def make_batch(part, rows: int) -> dict[str, np.ndarray]:
+    valid = np.arange(rows) < len(part)
+    ids = np.full(rows, -1, np.int64)
+    ids[:len(part)] = [ex["id"] for ex in part]
+    if not part:  # A process with no rows of a short last batch.
+      part = [{"id": 0, "x": np.zeros(shape, np.float32), "label": 0, "ident": 0}]
+    full = list(range(len(part))) + [0] * (rows - len(part))
+    seeds = np.asarray([part[i]["id"] for i in full], np.int64) + seed_offset
+    t, noise = ddpm.seeded_draws(seeds, n_draws, shape)
+    return {"x": np.stack([np.asarray(part[i]["x"], np.float32) for i in full]),
+            "label": np.asarray([part[i]["label"] for i in full], np.int32),
+            "ident": np.asarray([part[i]["ident"] for i in full], np.int32),
+            "t": t, "noise": noise, "valid": valid, "id": ids}
+
+  return scorable.Scorable(loss=ddpm.per_example_loss, make_batch=make_batch,
+                           hash_examples=hash_images, batch_keys=IMAGE_KEYS,
+                           settings={"model": "denoiser", "n_draws": int(n_draws),
+                                     "seed_offset": int(seed_offset), "shape": list(shape)})
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -1,8 +1,10 @@
 """ALBAT stage 2 at scale: stream the backbone pool through the jitted kernels, resumably.
 
-The pool is read in order in fixed-shape padded batches (`pipeline.eval_batches`, B rows of L
-tokens, a `valid` mask on padding rows). Each batch is split over the mesh's `data` axis
-(NamedSharding, `loop.shard_batch`) while the adapters and the frozen backbone are replicated;
+The pool is read in order in fixed-shape padded batches made by the model's batch maker
+(`jbat.scorable.Scorable`: for the LM B rows of L tokens, for the denoiser B images with their
+seeded timesteps and noise; a `valid` mask on padding rows). Each batch is split over the
+mesh's `data` axis (NamedSharding, `loop.shard_batch`) while the adapters and the frozen
+backbone are replicated;
 each score has its own jitted kernel, compiled once for the batch shape. Scores are written in
 chunks of `chunk_batches` batches:
 
@@ -30,7 +32,8 @@ Score names (docs/method.md, "Scores"; every score is "higher = select first"):
   dsir            hashed n-gram log importance ratio D_A vs pool (host, no model)
   random          uniform [0, 1) from (seed, example id)
 
-All losses are per-token means (`surrogate.per_example_loss_fn`). phi_c is the trained adapter
+All losses are the model's per-example loss (`Batches.model`'s, via
+`surrogate.per_example_loss_fn`; for the LM per-token means). phi_c is the trained adapter
 of a *control* surrogate (`control=`): same spec, seed and init as the surrogate, trained on
 |D_A| random pool documents, so `contrast` is Moore & Lewis's cross-entropy difference in
 adapter space and `contrast_align` its first-order form.
@@ -57,7 +60,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jbat import distributed, io, registry
-from jbat.data import pipeline
+from jbat import scorable as scorable_lib
 from jbat.errors import JbatError
 from jbat.scoring import dsir as dsir_lib
 from jbat.scoring import kernels
@@ -76,13 +79,19 @@ MAX_PROJECTION_WORDS_BYTES = 256 * 2**20
 @dataclasses.dataclass(frozen=True)
 class Batches:
   """How a stream walks its examples: global batches of `batch_size` rows (a multiple of the
-  mesh's `data` axis) of `max_len` tokens padded with `pad_id`, `chunk_batches` batches per
-  chunk file and resume point."""
+  mesh's `data` axis), `chunk_batches` batches per chunk file and resume point, made by
+  `model` (a jbat.scorable.Scorable: batch maker, per-example loss, example hasher). Without
+  `model` the examples are the causal LM's, padded to `max_len` tokens with `pad_id`
+  (scorable.lm)."""
 
   batch_size: int
-  max_len: int
-  pad_id: int
+  max_len: int = 0
+  pad_id: int = 0
   chunk_batches: int = 64
+  model: scorable_lib.Scorable | None = None
+
+  def scorable(self) -> scorable_lib.Scorable:
+    return self.model if self.model is not None else scorable_lib.lm(self.max_len, self.pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +115,12 @@ def chunk_path(out_dir: pathlib.Path, index: int) -> pathlib.Path:
 def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                  pool_examples: Sequence[dict[str, Any]], settings: dict[str, Any],
                  pool_texts: Sequence[str] | None, adapt_texts: Sequence[str] | None,
-                 control_phi: Any = None) -> str:
-  """sha256 (first 16 hex) of everything that determines the chunk files."""
+                 control_phi: Any = None, *, model: scorable_lib.Scorable) -> str:
+  """sha256 (first 16 hex) of everything that determines the chunk files: `settings` and the
+  batch maker's (model.settings), the examples (model.hash_examples), the adapters."""
+  settings = {**settings, **model.settings}
   h = hashlib.sha256(json.dumps({"scores": list(scores), **settings}, sort_keys=True).encode())
-  pipeline.hash_examples(h, pool_examples)
+  model.hash_examples(h, pool_examples)
   trees = () if surrogate is None else (surrogate.phi0, surrogate.phi_s)
   if control_phi is not None:
     trees += (control_phi,)
@@ -121,10 +132,10 @@ def _fingerprint(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | Non
   return h.hexdigest()[:16]
 
 
-def _examples_digest(examples: Sequence[dict[str, Any]]) -> str:
-  """sha256 (first 16 hex) of the ids and token ids of encoded examples, in order."""
+def _examples_digest(examples: Sequence[dict[str, Any]], model: scorable_lib.Scorable) -> str:
+  """sha256 (first 16 hex) of the examples' contents (model.hash_examples), in order."""
   h = hashlib.sha256()
-  pipeline.hash_examples(h, examples)
+  model.hash_examples(h, examples)
   return h.hexdigest()[:16]
 
 
@@ -203,7 +214,7 @@ def _id_words(ids: np.ndarray) -> np.ndarray:
 
 
 def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate,
-                        less_proj_dim: int | None) -> dict[str, Any]:
+                        less_proj_dim: int | None, model_loss) -> dict[str, Any]:
   """One jitted function per kernel: (params, batch) -> {score name: f32[B]}.
 
   `params` = {"rest", "phi0", "phi_s", "delta", "target", "key", "words", "phi_c", "delta_c"}
@@ -215,7 +226,7 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
   graphdef = surrogate.graphdef
 
   def loss(params):
-    return surrogate_lib.per_example_loss_fn(graphdef, params["rest"])
+    return surrogate_lib.per_example_loss_fn(graphdef, params["rest"], model_loss)
 
   fns = {
       "align": lambda p, b: {"align": kernels.align(loss(p), p["phi0"], p["delta"], b)},
@@ -260,17 +271,19 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
 
 
 def _mean_adapt_grad(surrogate: surrogate_lib.Surrogate,
-                     adapt_examples: Sequence[dict[str, Any]], batch_size: int, max_len: int,
-                     pad_id: int, mesh: jax.sharding.Mesh, rest: Any, phi_s: Any) -> Any:
+                     adapt_examples: Sequence[dict[str, Any]], batch_size: int,
+                     model: scorable_lib.Scorable, mesh: jax.sharding.Mesh, rest: Any,
+                     phi_s: Any) -> Any:
   """Mean per-example gradient at phi_s over the adaptation set (LESS target direction)."""
   graphdef = surrogate.graphdef
 
   @jax.jit
   def step(rest, phi_s, batch):
-    return kernels.grad_sum(surrogate_lib.per_example_loss_fn(graphdef, rest), phi_s, batch)
+    return kernels.grad_sum(surrogate_lib.per_example_loss_fn(graphdef, rest, model.loss),
+                            phi_s, batch)
 
   total, count = None, 0.0
-  for _, _, dev in global_batches(adapt_examples, batch_size, max_len, pad_id, mesh):
+  for _, _, dev in global_batches(adapt_examples, batch_size, model, mesh):
     s, c = step(rest, phi_s, dev)
     s = jax.tree.map(distributed.host_array, s)
     total = s if total is None else jax.tree.map(np.add, total, s)
@@ -303,33 +316,35 @@ def _less_projection(phi_s: Any, target_grad: Any, key: jax.Array, proj_dim: int
   return loop.replicate(target, mesh), words
 
 
-def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+               keys: Sequence[str]) -> dict[str, jax.Array]:
   """This process's rows of a global batch -> global arrays split over `data`: the model
-  inputs (loop.shard_batch), the valid mask and the id words."""
-  out = loop.shard_batch(batch, mesh)
+  inputs `keys` (loop.shard_batch), the valid mask and the id words."""
+  out = loop.shard_batch(batch, mesh, keys)
   sharding = NamedSharding(mesh, P("data"))
   out["valid"] = jax.make_array_from_process_local_data(sharding, np.asarray(batch["valid"]))
   out["id_words"] = jax.make_array_from_process_local_data(sharding, _id_words(batch["id"]))
   return out
 
 
-def global_batches(examples: Sequence[dict[str, Any]], batch_size: int, max_len: int,
-                   pad_id: int, mesh: jax.sharding.Mesh):
+def global_batches(examples: Sequence[dict[str, Any]], batch_size: int,
+                   model: scorable_lib.Scorable, mesh: jax.sharding.Mesh):
   """One ordered pass over `examples` in global batches of `batch_size` rows (the last one
   padded): yields (ids int64[B], valid bool[B], device batch). Every process walks the same
-  batches, but pads and feeds only its own rows (`distributed.local_rows`)."""
+  batches, but makes (model.make_batch) and feeds only its own rows
+  (`distributed.local_rows`)."""
   rows = distributed.local_rows(batch_size, mesh)
   for lo in range(0, len(examples), batch_size):
     part = list(examples[lo:lo + batch_size])
     ids = np.full(batch_size, -1, np.int64)
     ids[:len(part)] = [ex["id"] for ex in part]
     valid = np.arange(batch_size) < len(part)
-    local = pipeline.pad_batch(part[rows], rows.stop - rows.start, max_len, pad_id)
-    yield ids, valid, _put_batch(local, mesh)
+    local = model.make_batch(part[rows], rows.stop - rows.start)
+    yield ids, valid, _put_batch(local, mesh, model.batch_keys)
 
 
 def _stream_chunks(examples: Sequence[dict[str, Any]], out_dir: pathlib.Path, fingerprint: str,
-                   compute, *, batch_size: int, max_len: int, pad_id: int,
+                   compute, *, batch_size: int, model: scorable_lib.Scorable,
                    mesh: jax.sharding.Mesh, chunk_batches: int, desc: str, progress: bool,
                    finish_chunk=None, check=None) -> None:
   """The resumable chunk loop shared by `score_pool` and `pool_grad_features`.
@@ -350,8 +365,7 @@ def _stream_chunks(examples: Sequence[dict[str, Any]], out_dir: pathlib.Path, fi
   for c in range(start, n_chunks):
     lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
     ids, cols = [], {}
-    for batch_ids, valid, dev in global_batches(examples[lo:hi], batch_size, max_len, pad_id,
-                                                mesh):
+    for batch_ids, valid, dev in global_batches(examples[lo:hi], batch_size, model, mesh):
       for name, value in compute(dev).items():
         cols.setdefault(name, []).append(distributed.host_array(value)[valid])
       ids.append(batch_ids[valid])
@@ -391,8 +405,9 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     surrogate: phi0 / phi_s / graphdef / rest (may be None when only dsir / random are asked).
     pool_examples: encoded pool ({"id", "ids"}), scored in this order.
     out_dir: chunk files and cursor (see the module docstring).
-    batches: rows per batch (a multiple of the mesh's `data` axis size), token length, pad id
-      and batches per chunk file (and per cursor update).
+    batches: rows per batch (a multiple of the mesh's `data` axis size), batches per chunk
+      file (and per cursor update) and the model's Scorable (batch maker, loss, example
+      hasher; the LM's from token length and pad id by default).
     adapt_examples: needed by `less` (mean adaptation gradient at phi_s).
     texts: (pool texts parallel to pool_examples, adaptation texts); needed by `dsir`.
     seed: `random` scores and the `less` projection key.
@@ -412,7 +427,7 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
       phi_s not shaped like phi0, batch size not divisible by the devices, non-finite scores
       (the message lists the first 10 offending example ids), or a cursor from other inputs.
   """
-  batch_size, max_len, pad_id = batches.batch_size, batches.max_len, batches.pad_id
+  batch_size, model = batches.batch_size, batches.scorable()
   chunk_batches = batches.chunk_batches
   pool_texts, adapt_texts = texts if texts is not None else (None, None)
   scores = list(scores)
@@ -453,19 +468,19 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
 
   chunk_size = chunk_batches * batch_size
   n_chunks = -(-n // chunk_size)
-  settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
-              "chunk_batches": chunk_batches, "less_proj_dim": less_proj_dim, "version": 1}
+  settings = {"batch_size": batch_size, "seed": seed, "chunk_batches": chunk_batches,
+              "less_proj_dim": less_proj_dim, "version": 1}
   if "less" in scores:
     # The LESS target is the mean gradient over adapt_examples, and a projected score depends
     # on the definition of the Rademacher matrix.
-    settings["less_adapt"] = _examples_digest(adapt_examples or ())
+    settings["less_adapt"] = _examples_digest(adapt_examples or (), model)
     if less_proj_dim is not None:
       settings["projection"] = kernels.PROJECTION_VERSION
   uses_texts = "dsir" in scores
   fingerprint = _fingerprint(scores, surrogate if model_names else None, pool_examples,
                              settings, pool_texts if uses_texts else None,
                              adapt_texts if uses_texts else None,
-                             control.phi_s if control_names else None)
+                             control.phi_s if control_names else None, model=model)
   out_dir = pathlib.Path(out_dir)
   if cache_dir is not None:
     if distributed.is_main():
@@ -486,14 +501,14 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
       params["phi_c"] = loop.replicate(control.phi_s, mesh)
       params["delta_c"] = loop.replicate(kernels.tree_sub(surrogate.phi_s, control.phi_s), mesh)
     if "less" in scores:
-      params["target"] = _mean_adapt_grad(surrogate, adapt_examples, batch_size, max_len, pad_id,
-                                          mesh, params["rest"], params["phi_s"])
+      params["target"] = _mean_adapt_grad(surrogate, adapt_examples, batch_size, model, mesh,
+                                          params["rest"], params["phi_s"])
       if less_proj_dim is not None:
         params["target"], words = _less_projection(params["phi_s"], params["target"],
                                                    params["key"], less_proj_dim, mesh)
         if words is not None:
           params["words"] = words
-    jitted = _make_model_kernels(model_names, surrogate, less_proj_dim)
+    jitted = _make_model_kernels(model_names, surrogate, less_proj_dim, model.loss)
   random_fn = jax.jit(lambda key, words, valid: kernels.random_scores(key, words, valid))
   if "dsir" in scores:
     target_logp = dsir_lib.fit_ngram_model(adapt_texts)
@@ -516,7 +531,7 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     _check_finite(ids, {k[len("score_"):]: v for k, v in chunk.items()})
 
   _stream_chunks(pool_examples, out_dir, fingerprint, compute, batch_size=batch_size,
-                 max_len=max_len, pad_id=pad_id, mesh=mesh, chunk_batches=chunk_batches,
+                 model=model, mesh=mesh, chunk_batches=chunk_batches,
                  desc="score pool", progress=progress, finish_chunk=finish_chunk, check=check)
   return load_table(out_dir, scores)
 
@@ -572,7 +587,7 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
     JbatError: empty examples, bad proj_dim / batch sizes, non-finite features, or a cursor
       from other inputs.
   """
-  batch_size, max_len, pad_id = batches.batch_size, batches.max_len, batches.pad_id
+  batch_size, model = batches.batch_size, batches.scorable()
   chunk_batches = batches.chunk_batches
   n = len(examples)
   if n == 0:
@@ -591,10 +606,10 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
   out_dir.mkdir(parents=True, exist_ok=True)
   chunk_size = chunk_batches * batch_size
   n_chunks = -(-n // chunk_size)
-  settings = {"batch_size": batch_size, "max_len": max_len, "pad_id": pad_id, "seed": seed,
-              "chunk_batches": chunk_batches, "proj_dim": proj_dim, "version": 1,
-              "projection": kernels.PROJECTION_VERSION}
-  fingerprint = _fingerprint(["grad_features"], surrogate, examples, settings, None, None)
+  settings = {"batch_size": batch_size, "seed": seed, "chunk_batches": chunk_batches,
+              "proj_dim": proj_dim, "version": 1, "projection": kernels.PROJECTION_VERSION}
+  fingerprint = _fingerprint(["grad_features"], surrogate, examples, settings, None, None,
+                             model=model)
   start = _read_cursor(out_dir, fingerprint, n_chunks)
   if start == n_chunks:
     return load_features(out_dir)
@@ -603,7 +618,7 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
 
   @jax.jit
   def feats(rest, phi_s, key, words, batch):
-    loss_fn = surrogate_lib.per_example_loss_fn(graphdef, rest)
+    loss_fn = surrogate_lib.per_example_loss_fn(graphdef, rest, model.loss)
     return kernels.project(kernels.per_example_grads(loss_fn, phi_s, batch), key, proj_dim,
                            words=words)
 
@@ -620,7 +635,7 @@ def pool_grad_features(surrogate: surrogate_lib.Surrogate,
                       f"ids: {ids[bad][:10].tolist()}")
 
   _stream_chunks(examples, out_dir, fingerprint, compute, batch_size=batch_size,
-                 max_len=max_len, pad_id=pad_id, mesh=mesh, chunk_batches=chunk_batches,
+                 model=model, mesh=mesh, chunk_batches=chunk_batches,
                  desc="grad features", progress=progress, check=check)
   return load_features(out_dir)
 
