@@ -27,3 +27,18 @@ def documents(n_per_domain: int = 60, seed: int = 0) -> list[dict]:
 def write_jsonl(path: pathlib.Path, n_per_domain: int = 60, seed: int = 0) -> pathlib.Path:
   path.write_text("".join(json.dumps(d) + "\n" for d in documents(n_per_domain, seed)))
   return path
+
+
+def tiny_hf_corpus(d: pathlib.Path) -> pathlib.Path:
+  """Writes a labelled corpus (30 documents per domain) and a tiny untrained Hugging Face
+  model folder `d / "hf"` (jbat's BPE tokenizer, max_len 32) into `d`; returns the corpus."""
+  from flax import nnx
+  from jbat.data.tokenizer import train_bpe_tokenizer
+  from jbat.models.causal_lm import CausalLM, LMConfig
+  from jbat.models.hf_io import save_causal_lm
+  corpus = write_jsonl(d / "corpus.jsonl", 30)
+  tok = train_bpe_tokenizer([x["text"] for x in documents(30)], 300, d / "tokenizer.json")
+  cfg = LMConfig(vocab_size=len(tok), max_len=32, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                 qkv_bias=True)
+  save_causal_lm(CausalLM(cfg, rngs=nnx.Rngs(0)), tok, d / "hf")
+  return corpus

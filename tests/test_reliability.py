@@ -25,17 +25,8 @@ CONFIG = str(ROOT / "configs/demo.py:tiny")
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
   """A labelled corpus and a tiny Hugging Face model folder (no pretraining needed)."""
-  from flax import nnx
-  from jbat.data.tokenizer import train_bpe_tokenizer
-  from jbat.models.causal_lm import CausalLM, LMConfig
-  from jbat.models.hf_io import save_causal_lm
   d = tmp_path_factory.mktemp("reliab")
-  corpus = synthetic.write_jsonl(d / "corpus.jsonl", 30)
-  tok = train_bpe_tokenizer([x["text"] for x in synthetic.documents(30)], 300,
-                            d / "tokenizer.json")
-  cfg = LMConfig(vocab_size=len(tok), max_len=32, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                 qkv_bias=True)
-  save_causal_lm(CausalLM(cfg, rngs=nnx.Rngs(0)), tok, d / "hf")
+  corpus = synthetic.tiny_hf_corpus(d)
   return d, corpus
 
 
