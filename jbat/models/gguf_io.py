@@ -28,21 +28,21 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jbat.errors import JbatError
+from jbat.models import weights
 from jbat.models.causal_lm import CausalLM, LMConfig, storage_dtype
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # ggml types `read_tensor` de-quantizes (names of gguf.GGMLQuantizationType members).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
-Sharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+Sharding = weights.Sharding
 
 
 def _gguf():
@@ -229,15 +229,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *,
   if len(tokenizer) > cfg.vocab_size:
     raise JbatError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's "
                     f"embedding has only {cfg.vocab_size} rows")
-  if sharding is None:
-    target = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-              else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    sharding = lambda _name, _shape: target
-  abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  loaded = {name: jax.device_put(x if x.dtype == store else x.astype(store),
-                                 sharding(name, x.shape))
-            for name, x in iter_params(reader, cfg, where=str(path))}
-  leaves = [(p, v.replace(loaded[".".join(str(q) for q in p)]))
-            for p, v in nnx.to_flat_state(state)]
-  return nnx.merge(graphdef, nnx.from_flat_state(leaves)), tokenizer
+  model = weights.assemble(cfg, iter_params(reader, cfg, where=str(path)), store=store,
+                           mesh=mesh, sharding=sharding, where=str(path))
+  return model, tokenizer

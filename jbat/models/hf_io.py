@@ -30,25 +30,25 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 import safetensors.numpy
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jbat import io
 from jbat.data.tokenizer import load_tokenizer
 from jbat.errors import JbatError
 from jbat.lora import LoRALinear
+from jbat.models import weights
 from jbat.models.causal_lm import CausalLM, LMConfig, storage_dtype
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
-Sharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+Sharding = weights.Sharding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,10 +365,6 @@ def iter_params(ckpt_dir: str | os.PathLike, cfg: LMConfig,
 # Public API
 
 
-def _path_str(path: tuple) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
                    mesh: jax.sharding.Mesh | None = None,
                    sharding: Sharding | None = None,
@@ -417,25 +413,8 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
     raise JbatError(f"{root}: the tokenizer has {len(tokenizer)} tokens but the model's "
                     f"embedding has only {cfg.vocab_size} rows (config.json vocab_size)")
 
-  if sharding is None:
-    target = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-              else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    sharding = lambda _name, _shape: target
-  abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  want = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
-  loaded: dict[str, jax.Array] = {}
-  for name, x in iter_params(root, cfg, model_type):
-    expect = tuple(want[name].shape)
-    if x.shape != expect:  # Only reachable through an internal mapping bug.
-      raise JbatError(f"{root}: parameter {name} has shape {x.shape}, expected {expect}")
-    loaded[name] = jax.device_put(x if x.dtype == store else x.astype(store),
-                                  sharding(name, expect))
-  missing = sorted(set(want) - set(loaded))
-  if missing:
-    raise JbatError(f"{root}: no tensor mapped to the parameters {missing[:5]}")
-  leaves = [(p, v.replace(loaded[_path_str(p)])) for p, v in nnx.to_flat_state(state)]
-  model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+  model = weights.assemble(cfg, iter_params(root, cfg, model_type), store=store, mesh=mesh,
+                           sharding=sharding, where=str(root))
   return model, tokenizer
 
 
@@ -444,7 +423,7 @@ def hf_state_dict(model: CausalLM, model_type: str) -> dict[str, np.ndarray]:
   if any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model)):
     raise JbatError("save_causal_lm: the model has LoRA adapters; merge them first "
                     "(jbat.peft_io.export_merged or jbat.lora.merge_into_base)")
-  ours = {_path_str(p): np.asarray(v[...], dtype=np.float32)
+  ours = {weights.path_str(p): np.asarray(v[...], dtype=np.float32)
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   out = {}
   for e in tensor_entries(model.cfg, model_type):
