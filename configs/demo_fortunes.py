@@ -4,10 +4,11 @@
   python -m jbat.train --config configs/demo_fortunes.py:tiny    # toy size, seconds
 
 Corpus: Debian's `fortunes` + `fortunes-min` (43 categories, ~15k short documents), fetched
-into the cache without root. The adaptation set is 32 documents of `computers`; 200 more are
-held out; the backbone pool is every other document (deduplicated); as in the tweets demo only
-10% of the category's pool documents are used to pretrain the backbone (a 4-layer, d=128
-GPT-2-style LM, ~0.9M parameters, cached), while selection draws from the full pool.
+into the cache without root. The adaptation set is 32 documents of `computers`; 200 more
+validate, 200 more are the test split; the backbone pool is every other document
+(deduplicated); as in the tweets demo only 10% of the category's pool documents are used to
+pretrain the backbone (a 4-layer, d=128 GPT-2-style LM, ~0.9M parameters, cached), while
+selection draws from the full pool.
 """
 
 from jbat.config import base_config
@@ -19,7 +20,10 @@ def get_config(arg: str | None = None):
   c.data.source = "fortunes"
   c.data.domain = "computers"
   c.data.n_adapt = 32
-  c.data.n_heldout = 200
+  # 400 held out: 200 test documents (the same ones as the earlier 200 held-out documents
+  # for split seed 0) and 200 more that validate (choose steps).
+  c.data.n_heldout = 400
+  c.data.n_valid = 200
   c.data.max_len = 64
   c.data.vocab_size = 1024
 
@@ -58,7 +62,8 @@ def get_config(arg: str | None = None):
 
   if arg == "tiny":  # Toy size for smoke tests: seconds on a CPU.
     c.name = "demo_fortunes_tiny"
-    c.data.n_heldout = 16
+    c.data.n_heldout = 16  # 8 validate, 8 test.
+    c.data.n_valid = 0
     c.data.vocab_size = 300
     c.data.max_len = 32
     c.model.d_model = 32

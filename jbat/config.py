@@ -65,7 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.label_field = "label"  # jsonl only: the field holding each document's domain.
   c.data.domain = "computers"  # Adaptation domain: a label of the corpus.
   c.data.n_adapt = 32  # |D_A|: adaptation documents.
-  c.data.n_heldout = 200  # Held-out documents of the same domain (evaluation).
+  # Held-out documents of the same domain: n_valid of them form the validation split (it
+  # chooses the best step), the rest the test split (read once per arm and seed, at the end).
+  c.data.n_heldout = 200
+  c.data.n_valid = 0  # 0: half of n_heldout (rounded down).
   c.data.max_len = 64  # Tokens per example (longer documents are truncated).
   c.data.vocab_size = 1024  # Byte-level BPE trained on the pool.
   # Fraction of the target domain's pool documents the backbone is pretrained on (1.0: all).
@@ -170,6 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.arms = "none"  # Comma-separated arms: registry.BASE_ARMS or score names.
   c.seeds = "0"  # Comma-separated training seeds; arms are paired by seed.
+  # Seeds of the target split (which documents are adaptation / validation / test; the data.*
+  # count splits of your own files) and of the draws (random, oracle, the selection's surrogate
+  # and rule). Empty: `seed` alone. Arms are paired by (split, draw, training seed).
+  c.split_seeds = ""
+  c.draw_seeds = ""
   return c
 
 
@@ -277,13 +285,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < config.data.backbone_keep <= 1.0:
     raise JbatError(f"config: data.backbone_keep must be in (0, 1], got "
                     f"{config.data.backbone_keep}")
-  try:
-    seeds = seed_list(config)
-  except ValueError:
-    raise JbatError(
-        f"config: seeds must be comma-separated integers, got {config.seeds!r}") from None
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise JbatError(f"config: seeds must be distinct integers, got {config.seeds!r}")
+  for key in ("seeds", "split_seeds", "draw_seeds"):
+    try:
+      seeds = _int_list(config[key])
+    except ValueError:
+      raise JbatError(
+          f"config: {key} must be comma-separated integers, got {config[key]!r}") from None
+    if (key == "seeds" and not seeds) or len(set(seeds)) != len(seeds):
+      raise JbatError(f"config: {key} must be distinct integers, got {config[key]!r}")
+  if config.data.n_valid < 0:
+    raise JbatError(f"config: data.n_valid must be >= 0, got {config.data.n_valid}")
+  if not config.data.adapt:
+    n_valid, n_test = heldout_split(config)
+    if n_valid < 1 or n_test < 1:
+      raise JbatError(f"config: data.n_heldout={config.data.n_heldout} must hold a validation "
+                      f"and a test split (data.n_valid={config.data.n_valid} of them validate, "
+                      "0: half): at least 1 each")
   try:
     re.compile(config.lora.targets)
   except re.error as e:
@@ -328,8 +345,28 @@ def arm_list(config: ml_collections.ConfigDict) -> list[str]:
   return [a.strip() for a in config.arms.split(",") if a.strip()]
 
 
+def _int_list(text: str) -> list[int]:
+  return [int(s) for s in text.split(",") if s.strip()]
+
+
 def seed_list(config: ml_collections.ConfigDict) -> list[int]:
-  return [int(s) for s in config.seeds.split(",") if s.strip()]
+  return _int_list(config.seeds)
+
+
+def split_seed_list(config: ml_collections.ConfigDict) -> list[int]:
+  """The target-split seeds (config.split_seeds; empty: [config.seed])."""
+  return _int_list(config.split_seeds) or [config.seed]
+
+
+def draw_seed_list(config: ml_collections.ConfigDict) -> list[int]:
+  """The draw seeds (config.draw_seeds; empty: [config.seed])."""
+  return _int_list(config.draw_seeds) or [config.seed]
+
+
+def heldout_split(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(validation, test) document counts of a labelled corpus's data.n_heldout."""
+  n_valid = config.data.n_valid or config.data.n_heldout // 2
+  return n_valid, config.data.n_heldout - n_valid
 
 
 def workdir(config: ml_collections.ConfigDict) -> pathlib.Path:

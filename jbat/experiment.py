@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jbat import albat, backbone, distributed, io, layout, lora, registry, report, selection
+from jbat import albat, backbone, distributed, io, layout, lora, protocol, registry, report
+from jbat import selection
 from jbat import config as config_lib
 from jbat import peft_io
 from jbat.data import files, formats, mixture, pipeline, sources, splits
@@ -238,28 +239,30 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
 
 
 def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base,
-                    tok, workdir: pathlib.Path, mesh, own: OwnData | None = None
-                    ) -> tuple[list[sources.Document], dict]:
+                    tok, workdir: pathlib.Path, mesh, own: OwnData | None = None,
+                    draw: int | None = None) -> tuple[list[sources.Document], dict]:
   """The backbone documents an arm trains on, and facts about the selection (`own`: the
-  user's encoded examples, see `albat_docs`)."""
+  user's encoded examples, see `albat_docs`). `draw` (default config.seed) seeds the random and
+  oracle draws and the selection's surrogate and rule."""
+  draw = config.seed if draw is None else draw
   k = registry.pool_k(config.select.k, len(task.pool))
   t0 = time.perf_counter()
   if arm == "none":
     return [], {}
   if arm == "random":
-    rng = np.random.default_rng(config.seed + 1)
+    rng = np.random.default_rng(draw + 1)
     chosen = [task.pool[i] for i in sorted(rng.choice(len(task.pool), size=k, replace=False))]
   elif arm == "oracle":
     in_domain = [d for d in task.pool if d.label == config.data.domain]
     if not in_domain:
       raise JbatError(f"arm oracle: the pool has no documents labelled {config.data.domain!r}")
-    rng = np.random.default_rng(config.seed + 2)
+    rng = np.random.default_rng(draw + 2)
     idx = rng.choice(len(in_domain), size=min(k, len(in_domain)), replace=False)
     chosen = [in_domain[i] for i in sorted(idx)]
   else:
     score = registry.score_for(arm, config)
     chosen = albat_docs(config, task, base, tok, score, layout.select_dir(workdir, score), mesh,
-                        seed=config.seed, own=own)
+                        seed=draw, own=own)
   facts = {"n_selected": len(chosen), "select_seconds": time.perf_counter() - t0,
            **label_facts(chosen, target_label(config))}
   return chosen, facts
@@ -305,14 +308,21 @@ Reselector = Callable[[int, int, Any, pathlib.Path], list[sources.Document]]
 
 
 def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.Task, base, tok,
-                    workdir: pathlib.Path, mesh, own: OwnData | None = None
-                    ) -> Reselector | None:
+                    workdir: pathlib.Path, mesh, own: OwnData | None = None,
+                    draw: int | None = None, matched: dict | None = None,
+                    first: Sequence[sources.Document] = ()) -> Reselector | None:
   """Re-selection around the current adapter for a model-score arm (None: the arm does not
   re-select, or bat.reselect_every = 0). The candidates are the top bat.reselect_top documents
   of the arm's first ranking (all of the pool for 0); the adapter may be None only when the
   folder already holds that re-selection. With bat.reselect_from = "init" (a control) the
   stage-1 surrogate is used again instead of the adapter: the same ranking, a new sample.
-  The rule's seed of a re-selection is derived from (training seed, step)."""
+  The rule's seed of a re-selection is derived from (training seed, step).
+
+  The oracle arm re-draws (`oracle_redrawer`) when `matched` holds the re-selections of the
+  arm it is matched to."""
+  draw = config.seed if draw is None else draw
+  if arm == "oracle":
+    return oracle_redrawer(config, task, draw, matched, first) if matched else None
   score = registry.score_for(arm, config)
   if not config.bat.reselect_every or not registry.reselects(score):
     return None  # No selection, or dsir / random: nothing about the adapter to re-score around.
@@ -334,12 +344,57 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
         f"({len(pool)} candidates)")
     select_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
     if not from_adapter:  # The stage-1 surrogate again (its seed), a new sample.
-      return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=config.seed,
+      return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=draw,
                         select_seed=select_seed, own=own)
     return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
                       select_seed=select_seed, init_adapter=adapter, own=own)
 
   return reselect
+
+
+def matched_arm(config: ml_collections.ConfigDict, arms: Sequence[str]) -> str | None:
+  """The arm the oracle's re-draws match: albat, else the first model-score arm that re-selects
+  (None when no arm re-selects)."""
+  if not config.bat.reselect_every:
+    return None
+  for arm in sorted(arms, key=lambda a: a != "albat"):
+    score = registry.score_for(arm, config)
+    if score is not None and registry.reselects(score):
+      return arm
+  return None
+
+
+def oracle_redrawer(config: ml_collections.ConfigDict, task: sources.Task, draw: int,
+                    matched: dict[int, list[dict]], first: Sequence[sources.Document]
+                    ) -> Reselector:
+  """The matched oracle's re-draws: at each step where the matched arm re-selected (for the
+  same training seed), the oracle keeps as many of its previous documents as that re-selection
+  kept of its own (`overlap` x its size) and draws the rest anew among the target's pool
+  documents it has not used yet, so both arms see the same number of distinct documents (as
+  far as the target's pool allows). `first`: the oracle's stage-1 draw. Seeded by (draw,
+  training seed, step)."""
+  in_domain = [d for d in task.pool if d.label == config.data.domain]
+  state: dict[int, tuple[list[sources.Document], set]] = {}
+
+  def redraw(seed: int, step: int, adapter, folder) -> list[sources.Document]:
+    del adapter, folder
+    previous, used = state.setdefault(seed, (list(first), {d.id for d in first}))
+    target = next((r for r in matched.get(seed, []) if r["step"] == step), None)
+    n = len(previous)
+    n_keep = n if target is None else int(round(target["overlap"] * n))
+    rng = np.random.default_rng(np.random.SeedSequence([draw, seed, step, 2]))
+    keep = [previous[i] for i in sorted(rng.choice(n, size=n_keep, replace=False))]
+    fresh = [d for d in in_domain if d.id not in used]
+    if len(fresh) < n - n_keep:  # The target's pool is used up: reuse the oldest ones.
+      fresh += [d for d in in_domain if d.id in used and d not in keep]
+    new = [fresh[i] for i in sorted(rng.choice(len(fresh), size=n - n_keep, replace=False))]
+    chosen = sorted(keep + new, key=lambda d: d.id)
+    state[seed] = (chosen, used | {d.id for d in new})
+    log(f"arm oracle seed {seed}: re-drew {len(new)} of {n} target documents at step {step} "
+        "(matched re-selection)")
+    return chosen
+
+  return redraw
 
 
 def phase_ends(steps: int, every: int) -> list[int]:
@@ -351,14 +406,15 @@ def phase_ends(steps: int, every: int) -> list[int]:
 
 def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.ConfigDict,
               adapt, heldout, selected, tok, workdir: pathlib.Path, mesh,
-              reselect: Reselector | None = None, own: OwnData | None = None
-              ) -> dict[str, Any]:
+              reselect: Reselector | None = None, own: OwnData | None = None,
+              test: protocol.Sealed | None = None) -> dict[str, Any]:
   """Trains a fresh adapter (init and data order from `seed`); returns its summary.
 
-  `heldout` chooses the best step (fit's evaluations). With `own` (the user's path) the test
-  split `own.test` is evaluated once the training ends, never during it: at the backbone
-  (step 0), at the best validation step (the best adapter fit kept) and at the final step; and
-  with a Hugging Face backbone the final and best adapters are also written in PEFT format.
+  `heldout` (the validation split) chooses the best step (fit's evaluations). The test split
+  `test` is evaluated once the training ends, never during it: at the backbone (step 0), at the
+  best validation step (the best adapter fit kept) and at the final step. With `own` (the
+  user's path) and a Hugging Face backbone the final and best adapters are also written in PEFT
+  format. `distinct_docs` counts the backbone documents the adapter saw over all phases.
 
   With `reselect`, training runs in phases of bat.reselect_every steps (one schedule over all
   of them); after each phase but the last the backbone documents are selected again around the
@@ -367,7 +423,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   """
   model = nnx.clone(base)
   lora.apply_lora(model, lora_config(config), rngs=nnx.Rngs(seed))
-  init_params = nnx.state(model, nnx.LoRAParam) if own is not None else None
+  init_params = nnx.state(model, nnx.LoRAParam)
   t = config.train
   n_proc, proc = jax.process_count(), jax.process_index()
   rho = 0.0 if arm == "none" else config.bat.rho
@@ -378,6 +434,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   first = max(done, default=0)  # Phases before it reached their end and were re-selected.
   start = time.perf_counter()
   params, reselections, previous = None, [], {d["id"] for d in selected}
+  seen = set(previous)
   for phase, end in enumerate(ends):
     if phase:
       chosen = reselect(seed, ends[phase - 1], params, folders[phase - 1])
@@ -387,6 +444,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
       reselections.append({"step": ends[phase - 1], "overlap": len(ids & previous) / len(ids),
                            **label_facts(chosen, target_label(config))})
       previous = ids
+      seen |= ids
     if phase < first:
       continue
     train_iter = mixture.mixture_loader(
@@ -406,32 +464,33 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   out = {"seed": seed, "backbone_nll": evals[0]["eval_loss"], "best_nll": result.best_loss,
          "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
          "steps": max(r["step"] for r in result.history),
-         "train_seconds": time.perf_counter() - start,
+         "train_seconds": time.perf_counter() - start, "distinct_docs": len(seen),
          "curve": [(r["step"], r["eval_loss"]) for r in evals]}
   if reselections:
     out["reselections"] = reselections
+  best = result.best_params if result.best_params is not None else result.params
+  if test is not None and len(test):
+    out.update(test_nlls(model, {"backbone": init_params, "best": best,
+                                 "final": result.params}, test, config, tok, mesh))
   if own is not None:
-    best = result.best_params if result.best_params is not None else result.params
-    if own.test:
-      out.update(test_nlls(model, {"backbone": init_params, "best": best,
-                                   "final": result.params}, own.test, config, tok, mesh))
     export_adapters(model, config, run_dir, {"peft": result.params, "peft_best": best}, tok)
   return out
 
 
-def test_nlls(model, params: dict[str, Any], test: Sequence[dict], config, tok, mesh
+def test_nlls(model, params: dict[str, Any], test: protocol.Sealed, config, tok, mesh
               ) -> dict[str, float]:
   """{"test_nll_<name>": mean token NLL of the test examples} for each adapter state in
-  `params` (LoRA states of `model`)."""
+  `params` (LoRA states of `model`): the one place the sealed test split is opened (once)."""
   n_proc, proc = jax.process_count(), jax.process_index()
   graphdef, _, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  evaluate = loop.make_eval_fn(
-      graphdef, distributed.place_params(frozen, mesh),
-      lambda: pipeline.eval_batches(test, config.train.eval_batch_size // n_proc,
-                                    config.data.max_len, tok.pad_token_id, shard_index=proc,
-                                    shard_count=n_proc), mesh)
-  return {f"test_nll_{name}": evaluate(distributed.place_params(p, mesh))
-          for name, p in params.items()}
+  with test.open() as examples:
+    evaluate = loop.make_eval_fn(
+        graphdef, distributed.place_params(frozen, mesh),
+        lambda: pipeline.eval_batches(examples, config.train.eval_batch_size // n_proc,
+                                      config.data.max_len, tok.pad_token_id, shard_index=proc,
+                                      shard_count=n_proc), mesh)
+    return {f"test_nll_{name}": evaluate(distributed.place_params(p, mesh))
+            for name, p in params.items()}
 
 
 def export_adapters(model, config: ml_collections.ConfigDict, run_dir: pathlib.Path,
@@ -449,48 +508,61 @@ def export_adapters(model, config: ml_collections.ConfigDict, run_dir: pathlib.P
       peft_io.export_merged(model, tok, run_dir / f"{name}_merged")
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs the whole experiment described by a validated config; returns the results."""
-  t0 = time.perf_counter()
-  cache = config_lib.cache_dir(config)
-  if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.
-    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  mesh = distributed.make_mesh(config.mesh.model)
-  check_batch_sizes(config, mesh.shape["data"])
-  arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
+@dataclasses.dataclass
+class Replicate:
+  """One target split, loaded and encoded: the task (heldout = validation), the sealed test
+  split, the backbone and what the report says about them."""
 
-  own = None
+  split: int
+  task: sources.Task
+  adapt: list
+  valid: list
+  test: protocol.Sealed
+  base: CausalLM
+  tok: Any
+  own: OwnData | None
+  facts: dict[str, Any]
+
+
+def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """A copy of `config` with `seed` replaced (the split seed of the user's count splits)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.seed = seed
+  return c
+
+
+def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Path, mesh,
+               prepare: Callable[[], None]) -> Replicate:
+  """Loads the task for target-split seed `split` (labelled corpus or the user's files), drops
+  the pool's near-duplicates of the target's documents, gets the backbone and encodes the
+  splits. `prepare` runs once the data is known to be good (creates the workdir)."""
+  arms = config_lib.arm_list(config)
+  own, own_recs, pool_recs, test_docs = None, None, None, []
   if own_data(config):
-    check_own_config(config)
-    log(f"data: reading your task (data.adapt={config.data.adapt}) and pool")
-    task, own_recs, pool_recs = load_own_task(config)
+    log(f"data: reading your task (data.adapt={config.data.adapt}) and pool (split {split})")
+    task, own_recs, pool_recs = load_own_task(with_seed(config, split))
     pretrain_pool = task.pool
   else:
     log(f"data: loading {config.data.source} corpus")
     docs = load_corpus(config, cache)
-    task = sources.make_task(docs, config.data.domain, config.data.n_adapt,
-                             config.data.n_heldout, config.seed)
+    n_valid, n_test = config_lib.heldout_split(config)
+    task, test_docs = sources.split_task(docs, config.data.domain, config.data.n_adapt, n_valid,
+                                         n_test, split)
     config_lib.check_select_k(config, len(task.pool))
     pretrain_pool = task.pool
     if config.data.backbone_keep < 1.0:
       pretrain_pool = tweets.thin_domain(task.pool, config.data.domain,
-                                         config.data.backbone_keep, config.seed)
-    log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} held-out documents of "
-        f"{config.data.domain!r}; backbone pool {len(task.pool)} documents "
-        f"({len(pretrain_pool)} used for pretraining)")
-  workdir = config_lib.prepare_workdir(config)
-  distributed.barrier("jbat-workdir")
-  log(f"workdir: {workdir}" + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
-                               if jax.process_count() > 1 else ""))
-
+                                         config.data.backbone_keep, split)
+    log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} validation / "
+        f"{len(test_docs)} test documents of {config.data.domain!r} (split seed {split}); "
+        f"backbone pool {len(task.pool)} documents ({len(pretrain_pool)} used for pretraining)")
+  prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
   how = ("loaded from a Hugging Face folder" if config.model.pretrained else
          "loaded from cache" if cached else "pretrained")
   log(f"backbone: {n_params:,} parameters, {how} ({folder})")
-
-  if own_data(config):
+  if own_recs is not None:
     task, own = encode_own_task(config, task, own_recs, pool_recs, tok)
     c = own.counts
     log(f"data: adapt {c['adapt']['kept']} / valid {c['valid']['kept']} / test "
@@ -500,32 +572,125 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if any(a != "none" for a in arms) and config.select.k > len(task.pool):
       raise JbatError(f"config: select.k={config.select.k} is larger than the pool "
                       f"({len(task.pool)} usable records of data.pool); lower select.k")
-  if config.stop_after == "select":
-    return stop_after_select(config, arms, task, base, tok, workdir, mesh, own=own)
-  if own is None:
-    adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
-    heldout = pipeline.encode(task.heldout, tok, config.data.max_len)
+    adapt, valid, test = own.adapt, own.valid, protocol.Sealed(own.test)
   else:
-    adapt, heldout = own.adapt, own.valid
-  results: dict[str, Any] = {}
-  diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
-  for arm in arms:
-    try:
-      results[arm] = run_arm(arm, seeds, config, task, base, tok, adapt, heldout, workdir, mesh,
-                             own=own)
-    except Diverged as e:
-      diverged[arm], hint = diverged_record(e, arm), e.hint()
-      log(e.short())
+    adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
+    valid = pipeline.encode(task.heldout, tok, config.data.max_len)
+    test = protocol.Sealed(pipeline.encode(test_docs, tok, config.data.max_len))
+  facts = {"backbone_params": n_params, "backbone_cached": cached, "backbone_dir": str(folder),
+           "n_adapt": len(task.adapt), "n_heldout": len(task.heldout) + len(test),
+           "n_valid": len(task.heldout), "n_test": len(test), "n_pool": len(task.pool),
+           "n_pretrain_pool": len(pretrain_pool)}
+  return Replicate(split=split, task=task, adapt=adapt, valid=valid, test=test, base=base,
+                   tok=tok, own=own, facts=facts)
 
+
+def replicate_dir(workdir: pathlib.Path, split: int, draw: int, single: bool) -> pathlib.Path:
+  """Where a (split, draw) replicate's selections and adapters live: the workdir itself for a
+  run of one split and one draw (as before split_seeds / draw_seeds), else
+  workdir/split_<s>/draw_<d>."""
+  return workdir if single else workdir / f"split_{split}" / f"draw_{draw}"
+
+
+def merge_arms(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One arm's results over replicates: per-pair lists concatenated in replicate order, label
+  counts summed, numbers averaged (kept as they are when all equal)."""
+  out: dict[str, Any] = {}
+  for key in parts[0]:
+    values = [p[key] for p in parts if key in p]
+    if isinstance(values[0], list):
+      out[key] = [x for v in values for x in v]
+    elif key == "label_counts":
+      total: dict[str, int] = {}
+      for v in values:
+        for label, n in v.items():
+          total[label] = total.get(label, 0) + n
+      out[key] = dict(sorted(total.items(), key=lambda kv: -kv[1]))
+    elif all(v == values[0] for v in values) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      out[key] = values[0]
+    else:
+      out[key] = float(np.mean(values))
+  return out
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Runs the whole experiment described by a validated config; returns the results.
+
+  For each target split (config.split_seeds) and draw (config.draw_seeds) every arm trains one
+  adapter per training seed; results.json's per-seed lists run over the pairs (split, draw,
+  seed) in `summary["pairs"]` order, the same for every arm (so differences are paired)."""
+  t0 = time.perf_counter()
+  cache = config_lib.cache_dir(config)
+  if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.
+    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  mesh = distributed.make_mesh(config.mesh.model)
+  check_batch_sizes(config, mesh.shape["data"])
+  arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
+  split_seeds, draws = config_lib.split_seed_list(config), config_lib.draw_seed_list(config)
+  single = len(split_seeds) == 1 and len(draws) == 1
+  if own_data(config):
+    check_own_config(config)
+  holder: dict[str, pathlib.Path] = {}
+
+  def prepare() -> None:
+    if "workdir" not in holder:
+      holder["workdir"] = config_lib.prepare_workdir(config)
+      distributed.barrier("jbat-workdir")
+      log(f"workdir: {holder['workdir']}" + (
+          f" ({jax.process_count()} processes, {jax.device_count()} devices)"
+          if jax.process_count() > 1 else ""))
+
+  parts: dict[str, list[dict[str, Any]]] = {}
+  pairs, first, test_reads = [], None, 0
+  diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
+  hint = ""
+  for split in split_seeds:
+    rep = load_split(config, split, cache, mesh, prepare)
+    workdir = holder["workdir"]
+    first = first or rep
+    if config.stop_after == "select":
+      return stop_after_select(config, arms, rep.task, rep.base, rep.tok, workdir, mesh,
+                               own=rep.own)
+    for draw in draws:
+      rdir = replicate_dir(workdir, split, draw, single)
+      if not single:
+        log(f"replicate: split seed {split}, draw seed {draw} ({rdir})")
+      matched_to = matched_arm(config, arms)
+      order = sorted(arms, key=lambda a: (a != matched_to, a == "oracle"))
+      done: dict[str, dict[str, Any]] = {}
+      for arm in order:
+        if arm in diverged:
+          continue
+        matched = None
+        if arm == "oracle" and matched_to in done:
+          matched = dict(zip(seeds, done[matched_to].get("reselections", [[]] * len(seeds))))
+        try:
+          done[arm] = run_arm(arm, seeds, config, rep.task, rep.base, rep.tok, rep.adapt,
+                              rep.valid, rdir, mesh, own=rep.own, test=rep.test, draw=draw,
+                              matched=matched)
+        except Diverged as e:
+          diverged[arm], hint = diverged_record(e, arm), e.hint()
+          log(e.short())
+      for arm in arms:
+        if arm in done:
+          parts.setdefault(arm, []).append(done[arm])
+      pairs += [[split, draw, seed] for seed in seeds]
+    test_reads += rep.test.reads
+  workdir = holder["workdir"]
+  results = {arm: merge_arms(parts[arm]) for arm in arms
+             if arm in parts and arm not in diverged}
   summary = {
       "config": config.name, "domain": config.data.domain, "default_score": config.select.score,
-      "seeds": seeds, "arms": results, "backbone_params": n_params, "backbone_cached": cached,
-      "backbone_dir": str(folder), "n_adapt": len(task.adapt), "n_heldout": len(task.heldout),
-      "n_pool": len(task.pool), "n_pretrain_pool": len(pretrain_pool),
-      "adapter_params": lora_param_count(base, config), "select": config.select.to_dict(),
-      "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
-  if own is not None:
-    summary.update(own_summary(config, own, results))
+      "seeds": seeds, "split_seeds": split_seeds, "draw_seeds": draws, "pairs": pairs,
+      "arms": results, **first.facts, "test_reads": test_reads,
+      "adapter_params": lora_param_count(first.base, config), "select": config.select.to_dict(),
+      "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(first.base.cfg),
+      "matched_oracle": matched_arm(config, arms) if "oracle" in arms else None,
+      "protocol": protocol_facts()}
+  if first.own is not None:
+    summary.update(own_summary(config, first.own, results))
   if diverged:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
@@ -533,9 +698,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if distributed.is_main():
     io.write_json_atomic(workdir / layout.RESULTS_FILE, summary, finite=True)
     report.write_report(workdir, summary)
-    if own is not None:
-      path = workdir / layout.REPORT_FILE
-      io.write_text_atomic(path, path.read_text() + protocol_report(summary))
+    path = workdir / layout.REPORT_FILE
+    io.write_text_atomic(path, path.read_text() + protocol_report(summary))
   log(f"report: {workdir / layout.REPORT_FILE}")
   if diverged:  # The other arms are reported; the run still fails (exit 2).
     raise JbatError("; ".join(d["summary"] for d in diverged.values()) + f"; {hint}. "
@@ -545,13 +709,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
             task: sources.Task, base, tok, adapt, heldout, workdir: pathlib.Path,
-            mesh, own: OwnData | None = None) -> dict[str, Any]:
-  """Selects an arm's backbone documents and trains its adapters (one per seed); returns the
-  arm's entry of results.json. Raises Diverged naming the arm (and seed) at the first seed
-  that diverges: an arm is reported whole or not at all, and its later seeds are not run
-  (they share the learning rate)."""
+            mesh, own: OwnData | None = None, test: protocol.Sealed | None = None,
+            draw: int | None = None, matched: dict | None = None) -> dict[str, Any]:
+  """Selects an arm's backbone documents (draw seed `draw`) and trains its adapters (one per
+  seed); returns the arm's entry of results.json. `heldout` is the validation split; `test`
+  the sealed test split, evaluated after each adapter's training; `matched` the re-selections
+  (per seed) the oracle's re-draws match. Raises Diverged naming the arm (and seed) at the
+  first seed that diverges: an arm is reported whole or not at all, and its later seeds are
+  not run (they share the learning rate)."""
   try:
-    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh, own=own)
+    chosen, facts = select_arm_docs(arm, config, task, base, tok, workdir, mesh, own=own,
+                                    draw=draw)
   except Diverged as e:  # The surrogate (stage 1) of a selecting arm.
     raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
   if arm != "none":
@@ -561,30 +729,44 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
     selected = [own.pool_by_id[d.id] for d in chosen]
   else:
     selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
-  reselect = make_reselector(arm, config, task, base, tok, workdir, mesh, own=own)
+  reselect = make_reselector(arm, config, task, base, tok, workdir, mesh, own=own, draw=draw,
+                             matched=matched, first=chosen)
   runs = []
   for seed in seeds:
     try:
       r = train_one(arm, seed, base, config, adapt, heldout, selected, tok, workdir, mesh,
-                    reselect=reselect, own=own)
+                    reselect=reselect, own=own, test=test)
     except Diverged as e:  # Raised before adapter.safetensors is written.
       stage = "adapter training" if e.stage.startswith("adapt [") else e.stage  # or reselection
       raise e.within(f"arm {arm} seed {seed}", "train.lr", seed=seed, stage=stage) from None
-    log(f"arm {arm} seed {seed}: held-out NLL backbone {r['backbone_nll']:.4f} -> best "
-        f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}")
+    log(f"arm {arm} seed {seed}: valid NLL backbone {r['backbone_nll']:.4f} -> best "
+        f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}"
+        + (f"; test NLL at that step {r['test_nll_best']:.4f}" if "test_nll_best" in r else ""))
     runs.append(r)
   out = {
       "best_nll": [r["best_nll"] for r in runs], "final_nll": [r["final_nll"] for r in runs],
       "best_step": [r["best_step"] for r in runs],
       "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
       "train_seconds": [r["train_seconds"] for r in runs],
+      "distinct_docs": [r["distinct_docs"] for r in runs],
       "curves": [r["curve"] for r in runs], **facts}
   if any(r.get("reselections") for r in runs):
-    out["reselections"] = [r["reselections"] for r in runs]
+    out["reselections"] = [r.get("reselections", []) for r in runs]
   for key in ("test_nll_backbone", "test_nll_best", "test_nll_final"):
     if key in runs[0]:
       out[key] = [r[key] for r in runs]
   return out
+
+
+def protocol_facts() -> dict[str, str]:
+  """results.json's `protocol`: which split chose what (both paths)."""
+  return {
+      "best_step_chosen_on": "valid",
+      "best_nll": "valid NLL at the best valid step",
+      "final_nll": "valid NLL at the final step",
+      "test_nll_best": "test NLL at the best valid step (the reported number)",
+      "test_nll_final": "test NLL at the final step",
+      "test_used_for": "reporting only (evaluated after training, never during it)"}
 
 
 def own_summary(config: ml_collections.ConfigDict, own: OwnData,
@@ -593,30 +775,30 @@ def own_summary(config: ml_collections.ConfigDict, own: OwnData,
   split chose what (the protocol)."""
   d = config.data
   return {
-      "domain": "data.adapt", "n_adapt": len(own.adapt), "n_heldout": len(own.valid),
+      "domain": "data.adapt", "n_adapt": len(own.adapt),
+      "n_heldout": len(own.valid) + len(own.test),
       "n_valid": len(own.valid), "n_test": len(own.test), "counts": own.counts,
-      "sources": {k: d[k] for k in ("adapt", "valid", "test", "pool", "format", "pool_format")},
-      "protocol": {
-          "best_step_chosen_on": "valid",
-          "best_nll": "valid NLL at the best valid step",
-          "final_nll": "valid NLL at the final step",
-          "test_nll_best": "test NLL at the best valid step (the reported number)",
-          "test_nll_final": "test NLL at the final step",
-          "test_used_for": "reporting only (evaluated after training, never during it)"}}
+      "sources": {k: d[k] for k in ("adapt", "valid", "test", "pool", "format", "pool_format")}}
 
 
 def protocol_report(summary: dict[str, Any]) -> str:
-  """report.md's section on the user's path: which split chose what, and the test NLLs."""
-  c = summary["counts"]
-  lines = ["", "## Protocol (your data)", "",
-           f"Every arm chose its best step on the **validation** split (data.valid, "
+  """report.md's section on the protocol (both paths): which split chose what, the test NLLs,
+  and (the user's path) the examples cut by max_len."""
+  own = "counts" in summary
+  valid, test = (("data.valid", "data.test") if own else
+                 ("data.n_valid", "the rest of data.n_heldout"))
+  lines = ["", "## Protocol", "",
+           f"Every arm chose its best step on the **validation** split ({valid}, "
            f"{summary['n_valid']} examples): `best_nll` / `best_step` above are validation "
-           f"numbers. The **test** split (data.test, {summary['n_test']} examples) chose "
+           f"numbers. The **test** split ({test}, {summary['n_test']} examples) chose "
            "nothing: it was evaluated once per arm and seed after training, at the best "
-           "validation step and at the final step.", "",
-           "Examples cut by data.max_len (response cut away): "
-           + ", ".join(f"{k} {c[k]['cut_by_max_len']} of {c[k]['read']}"
-                       for k in ("adapt", "valid", "test", "pool")) + ".", ""]
+           f"validation step and at the final step ({summary.get('test_reads', 0)} reads in "
+           "all).", ""]
+  if own:
+    c = summary["counts"]
+    lines += ["Examples cut by data.max_len (response cut away): "
+              + ", ".join(f"{k} {c[k]['cut_by_max_len']} of {c[k]['read']}"
+                          for k in ("adapt", "valid", "test", "pool")) + ".", ""]
   if summary["n_test"]:
     lines += ["| arm | test NLL at best valid step | test NLL final | test NLL backbone |",
               "|---|---|---|---|"]

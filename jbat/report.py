@@ -1,9 +1,11 @@
 """Evaluation report: paired statistics over seeds, `report.md`, and PNG plots.
 
-`paired_stats` compares every arm with `none` and `random` seed by seed (the arms share seeds,
-so differences are paired): mean difference of held-out NLL and its 95% t-interval. Negative
-means the arm is better. `write_report` renders `report.md` from the same `results.json`
-numbers, with `loss_curves.png` (mean held-out NLL per step) and `selected_labels.png`.
+`paired_stats` compares every arm with `none`, `random` and `oracle` pair by pair (the arms
+share the pairs (split seed, draw seed, training seed), so differences are paired): mean
+difference of validation NLL and of test NLL (at the best validation step) with its 95%
+t-interval over all pairs. Negative means the arm is better. `write_report` renders
+`report.md` from the same `results.json` numbers, with `loss_curves.png` (mean validation NLL
+per step) and `selected_labels.png`.
 """
 
 from __future__ import annotations
@@ -32,21 +34,36 @@ def paired_interval(diffs: list[float]) -> dict[str, Any]:
   return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
 
 
+METRICS = ("best_nll", "final_nll", "test_nll_best", "test_nll_final")
+
+
+def headline(arms: dict[str, dict[str, Any]]) -> str:
+  """The metric the report leads with: test NLL at the best validation step when the arms
+  have it, else the validation NLL."""
+  has_test = arms and all("test_nll_best" in a for a in arms.values())
+  return "test_nll_best" if has_test else "best_nll"
+
+
 def paired_stats(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """Per arm: paired differences of best/final NLL vs `none` and `random`; gap closed."""
+  """Per arm: paired differences of each metric (METRICS, where present) vs `none`, `random`
+  and `oracle`; gap closed = (random - arm) / (random - oracle) on the headline metric."""
   out: dict[str, Any] = {}
+  key = headline(arms)
   for name, a in arms.items():
     s: dict[str, Any] = {}
-    for ref in ("none", "random"):
+    for ref in ("none", "random", "oracle"):
       if ref in arms and ref != name:
-        for metric in ("best_nll", "final_nll"):
-          diffs = [x - y for x, y in zip(a[metric], arms[ref][metric])]
-          s[f"{metric}_vs_{ref}"] = paired_interval(diffs)
+        for metric in METRICS:
+          if metric in a and metric in arms[ref]:
+            if len(a[metric]) != len(arms[ref][metric]):
+              raise ValueError(f"arms {name} and {ref} have different numbers of pairs")
+            diffs = [x - y for x, y in zip(a[metric], arms[ref][metric])]
+            s[f"{metric}_vs_{ref}"] = paired_interval(diffs)
     if "random" in arms and "oracle" in arms and name not in ("none", "random", "oracle"):
-      l_rand = float(np.mean(arms["random"]["best_nll"]))
-      l_orc = float(np.mean(arms["oracle"]["best_nll"]))
+      l_rand = float(np.mean(arms["random"][key]))
+      l_orc = float(np.mean(arms["oracle"][key]))
       gap = l_rand - l_orc
-      s["gap_closed"] = (l_rand - float(np.mean(a["best_nll"]))) / gap if gap > 0 else None
+      s["gap_closed"] = (l_rand - float(np.mean(a[key]))) / gap if gap > 0 else None
     out[name] = s
   return out
 
@@ -66,20 +83,48 @@ def interval(s: dict[str, Any] | None) -> str:
 
 
 def results_table(summary: dict[str, Any]) -> str:
-  rows = ["| arm | best NLL | final NLL | best - none [95% CI] | best - random [95% CI] | "
-          "gap closed | precision | top labels | select s | train s/seed |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+  """The arms: validation NLL (best, final), test NLL at the best validation step, paired
+  differences of the headline metric vs none / random / oracle, gap closed, distinct backbone
+  documents seen (mean over pairs), precision, labels, times."""
+  key = headline(summary["arms"])
+  rows = ["| arm | valid best | valid final | test at best valid step | vs none [95% CI] | "
+          "vs random [95% CI] | vs oracle [95% CI] | gap closed | distinct docs | precision | "
+          "top labels | select s | train s/seed |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, a in summary["arms"].items():
     s = summary["stats"].get(name, {})
     prec = "-" if a.get("precision") is None else f"{a['precision']:.2f}"
     top = ", ".join(f"{k} {v}" for k, v in list(a.get("label_counts", {}).items())[:3]) or "-"
     gap = s.get("gap_closed")
+    test = mean_sd(a["test_nll_best"]) if "test_nll_best" in a else "-"
+    distinct = f"{np.mean(a['distinct_docs']):.0f}" if "distinct_docs" in a else "-"
     rows.append(
-        f"| {name} | {mean_sd(a['best_nll'])} | {mean_sd(a['final_nll'])} | "
-        f"{interval(s.get('best_nll_vs_none'))} | {interval(s.get('best_nll_vs_random'))} | "
-        f"{'-' if gap is None else f'{100 * gap:.0f}%'} | {prec} | {top} | "
+        f"| {name} | {mean_sd(a['best_nll'])} | {mean_sd(a['final_nll'])} | {test} | "
+        f"{interval(s.get(f'{key}_vs_none'))} | {interval(s.get(f'{key}_vs_random'))} | "
+        f"{interval(s.get(f'{key}_vs_oracle'))} | "
+        f"{'-' if gap is None else f'{100 * gap:.0f}%'} | {distinct} | {prec} | {top} | "
         f"{a.get('select_seconds', 0.0):.0f} | {np.mean(a['train_seconds']):.0f} |")
   return "\n".join(rows)
+
+
+def pairs_text(summary: dict[str, Any]) -> str:
+  """'Pairs: ...' sentence: the training, split and draw seeds the arms are paired by."""
+  seeds = ", ".join(map(str, summary["seeds"]))
+  splits = summary.get("split_seeds", [])
+  draws = summary.get("draw_seeds", [])
+  n = len(summary.get("pairs", [])) or len(summary["seeds"])
+  return (f"Training seeds {seeds}; split seeds {', '.join(map(str, splits)) or '-'}; draw "
+          f"seeds {', '.join(map(str, draws)) or '-'}: {n} pairs (arms paired by split, draw "
+          "and training seed)")
+
+
+def near_dup_text(summary: dict[str, Any]) -> str:
+  """', N pool documents dropped as near-duplicates ...' or '' (no near-duplicate filter)."""
+  nd = summary.get("near_dup")
+  if not nd:
+    return ""
+  return (f"; {nd['dropped']:,} pool documents dropped as near-duplicates of them (character "
+          f"{nd['n']}-gram Jaccard >= {nd['threshold']})")
 
 
 def reselection_lines(summary: dict[str, Any]) -> str:
@@ -123,8 +168,9 @@ def plot_curves(summary: dict[str, Any], path: pathlib.Path) -> None:
     steps = [s for s, _ in a["curves"][0]]
     losses = np.mean([[v for _, v in c] for c in a["curves"]], axis=0)
     ax.plot(steps, losses, marker="o", ms=3, label=name)
-  ax.set(xlabel="step", ylabel="held-out NLL (nats/token)",
-         title=f"Held-out loss, mean over {len(summary['seeds'])} seed(s)")
+  ax.set(xlabel="step", ylabel="validation NLL (nats/token)",
+         title=f"Validation loss, mean over "
+               f"{len(summary.get('pairs') or summary['seeds'])} pair(s)")
   ax.grid(alpha=0.3)
   if summary["arms"]:
     ax.legend()
@@ -169,19 +215,24 @@ def write_report(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
   text = f"""# jbat report: {summary['config']}
 
 Adaptation domain `{summary['domain']}`: {summary['n_adapt']} adaptation documents,
-{summary['n_heldout']} held-out documents; backbone pool of {summary['n_pool']:,} documents
+{summary.get('n_valid', summary['n_heldout'])} validation and {summary.get('n_test', 0)} test
+documents{near_dup_text(summary)}; backbone pool of {summary['n_pool']:,} documents
 ({summary['n_pretrain_pool']:,} of them used to pretrain the backbone).
 Backbone: {summary['backbone_params']:,} parameters
 ({'loaded' if summary['backbone_cached'] else 'pretrained in this run'}); LoRA adapter:
-{summary['adapter_params']:,} parameters. Seeds: {', '.join(map(str, summary['seeds']))}
-(arms paired by seed). Backbone arms: {sel['k']} selected documents, rho={summary['bat']['rho']}
+{summary['adapter_params']:,} parameters. {pairs_text(summary)}.
+Backbone arms: {sel['k']} selected documents, rho={summary['bat']['rho']}
 of each batch, loss weight lam={summary['bat']['lam']}; ALBAT default score `{sel['score']}`,
 rule `{sel['rule']}`{f" among the top {sel['top_n']}" if sel['top_n'] else ''}.
 
-Held-out NLL in nats/token (lower is better), mean ± sd over seeds; "best" is the best
-evaluated step, "final" the last. Differences are paired by seed with 95% t-intervals: an
-interval entirely below zero means the arm beats the reference. Gap closed =
-(random - arm) / (random - oracle) on mean best NLL. Backbone (before adaptation):
+NLL in nats/token (lower is better), mean ± sd over pairs. "valid best" is the validation NLL
+at the best validation step (the step is chosen on it), "valid final" at the last step; "test
+at best valid step" is the test split's NLL at that step (read once, after training). The
+differences ({'test' if headline(summary['arms']) == 'test_nll_best' else 'validation'} NLL at
+the best validation step) are paired over (split, draw, training seed) with 95% t-intervals:
+an interval entirely below zero means the arm beats the reference. Gap closed =
+(random - arm) / (random - oracle) on the same means. Distinct docs: backbone documents an
+adapter saw over all its (re-)selections. Validation NLL of the backbone (before adaptation):
 {'-' if first is None else f"{first['backbone_nll']:.4f}"}.
 
 {results_table(summary)}

@@ -52,8 +52,15 @@ def test_end_to_end_report(corpus):
   assert sorted(results["arms"]) == ["albat", "none"] and results["seeds"] == [0, 1]
   assert results["default_score"] == "rel_loss_diff"
   arm = results["arms"]["none"]
-  assert all(b <= arm["backbone_nll"] for b in arm["best_nll"])
-  assert f"held-out NLL backbone {arm['backbone_nll']:.4f}" in r.stdout
+  # best_nll is the minimum of the validation curve, at best_step; final_nll its last point;
+  # the test NLL is reported at that step (and differs from the validation number).
+  for curve, best, step, final in zip(arm["curves"], arm["best_nll"], arm["best_step"],
+                                      arm["final_nll"]):
+    assert best == min(v for _, v in curve) and dict(curve)[step] == best
+    assert final == curve[-1][1]
+  assert len(arm["test_nll_best"]) == 2 and arm["test_nll_best"] != arm["best_nll"]
+  assert results["n_valid"] == 8 and results["n_test"] == 8 and results["test_reads"] == 4
+  assert f"valid NLL backbone {arm['backbone_nll']:.4f}" in r.stdout
   report = (wd / "report.md").read_text()
   steps = set()
   for name, a in results["arms"].items():
@@ -66,9 +73,11 @@ def test_end_to_end_report(corpus):
       history = io.read_jsonl(wd / "arms" / name / f"seed_{seed}" / "metrics.jsonl")
       assert best == min(h["eval_loss"] for h in history if "eval_loss" in h)
   assert steps == {10}, "every arm must train the same number of steps"
-  diff = results["stats"]["albat"]["best_nll_vs_none"]
-  expected = np.mean(np.array(results["arms"]["albat"]["best_nll"]) - arm["best_nll"])
-  assert abs(diff["mean"] - expected) < 1e-12 and f"{diff['mean']:+.4f} [" in report
+  for metric in ("best_nll", "test_nll_best"):  # The report's differences are on the test.
+    diff = results["stats"]["albat"][f"{metric}_vs_none"]
+    expected = np.mean(np.array(results["arms"]["albat"][metric]) - arm[metric])
+    assert abs(diff["mean"] - expected) < 1e-12
+  assert f"{diff['mean']:+.4f} [" in report
   manifest = io.read_jsonl(wd / "select" / "rel_loss_diff" / "selection" / "manifest.jsonl")
   assert len(manifest) == 16 and results["arms"]["albat"]["n_selected"] == 16
   assert (wd / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -185,7 +194,10 @@ def test_cli_with_own_hf_model(corpus, tmp_path):
   assert "loading Hugging Face model" in r.stdout
   res = json.loads((wd / "results.json").read_text())
   assert res["lm_config"]["pos"] == "rope" and res["lm_config"]["n_kv_heads"] == 2
-  assert res["arms"]["none"]["best_nll"][0] <= res["arms"]["none"]["backbone_nll"]
+  none = res["arms"]["none"]
+  assert none["best_nll"][0] == min(v for _, v in none["curves"][0])
+  assert dict(none["curves"][0])[none["best_step"][0]] == none["best_nll"][0]
+  assert none["test_nll_best"][0] != none["best_nll"][0]
   assert not (tmp_path / "cache" / "backbones").exists()  # Nothing was pretrained.
   # A wrong path is a clear config error.
   r = subprocess.run(

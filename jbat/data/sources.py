@@ -341,7 +341,7 @@ def make_task(
   docs are deduplicated first. The documents labelled `domain` are permuted by
   `numpy.random.default_rng(seed)` (in id order before the permutation); the first `n_adapt`
   form `adapt`, the next `n_heldout` form `heldout`; `pool` is every other document (the other
-  domains and the rest of this domain), sorted by id.
+  domains and the rest of this domain), sorted by id. `split_task` adds a validation split.
 
   Args:
     label_field_name: what a label is called in error messages ("domain", "category", ...).
@@ -350,6 +350,32 @@ def make_task(
     JbatError: unknown domain (lists the available ones), n_adapt <= 0, n_heldout < 0,
       fewer than n_adapt + n_heldout documents in the domain, or a pool with no text left
       (every other document empty or whitespace after dedup; names the sources).
+  """
+  task, test = split_task(docs, domain, n_adapt, 0, n_heldout, seed, label_field_name)
+  return dataclasses.replace(task, heldout=test)
+
+
+def split_task(
+    docs: Iterable[Document],
+    domain: str,
+    n_adapt: int,
+    n_valid: int,
+    n_test: int,
+    seed: int,
+    label_field_name: str = "domain",
+) -> tuple[Task, list[Document]]:
+  """Splits a labelled corpus into an adaptation task with a validation split, and a test split.
+
+  docs are deduplicated first. The documents labelled `domain` are permuted by
+  `numpy.random.default_rng(seed)` (in id order before the permutation): the first `n_adapt`
+  form `adapt`, the next `n_test` the test split, the next `n_valid` the task's `heldout`
+  (the validation split: it chooses steps and defaults); `pool` is every other document, sorted
+  by id. The test split is returned beside the task, never inside it, so selection (which takes
+  a Task) cannot read it. With n_valid = 0, adapt and test are `make_task`'s adapt and heldout
+  for the same seed (the test documents do not move when a validation split is added).
+
+  Raises:
+    JbatError: as `make_task` (n_valid < 0 too; the domain needs n_adapt + n_valid + n_test).
   """
   docs = dedup(docs)
   labels = sorted({d.label for d in docs if d.label is not None})
@@ -360,19 +386,21 @@ def make_task(
     )
   if n_adapt <= 0:
     raise JbatError(f"empty adaptation set: n_adapt must be > 0, got {n_adapt}.")
-  if n_heldout < 0:
-    raise JbatError(f"n_heldout must be >= 0, got {n_heldout}.")
+  if n_test < 0 or n_valid < 0:
+    raise JbatError(f"n_heldout must be >= 0, got {n_test + n_valid}.")
   in_domain = [d for d in docs if d.label == domain]
-  need = n_adapt + n_heldout
+  need = n_adapt + n_test + n_valid
   if len(in_domain) < need:
     raise JbatError(
         f"{label_field_name} {domain!r} has {len(in_domain)} documents (after dedup), but "
-        f"n_adapt + n_heldout = {n_adapt} + {n_heldout} = {need} are needed."
+        f"n_adapt + n_heldout = {n_adapt} + {n_test + n_valid} = {need} are needed."
     )
   order = np.random.default_rng(seed).permutation(len(in_domain))
   shuffled = [in_domain[i] for i in order]
-  adapt, heldout = shuffled[:n_adapt], shuffled[n_adapt:need]
-  taken = {d.id for d in adapt} | {d.id for d in heldout}
+  adapt = shuffled[:n_adapt]
+  test = shuffled[n_adapt:n_adapt + n_test]
+  valid = shuffled[n_adapt + n_test:need]
+  taken = {d.id for d in (*adapt, *test, *valid)}
   pool = [d for d in docs if d.id not in taken]
   if not any(d.text.strip() for d in pool):
     names = sorted({d.source for d in docs})
@@ -380,4 +408,4 @@ def make_task(
     raise JbatError(
         f"the backbone pool of {shown} is empty after cleaning: the documents outside the "
         f"adaptation and held-out sets ({len(pool)} after dedup) hold no text.")
-  return Task(adapt=adapt, heldout=heldout, pool=pool)
+  return Task(adapt=adapt, heldout=valid, pool=pool), test

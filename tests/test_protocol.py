@@ -1,0 +1,74 @@
+"""The evaluation protocol (jbat.protocol, experiment.run): the test split is sealed until the
+final evaluation, every step is chosen on validation, and the matched oracle re-draws when
+albat re-selects (same number of distinct documents)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from jbat import config as config_lib, experiment, protocol
+from jbat.data import pipeline
+from tests import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_sealed_split_raises_outside_open_and_counts_reads():
+  test = protocol.Sealed([{"input_ids": [1, 2]}, {"input_ids": [3]}])
+  assert len(test) == 2  # A count chooses nothing.
+  with pytest.raises(protocol.TestSplitRead):
+    list(test)
+  with pytest.raises(protocol.TestSplitRead):
+    test[0]
+  with pytest.raises(protocol.TestSplitRead):  # The evaluation's batcher is guarded too.
+    next(iter(pipeline.eval_batches(test, 2, 8, 0)))
+  with test.open() as examples:
+    assert examples[1] == {"input_ids": [3]}
+  assert test.reads == 1
+  with pytest.raises(protocol.TestSplitRead):  # Sealed again after the block.
+    test[1]
+
+
+@pytest.fixture(scope="module")
+def matched_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("protocol")
+  path = synthetic.write_jsonl(d / "corpus.jsonl", 60)
+  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
+  c.cache_dir, c.workdir, c.progress = str(d / "cache"), str(d / "run"), False
+  c.data.source, c.data.path = "jsonl", str(path)
+  c.data.label_field, c.data.domain = "domain", "space"
+  c.data.n_adapt, c.data.n_heldout = 8, 16
+  c.arms, c.seeds = "none,oracle,albat", "0,1"
+  c.bat.reselect_every = 5
+  config_lib.validate(c)
+  return experiment.run(c), d / "run"
+
+
+def test_test_split_read_once_per_arm_and_seed_after_training(matched_run):
+  """The run above trains, selects (surrogate, scores, re-selection) and chooses best steps with
+  the test split sealed: any read before the final evaluation raises TestSplitRead and the run
+  fails. It is opened exactly once per arm and seed."""
+  res, _ = matched_run
+  assert res["test_reads"] == len(res["arms"]) * len(res["seeds"])
+  assert res["protocol"]["best_step_chosen_on"] == "valid"
+  for a in res["arms"].values():
+    for curve, best, step in zip(a["curves"], a["best_nll"], a["best_step"]):
+      assert best == min(v for _, v in curve) and dict(curve)[step] == best
+    assert len(a["test_nll_best"]) == 2 and a["test_nll_best"] != a["best_nll"]
+
+
+def test_matched_oracle_sees_as_many_distinct_documents_as_albat(matched_run):
+  res, workdir = matched_run
+  albat, oracle, none = (res["arms"][k] for k in ("albat", "oracle", "none"))
+  assert res["matched_oracle"] == "albat"
+  assert none["distinct_docs"] == [0, 0]
+  assert all(n > 16 for n in albat["distinct_docs"])  # The re-selection brought new documents.
+  assert oracle["distinct_docs"] == albat["distinct_docs"]
+  for a_seed, o_seed in zip(albat["reselections"], oracle["reselections"]):
+    assert [r["step"] for r in a_seed] == [r["step"] for r in o_seed] == [5]
+    assert [r["overlap"] for r in a_seed] == pytest.approx([r["overlap"] for r in o_seed])
+    assert all(r["precision"] == 1.0 for r in o_seed)  # Still the target's documents.
+  row = next(r for r in (workdir / "report.md").read_text().splitlines()
+             if r.startswith("| oracle |"))
+  assert f"| {np.mean(oracle['distinct_docs']):.0f} |" in row
