@@ -68,7 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Held-out documents of the same domain: n_valid of them form the validation split (it
   # chooses the best step), the rest the test split (read once per arm and seed, at the end).
   c.data.n_heldout = 200
-  c.data.n_valid = 0  # 0: half of n_heldout (rounded down).
+  c.data.n_valid = 0  # Validation documents of n_heldout (the rest: test); 0: half of them.
+  # Pool documents whose character 5-gram Jaccard with an adaptation / validation / test
+  # document (after jbat.data.neardup.normalise) is >= this are dropped from the pool and the
+  # backbone's pretraining data (0: keep them).
+  c.data.near_dup = 0.6
   c.data.max_len = 64  # Tokens per example (longer documents are truncated).
   c.data.vocab_size = 1024  # Byte-level BPE trained on the pool.
   # Fraction of the target domain's pool documents the backbone is pretrained on (1.0: all).
@@ -177,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
   # count splits of your own files) and of the draws (random, oracle, the selection's surrogate
   # and rule). Empty: `seed` alone. Arms are paired by (split, draw, training seed).
   c.split_seeds = ""
-  c.draw_seeds = ""
+  c.draw_seeds = ""  # Draw seeds (random, oracle, selection); empty: `seed` alone.
   return c
 
 
@@ -293,6 +297,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config: {key} must be comma-separated integers, got {config[key]!r}") from None
     if (key == "seeds" and not seeds) or len(set(seeds)) != len(seeds):
       raise JbatError(f"config: {key} must be distinct integers, got {config[key]!r}")
+  if not 0.0 <= config.data.near_dup <= 1.0:
+    raise JbatError(f"config: data.near_dup must be in [0, 1] (0: off), got "
+                    f"{config.data.near_dup}")
   if config.data.n_valid < 0:
     raise JbatError(f"config: data.n_valid must be >= 0, got {config.data.n_valid}")
   if not config.data.adapt:

@@ -31,10 +31,10 @@ import numpy as np
 from flax import nnx
 
 from jbat import albat, backbone, distributed, io, layout, lora, protocol, registry, report
-from jbat import selection
+from jbat import results_doc, selection
 from jbat import config as config_lib
 from jbat import peft_io
-from jbat.data import files, formats, mixture, pipeline, sources, splits
+from jbat.data import files, formats, mixture, neardup, pipeline, sources, splits
 from jbat.data import tokenizer as tokenizer_lib, tweets
 from jbat.errors import Diverged, JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
@@ -556,6 +556,22 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
     log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} validation / "
         f"{len(test_docs)} test documents of {config.data.domain!r} (split seed {split}); "
         f"backbone pool {len(task.pool)} documents ({len(pretrain_pool)} used for pretraining)")
+  evaluation = [d.text for d in (*task.adapt, *task.heldout)]
+  if own_recs is not None:
+    f = splits.fields(config.data)
+    evaluation += [formats.record_text(r, config.data.format, f) for r in own_recs.test]
+  else:
+    evaluation += [d.text for d in test_docs]
+  keep, near = drop_near_duplicates(config, task.pool, evaluation)
+  if near["dropped"]:
+    task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
+    if own_recs is not None:
+      pool_recs = [r for r, k in zip(pool_recs, keep) if k]
+      pretrain_pool = task.pool
+    else:
+      config_lib.check_select_k(config, len(task.pool))
+      kept_ids = {d.id for d in task.pool}
+      pretrain_pool = [d for d in pretrain_pool if d.id in kept_ids]
   prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -565,6 +581,8 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
   if own_recs is not None:
     task, own = encode_own_task(config, task, own_recs, pool_recs, tok)
     c = own.counts
+    c["pool"]["read"] += near["dropped"]  # Read, then dropped as near-duplicates.
+    c["pool"]["near_duplicate"] = near["dropped"]
     log(f"data: adapt {c['adapt']['kept']} / valid {c['valid']['kept']} / test "
         f"{c['test']['kept']} examples (cut by data.max_len: {c['adapt']['cut_by_max_len']} / "
         f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool "
@@ -580,9 +598,28 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
   facts = {"backbone_params": n_params, "backbone_cached": cached, "backbone_dir": str(folder),
            "n_adapt": len(task.adapt), "n_heldout": len(task.heldout) + len(test),
            "n_valid": len(task.heldout), "n_test": len(test), "n_pool": len(task.pool),
-           "n_pretrain_pool": len(pretrain_pool)}
+           "n_pretrain_pool": len(pretrain_pool), "near_dup": near}
   return Replicate(split=split, task=task, adapt=adapt, valid=valid, test=test, base=base,
                    tok=tok, own=own, facts=facts)
+
+
+def drop_near_duplicates(config: ml_collections.ConfigDict, pool: Sequence[sources.Document],
+                         evaluation: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+  """(keep mask over `pool`, facts): pool documents that are near-duplicates
+  (`jbat.data.neardup`, Jaccard >= data.near_dup) of an evaluation text (adaptation,
+  validation, test) are not kept. data.near_dup = 0 keeps everything."""
+  threshold = config.data.near_dup
+  facts = {"threshold": threshold, "n": neardup.NGRAM, "pool_before": len(pool), "dropped": 0}
+  if not threshold or not pool:
+    return np.ones(len(pool), dtype=bool), facts
+  t0 = time.perf_counter()
+  res = neardup.near_duplicates([d.text for d in pool], evaluation, threshold=threshold)
+  facts.update(dropped=res.dropped, candidate_pairs=res.candidate_pairs,
+               seconds=time.perf_counter() - t0)
+  log(f"data: {res.dropped} of {len(pool)} pool documents dropped as near-duplicates of the "
+      f"{len(evaluation)} adaptation / validation / test documents (character "
+      f"{neardup.NGRAM}-gram Jaccard >= {threshold}; {facts['seconds']:.1f} s)")
+  return ~res.drop, facts
 
 
 def replicate_dir(workdir: pathlib.Path, split: int, draw: int, single: bool) -> pathlib.Path:
@@ -643,13 +680,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           if jax.process_count() > 1 else ""))
 
   parts: dict[str, list[dict[str, Any]]] = {}
-  pairs, first, test_reads = [], None, 0
+  pairs, first, test_reads, near_dropped = [], None, 0, []
   diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
   hint = ""
   for split in split_seeds:
     rep = load_split(config, split, cache, mesh, prepare)
     workdir = holder["workdir"]
     first = first or rep
+    near_dropped.append(rep.facts["near_dup"]["dropped"])
     if config.stop_after == "select":
       return stop_after_select(config, arms, rep.task, rep.base, rep.tok, workdir, mesh,
                                own=rep.own)
@@ -685,10 +723,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "config": config.name, "domain": config.data.domain, "default_score": config.select.score,
       "seeds": seeds, "split_seeds": split_seeds, "draw_seeds": draws, "pairs": pairs,
       "arms": results, **first.facts, "test_reads": test_reads,
+      "near_dup_dropped_per_split": near_dropped,
       "adapter_params": lora_param_count(first.base, config), "select": config.select.to_dict(),
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(first.base.cfg),
       "matched_oracle": matched_arm(config, arms) if "oracle" in arms else None,
-      "protocol": protocol_facts()}
+      "protocol": protocol_facts(), "machine": results_doc.machine()}
   if first.own is not None:
     summary.update(own_summary(config, first.own, results))
   if diverged:

@@ -119,12 +119,17 @@ def pairs_text(summary: dict[str, Any]) -> str:
 
 
 def near_dup_text(summary: dict[str, Any]) -> str:
-  """', N pool documents dropped as near-duplicates ...' or '' (no near-duplicate filter)."""
+  """'; N pool documents dropped as near-duplicates ...' (per split with several), or the
+  filter is off; '' for results without near-duplicate facts."""
   nd = summary.get("near_dup")
   if not nd:
     return ""
-  return (f"; {nd['dropped']:,} pool documents dropped as near-duplicates of them (character "
-          f"{nd['n']}-gram Jaccard >= {nd['threshold']})")
+  if not nd["threshold"]:
+    return "; near-duplicate filter off (data.near_dup = 0)"
+  per = summary.get("near_dup_dropped_per_split") or [nd["dropped"]]
+  n = f"{per[0]:,}" if len(per) == 1 else " / ".join(f"{x:,}" for x in per) + " (per split)"
+  return (f"; {n} pool documents dropped as near-duplicates of them (character "
+          f"{nd['n']}-gram Jaccard >= {nd['threshold']}, after normalisation)")
 
 
 def reselection_lines(summary: dict[str, Any]) -> str:

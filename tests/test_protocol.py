@@ -2,13 +2,14 @@
 final evaluation, every step is chosen on validation, and the matched oracle re-draws when
 albat re-selects (same number of distinct documents)."""
 
+import json
 import pathlib
 
 import numpy as np
 import pytest
 
 from jbat import config as config_lib, experiment, protocol
-from jbat.data import pipeline
+from jbat.data import pipeline, sources
 from tests import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,7 +34,13 @@ def test_sealed_split_raises_outside_open_and_counts_reads():
 @pytest.fixture(scope="module")
 def matched_run(tmp_path_factory):
   d = tmp_path_factory.mktemp("protocol")
-  path = synthetic.write_jsonl(d / "corpus.jsonl", 60)
+  rows = synthetic.documents(60)
+  # Near-copies of 10 target documents in another domain: those of the copied documents that
+  # land in the adaptation / validation / test splits must leave the pool.
+  planted = [{"text": "RT @someone: " + r["text"].upper() + " http://t.co/x", "domain": "music"}
+             for r in rows if r["domain"] == "space"][:10]
+  path = d / "corpus.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows + planted))
   c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
   c.cache_dir, c.workdir, c.progress = str(d / "cache"), str(d / "run"), False
   c.data.source, c.data.path = "jsonl", str(path)
@@ -42,14 +49,14 @@ def matched_run(tmp_path_factory):
   c.arms, c.seeds = "none,oracle,albat", "0,1"
   c.bat.reselect_every = 5
   config_lib.validate(c)
-  return experiment.run(c), d / "run"
+  return experiment.run(c), d / "run", path, planted
 
 
 def test_test_split_read_once_per_arm_and_seed_after_training(matched_run):
   """The run above trains, selects (surrogate, scores, re-selection) and chooses best steps with
   the test split sealed: any read before the final evaluation raises TestSplitRead and the run
   fails. It is opened exactly once per arm and seed."""
-  res, _ = matched_run
+  res = matched_run[0]
   assert res["test_reads"] == len(res["arms"]) * len(res["seeds"])
   assert res["protocol"]["best_step_chosen_on"] == "valid"
   for a in res["arms"].values():
@@ -59,7 +66,7 @@ def test_test_split_read_once_per_arm_and_seed_after_training(matched_run):
 
 
 def test_matched_oracle_sees_as_many_distinct_documents_as_albat(matched_run):
-  res, workdir = matched_run
+  res, workdir = matched_run[:2]
   albat, oracle, none = (res["arms"][k] for k in ("albat", "oracle", "none"))
   assert res["matched_oracle"] == "albat"
   assert none["distinct_docs"] == [0, 0]
@@ -72,3 +79,17 @@ def test_matched_oracle_sees_as_many_distinct_documents_as_albat(matched_run):
   row = next(r for r in (workdir / "report.md").read_text().splitlines()
              if r.startswith("| oracle |"))
   assert f"| {np.mean(oracle['distinct_docs']):.0f} |" in row
+
+
+def test_near_duplicates_of_evaluation_documents_leave_the_pool(matched_run):
+  res, workdir, path, planted = matched_run
+  docs = sources.load_jsonl(path, label_field="domain")
+  task, test = sources.split_task(docs, "space", 8, 8, 8, seed=0)
+  evaluation = {d.text.upper() for d in (*task.adapt, *task.heldout, *test)}
+  expected = sum(p["text"].split(": ", 1)[1][:-len(" http://t.co/x")] in evaluation
+                 for p in planted)
+  assert 0 < expected < len(planted)  # Some copies of pool documents stay (not evaluation).
+  assert res["near_dup"]["dropped"] == expected and res["near_dup"]["threshold"] == 0.6
+  assert res["n_pool"] == len(task.pool) - expected
+  assert f"{expected} pool documents dropped as near-duplicates" in (
+      workdir / "report.md").read_text().replace("\n", " ")

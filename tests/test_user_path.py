@@ -72,6 +72,9 @@ def run(tmp_path_factory):
       "--config.train.lr=0.06", "--config.train.eval_every=3", "--config.train.ckpt_every=6",
       "--config.train.batch_size=4", "--config.surrogate.steps=6", "--config.select.k=8",
       "--config.select.top_n=16", "--config.select.batch_size=8",
+      # The toy pool is made of the task's 8 words: every text is a near-duplicate of a task
+      # example by construction (tests/test_protocol.py covers the filter).
+      "--config.data.near_dup=0",
       f"--config.workdir={wd}", f"--config.cache_dir={d / 'cache'}", "--config.progress=False"])
   return d, wd, rc
 

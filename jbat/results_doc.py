@@ -1,0 +1,173 @@
+"""docs/results.md, generated from the results.json files of the runs it lists (never typed in).
+
+  python -m jbat.results_doc runs/demo runs/demo_goodhealth ... [-o docs/results.md]
+
+Each RUN is a workdir (or its results.json). Per run: the command's config, the pairs (split,
+draw and training seeds), the split sizes and near-duplicates dropped, the machine it ran on,
+and one table: test NLL at the best validation step per arm, paired differences vs none /
+random / oracle with 95% t-intervals over all pairs, gap closed, distinct backbone documents
+seen, validation NLL; then one sentence per selecting arm saying whether it beats none, random
+and the oracle (an interval entirely below zero). Numbers are exactly those of results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jbat import io, report
+from jbat.errors import JbatError
+
+REPRODUCIBILITY = (
+    "Reproducibility: rerunning a config on the same machine gives bitwise the same numbers "
+    "(every seed is fixed and every stage is deterministic); that claim holds **on one "
+    "machine**. XLA on another CPU, a GPU or a TPU, or another device count, changes the last "
+    "bits of losses and scores, which can move a selection near its cut-off and the numbers "
+    "after it (in the third or fourth decimal).")
+
+
+def machine() -> dict[str, Any]:
+  """What results.json records about the machine a run ran on (no host name)."""
+  import jax
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  devices = jax.devices()
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "system": platform.system(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "devices": len(devices),
+          "device_kind": devices[0].device_kind if devices else ""}
+
+
+def machine_text(m: dict[str, Any] | None) -> str:
+  if not m:
+    return "not recorded in results.json"
+  return (f"{m['cpu']} ({m['cpu_count']} cores), {m['system']}, python {m['python']}, "
+          f"jax {m['jax']} on {m['devices']} {m['backend']} device(s) ({m['device_kind']})")
+
+
+def load(path: str | os.PathLike) -> tuple[pathlib.Path, dict[str, Any]]:
+  """(results.json path, its content) for a workdir or a results.json path."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    p = p / "results.json"
+  try:
+    return p, json.loads(p.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise JbatError(f"results_doc: cannot read {p}: {e}") from None
+
+
+def verdict(name: str, stats: dict[str, Any], key: str, arms: Sequence[str]) -> str:
+  """'`albat` beats none (yes), random (yes), oracle (no: -0.001 [..])' on `key`."""
+  parts = []
+  for ref in ("none", "random", "oracle"):
+    s = stats.get(f"{key}_vs_{ref}")
+    if ref not in arms or ref == name or not s:
+      continue
+    if s["hi"] is None:
+      parts.append(f"{ref}: one pair, no interval ({s['mean']:+.4f})")
+    else:
+      word = "yes" if s["hi"] < 0 else "no, worse" if s["lo"] > 0 else "no, a tie"
+      parts.append(f"{ref}: {word} ({report.interval(s)})")
+  return f"- `{name}` beats " + "; ".join(parts) + "." if parts else ""
+
+
+def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
+  """One run's section: header facts, the table, the verdicts."""
+  arms = res["arms"]
+  key = report.headline(arms)
+  metric = ("test NLL at the best validation step" if key == "test_nll_best" else
+            "validation NLL (this run has no test split)")
+  pairs = res.get("pairs") or [[None, None, s] for s in res["seeds"]]
+  nd = res.get("near_dup")
+  lines = [f"## {res['config']}: target `{res['domain']}`", "",
+           f"From `{shown}`. Pairs: {len(pairs)} (split seeds "
+           f"{', '.join(map(str, res.get('split_seeds', []))) or '-'}; draw seeds "
+           f"{', '.join(map(str, res.get('draw_seeds', []))) or '-'}; training seeds "
+           f"{', '.join(map(str, res['seeds']))}). Target documents: {res['n_adapt']} "
+           f"adaptation, {res.get('n_valid', '-')} validation, {res.get('n_test', '-')} test; "
+           f"backbone pool {res['n_pool']:,}"
+           + (f" ({', '.join(map(str, res.get('near_dup_dropped_per_split', [nd['dropped']])))}"
+              f" near-duplicates of the target's documents dropped)" if nd else "")
+           + f". Wall time {res.get('seconds', 0) / 60:.1f} min.", "",
+           f"Machine: {machine_text(res.get('machine'))}.", "",
+           f"Headline metric: {metric}, mean ± sd over pairs; differences paired over pairs "
+           "with 95% t-intervals (negative = the arm is better).", "",
+           "| arm | test NLL (best valid step) | vs none [95% CI] | vs random [95% CI] | "
+           "vs oracle [95% CI] | gap closed | distinct docs | valid NLL (best) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, a in arms.items():
+    s = res["stats"].get(name, {})
+    gap = s.get("gap_closed")
+    test = report.mean_sd(a["test_nll_best"]) if "test_nll_best" in a else "-"
+    distinct = f"{np.mean(a['distinct_docs']):.0f}" if "distinct_docs" in a else "-"
+    lines.append(
+        f"| {name} | {test} | {report.interval(s.get(f'{key}_vs_none'))} | "
+        f"{report.interval(s.get(f'{key}_vs_random'))} | "
+        f"{report.interval(s.get(f'{key}_vs_oracle'))} | "
+        f"{'-' if gap is None else f'{100 * gap:.0f}%'} | {distinct} | "
+        f"{report.mean_sd(a['best_nll'])} |")
+  verdicts = [verdict(n, res["stats"].get(n, {}), key, list(arms)) for n in arms
+              if n not in ("none", "random", "oracle")]
+  verdicts = [v for v in verdicts if v]
+  if verdicts:
+    lines += ["", *verdicts]
+  return "\n".join(lines) + "\n"
+
+
+def render(paths: Sequence[str | os.PathLike], root: pathlib.Path | None = None) -> str:
+  """docs/results.md's text for the runs at `paths` (shown relative to `root`)."""
+  if not paths:
+    raise JbatError("results_doc: name at least one run directory or results.json")
+  loaded = [load(p) for p in paths]
+  shown = []
+  for p, _ in loaded:
+    try:
+      shown.append(str(p.resolve().relative_to(root.resolve())) if root else str(p))
+    except ValueError:
+      shown.append(str(p))
+  head = ["# Results", "",
+          "Generated by `python -m jbat.results_doc " + " ".join(shown) + "` from those "
+          "results.json files; do not edit by hand (rerun the command).", "",
+          "Protocol: the best step of every adapter is chosen on the validation split; the test "
+          "split is read once per arm and pair after training, at that step. Arms are paired "
+          "by (split seed, draw seed, training seed). Gap closed = (random - arm) / (random - "
+          "oracle). Distinct docs: backbone documents an adapter saw over all its "
+          "(re-)selections (the oracle re-draws at albat's re-selection steps).", "",
+          REPRODUCIBILITY, ""]
+  return "\n".join(head) + "\n".join(run_section(p, res, s) + "\n"
+                                     for (p, res), s in zip(loaded, shown)).rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m jbat.results_doc", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("runs", nargs="+", help="workdirs or results.json files")
+  parser.add_argument("-o", "--output", default="docs/results.md")
+  args = parser.parse_args(argv)
+  try:
+    out = pathlib.Path(args.output)
+    text = render(args.runs, root=pathlib.Path.cwd())
+    io.write_text_atomic(out, text)
+  except JbatError as e:
+    print(f"jbat: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,59 @@
+"""docs/results.md is generated (jbat.results_doc) from results.json files: a small synthetic
+results.json gives the expected table and verdicts."""
+
+import json
+
+from jbat import report, results_doc
+
+
+def synthetic_results() -> dict:
+  arms = {
+      "none": {"test_nll_best": [3.0, 3.1, 3.2], "best_nll": [2.9, 3.0, 3.1],
+               "distinct_docs": [0, 0, 0]},
+      "random": {"test_nll_best": [3.1, 3.2, 3.3], "best_nll": [3.0, 3.1, 3.2],
+                 "distinct_docs": [10, 10, 10]},
+      "oracle": {"test_nll_best": [2.8, 2.9, 3.0], "best_nll": [2.7, 2.8, 2.9],
+                 "distinct_docs": [15, 15, 16]},
+      "albat": {"test_nll_best": [2.7, 2.95, 2.92], "best_nll": [2.6, 2.9, 2.8],
+                "distinct_docs": [15, 15, 16]},
+  }
+  return {"config": "toy", "domain": "space", "seeds": [0], "split_seeds": [0, 1, 2],
+          "draw_seeds": [0], "pairs": [[0, 0, 0], [1, 0, 0], [2, 0, 0]], "arms": arms,
+          "stats": report.paired_stats(arms), "n_adapt": 8, "n_valid": 8, "n_test": 8,
+          "n_pool": 1234, "near_dup": {"threshold": 0.6, "n": 5, "dropped": 3},
+          "near_dup_dropped_per_split": [3, 4, 2], "seconds": 90.0,
+          "machine": {"cpu": "Toy CPU", "cpu_count": 2, "system": "Linux", "python": "3.11.0",
+                      "jax": "0.0.1", "backend": "cpu", "devices": 1, "device_kind": "cpu"}}
+
+
+def test_generated_table_from_synthetic_results(tmp_path):
+  run = tmp_path / "runs" / "toy"
+  run.mkdir(parents=True)
+  (run / "results.json").write_text(json.dumps(synthetic_results()))
+  out = tmp_path / "results.md"
+  assert results_doc.main([str(run), "-o", str(out)]) == 0
+  text = out.read_text()
+  assert "`python -m jbat.results_doc " in text and "on one machine" in text
+  assert "Machine: Toy CPU (2 cores), Linux, python 3.11.0, jax 0.0.1 on 1 cpu device(s)" in text
+  assert "Pairs: 3 (split seeds 0, 1, 2; draw seeds 0; training seeds 0)" in text
+  assert "backbone pool 1,234 (3, 4, 2 near-duplicates of the target's documents dropped)" in text
+  table = [line for line in text.splitlines() if line.startswith("| ")]
+  assert table == [
+      "| arm | test NLL (best valid step) | vs none [95% CI] | vs random [95% CI] | "
+      "vs oracle [95% CI] | gap closed | distinct docs | valid NLL (best) |",
+      "| none | 3.1000 ± 0.1000 | - | -0.1000 [-0.1000, -0.1000] | "
+      "+0.2000 [+0.2000, +0.2000] | - | 0 | 3.0000 ± 0.1000 |",
+      "| random | 3.2000 ± 0.1000 | +0.1000 [+0.1000, +0.1000] | - | "
+      "+0.3000 [+0.3000, +0.3000] | - | 10 | 3.1000 ± 0.1000 |",
+      "| oracle | 2.9000 ± 0.1000 | -0.2000 [-0.2000, -0.2000] | -0.3000 [-0.3000, -0.3000] | "
+      "- | - | 15 | 2.8000 ± 0.1000 |",
+      "| albat | 2.8567 ± 0.1365 | -0.2433 [-0.4457, -0.0410] | -0.3433 [-0.5457, -0.1410] | "
+      "-0.0433 [-0.2457, +0.1590] | 114% | 15 | 2.7667 ± 0.1528 |",
+  ]
+  assert ("- `albat` beats none: yes (-0.2433 [-0.4457, -0.0410]); random: yes "
+          "(-0.3433 [-0.5457, -0.1410]); oracle: no, a tie (-0.0433 [-0.2457, +0.1590]).") in text
+
+
+def test_missing_results_is_a_clean_error(tmp_path, capsys):
+  assert results_doc.main([str(tmp_path / "nothing"), "-o", str(tmp_path / "r.md")]) == 2
+  assert capsys.readouterr().err.startswith("jbat: error: results_doc: cannot read")
