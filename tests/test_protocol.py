@@ -93,3 +93,34 @@ def test_near_duplicates_of_evaluation_documents_leave_the_pool(matched_run):
   assert res["n_pool"] == len(task.pool) - expected
   assert f"{expected} pool documents dropped as near-duplicates" in (
       workdir / "report.md").read_text().replace("\n", " ")
+
+
+def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
+  """split_seeds x draw_seeds x seeds pairs: every arm has one number per pair in the same
+  order; another split moves the target documents (other test numbers, another backbone
+  pool); another draw changes random's documents; the intervals run over all pairs."""
+  path = synthetic.write_jsonl(tmp_path / "corpus.jsonl", 60)
+  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
+  c.cache_dir, c.workdir, c.progress = str(tmp_path / "cache"), str(tmp_path / "run"), False
+  c.data.source, c.data.path = "jsonl", str(path)
+  c.data.label_field, c.data.domain = "domain", "space"
+  c.data.n_adapt, c.data.n_heldout = 8, 16
+  c.arms, c.seeds, c.split_seeds, c.draw_seeds = "none,random", "0", "0,1", "3,4"
+  c.train.steps = c.train.eval_every = c.train.ckpt_every = 4
+  config_lib.validate(c)
+  res = experiment.run(c)
+  assert res["pairs"] == [[0, 3, 0], [0, 4, 0], [1, 3, 0], [1, 4, 0]]
+  assert res["test_reads"] == 2 * 4
+  none, random = res["arms"]["none"], res["arms"]["random"]
+  assert len(none["test_nll_best"]) == len(random["test_nll_best"]) == 4
+  # `none` does not depend on the draw, only on the split.
+  assert none["test_nll_best"][0] == none["test_nll_best"][1]
+  assert none["test_nll_best"][0] != none["test_nll_best"][2]
+  assert random["test_nll_best"][0] != random["test_nll_best"][1]  # Another draw.
+  diff = res["stats"]["random"]["test_nll_best_vs_none"]
+  assert diff["n"] == 4 and diff["mean"] == pytest.approx(
+      np.mean(np.subtract(random["test_nll_best"], none["test_nll_best"])))
+  for split in (0, 1):
+    for draw in (3, 4):
+      assert (tmp_path / "run" / f"split_{split}" / f"draw_{draw}" / "arms" / "random"
+              / "seed_0" / "adapter.safetensors").exists()
