@@ -229,7 +229,8 @@ def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int | None =
   return loop.TrainSpec(steps=steps or t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
                         weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                         eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep=t.keep,
-                        log_every=t.log_every, seed=seed, grad_accum=t.grad_accum)
+                        log_every=t.log_every, seed=seed, grad_accum=t.grad_accum,
+                        patience=int(t.get("patience", 0)))
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
@@ -400,6 +401,8 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
             heldout, t.eval_batch_size // n_proc, config.data.max_len, tok.pad_token_id,
             shard_index=proc, shard_count=n_proc))
     params = result.params
+    if result.stopped_step is not None:
+      break  # Stopped early on validation: no later phase (or re-selection).
   if distributed.is_main():
     io.save_tree(result.params, run_dir / "adapter.safetensors")
   evals = [r for r in result.history if "eval_loss" in r]
@@ -407,7 +410,8 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
          "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
          "steps": max(r["step"] for r in result.history),
          "train_seconds": time.perf_counter() - start,
-         "curve": [(r["step"], r["eval_loss"]) for r in evals]}
+         "curve": [(r["step"], r["eval_loss"]) for r in evals],
+         "stopped_step": result.stopped_step}
   if reselections:
     out["reselections"] = reselections
   if own is not None:
@@ -536,6 +540,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if own is not None:
       path = workdir / layout.REPORT_FILE
       io.write_text_atomic(path, path.read_text() + protocol_report(summary))
+    if config.train.get("patience", 0):
+      path = workdir / layout.REPORT_FILE
+      io.write_text_atomic(path, path.read_text() + early_stopping_report(summary))
   log(f"report: {workdir / layout.REPORT_FILE}")
   if diverged:  # The other arms are reported; the run still fails (exit 2).
     raise JbatError("; ".join(d["summary"] for d in diverged.values()) + f"; {hint}. "
@@ -579,6 +586,9 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
       "backbone_nll": runs[0]["backbone_nll"], "steps": runs[0]["steps"],
       "train_seconds": [r["train_seconds"] for r in runs],
       "curves": [r["curve"] for r in runs], **facts}
+  if config.train.get("patience", 0):
+    out["early_stopping"] = {"patience": int(config.train.patience), "chosen_on": "valid",
+                             "stopped_step": [r["stopped_step"] for r in runs]}
   if any(r.get("reselections") for r in runs):
     out["reselections"] = [r["reselections"] for r in runs]
   for key in ("test_nll_backbone", "test_nll_best", "test_nll_final"):
@@ -627,6 +637,22 @@ def protocol_report(summary: dict[str, Any]) -> str:
                      f"{report.mean_sd(a['test_nll_backbone'])} |")
     lines.append("")
   return "\n".join(lines)
+
+
+def early_stopping_report(summary: dict[str, Any]) -> str:
+  """report.md's section on early stopping (train.patience): the step each adapter stopped at;
+  only the validation split decided."""
+  lines = ["", "## Early stopping", "",
+           "Each adapter stopped after train.patience evaluations in a row without a new best "
+           "**validation** NLL (the validation split alone decided; the test split never did). "
+           "Stopped at step (per seed; '-': ran all steps):", ""]
+  for name, a in summary["arms"].items():
+    es = a.get("early_stopping")
+    if es:
+      steps = ", ".join("-" if s is None else str(s) for s in es["stopped_step"])
+      lines.append(f"- {name}: {steps} (patience {es['patience']}; best step "
+                   f"{', '.join(map(str, a['best_step']))})")
+  return "\n".join(lines + [""])
 
 
 def diverged_record(e: Diverged, arm: str) -> dict[str, Any]:
