@@ -20,6 +20,7 @@ arms select again around each seed's adapter every that many steps (`make_resele
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -33,34 +34,42 @@ from flax import nnx
 from jbat import albat, backbone, distributed, io, layout, lora, registry, report, selection
 from jbat import config as config_lib
 from jbat import peft_io
-from jbat.data import files, formats, mixture, pipeline, sources, splits
+from jbat.data import files, formats, mixture, pipeline, pool_stream, sources, splits
 from jbat.data import tokenizer as tokenizer_lib, tweets
 from jbat.errors import Diverged, JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
+from jbat.scoring import stream
 from jbat.training import loop
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolDocument(sources.Document):
-  """A pool document read from the user's files: `manifest_fields` (uid, file, row, text) go
-  into the selection manifest (`selection.write_manifest`)."""
-
-  manifest_fields: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+PoolDocument = pool_stream.PoolDocument
 
 
 @dataclasses.dataclass
 class OwnData:
   """The user's task (data.adapt and friends), encoded in data.format / data.pool_format.
 
-  adapt / valid / test: encoded task examples (response-only loss weights); pool_by_id: id ->
-  encoded pool example; counts: what was read, cut by max_len, dropped (reported)."""
+  adapt / valid / test: encoded task examples (response-only loss weights); pool: the pool
+  files, streamed (`pool_stream.FilePool`; None without data.pool): nothing holds the whole
+  pool, selections are re-read by location (`examples`); counts: what was read, cut by
+  max_len, dropped (reported)."""
 
   adapt: list
   valid: list
   test: list
-  pool_by_id: dict
+  pool: pool_stream.FilePool | None
   counts: dict
+
+  def examples(self, docs: Sequence[sources.Document]) -> list[dict]:
+    """The encoded pool examples of selected documents (`PoolDocument`s), in their order,
+    read again from the files by (file, row)."""
+    if not docs:
+      return []
+    index = {f: i for i, f in enumerate(self.pool.files)}
+    got = self.pool.read([(index[d.manifest_fields["file"]], d.manifest_fields["row"])
+                          for d in docs])
+    return [pool_stream.training_example(ex) for ex in got]
 
 
 def own_data(config: ml_collections.ConfigDict) -> bool:
@@ -93,26 +102,30 @@ def _task_doc(r: files.Record, fmt: str, f: formats.Fields) -> sources.Document:
 
 
 def load_own_task(config: ml_collections.ConfigDict
-                  ) -> tuple[sources.Task, splits.TaskRecords, list[files.Record]]:
-  """The user's task as a `sources.Task` (heldout = the validation split) plus its records
-  and the pool's records. The pool is read whole on every process (every process scores the
-  whole pool list; `stream.score_pool` shards the batches)."""
+                  ) -> tuple[sources.Task, splits.TaskRecords]:
+  """The user's task as a `sources.Task` (heldout = the validation split; pool empty: the
+  pool is streamed from its files, `encode_own_task`) plus its records."""
   d = config.data
   f = splits.fields(d)
   recs = splits.load_task(d, config.seed)
-  pool_recs = list(splits.pool_reader(d)) if d.pool else []
   task = sources.Task(adapt=[_task_doc(r, d.format, f) for r in recs.adapt],
-                      heldout=[_task_doc(r, d.format, f) for r in recs.valid],
-                      pool=[_task_doc(r, d.pool_format, f) for r in pool_recs])
-  return task, recs, pool_recs
+                      heldout=[_task_doc(r, d.format, f) for r in recs.valid], pool=[])
+  return task, recs
+
+
+def pool_documents(config: ml_collections.ConfigDict) -> list[sources.Document]:
+  """Every pool record as a document, in memory: only to pretrain a backbone on the pool
+  (no model.pretrained), which reads all of it anyway."""
+  d = config.data
+  f = splits.fields(d)
+  return [_task_doc(r, d.pool_format, f) for r in splits.pool_reader(d)] if d.pool else []
 
 
 def encode_own_task(config: ml_collections.ConfigDict, task: sources.Task,
-                    recs: splits.TaskRecords, pool_recs: Sequence[files.Record], tok
-                    ) -> tuple[sources.Task, OwnData]:
-  """Encodes the user's task and pool with the model's tokenizer. Pool records whose text
-  equals a task example's, repeated ids, and pool records cut away by max_len are dropped
-  (counted). Returns the task with those pool documents only, as `PoolDocument`s."""
+                    recs: splits.TaskRecords, tok) -> tuple[sources.Task, OwnData]:
+  """Encodes the user's task with the model's tokenizer and opens the pool as a streamed
+  `pool_stream.FilePool` (read a chunk at a time; pool records whose text equals a task
+  example's, repeated ids, and records cut away by max_len are left out as it streams)."""
   d, max_len = config.data, config.data.max_len
   f = splits.fields(d)
   counts: dict[str, Any] = {}
@@ -124,28 +137,16 @@ def encode_own_task(config: ml_collections.ConfigDict, task: sources.Task,
     if rs and not enc[name]:
       raise JbatError(f"data.{name}: every example was cut away by data.max_len={max_len} "
                       "(or is empty); raise data.max_len")
-  pool_ex, st = formats.encode_records(pool_recs, tok, max_len, d.pool_format, f)
-  by_id = {e["id"]: e for e in pool_ex}
-  task_hashes = {sources.text_hash(doc.text) for doc in (*task.adapt, *task.heldout)}
-  task_hashes |= {sources.text_hash(formats.record_text(r, d.format, f)) for r in recs.test}
-  docs, seen, overlap, repeated = [], set(), 0, 0
-  for r, doc in zip(pool_recs, task.pool):
-    if r.id not in by_id:
-      continue
-    if r.id in seen:
-      repeated += 1
-      continue
-    if sources.text_hash(doc.text) in task_hashes:
-      overlap += 1
-      continue
-    seen.add(r.id)
-    docs.append(PoolDocument(id=r.id, text=doc.text, source=r.file, manifest_fields={
-        "uid": r.uid, "file": r.file, "row": r.row, "text": doc.text}))
-  counts["pool"] = {"read": len(pool_recs), "kept": len(docs), "cut_by_max_len": st.cut,
-                    "empty": st.empty, "same_text_as_task": overlap, "repeated_id": repeated}
-  own = OwnData(adapt=enc["adapt"], valid=enc["valid"], test=enc["test"],
-                pool_by_id={doc.id: by_id[doc.id] for doc in docs}, counts=counts)
-  return dataclasses.replace(task, pool=docs), own
+  pool = None
+  if d.pool:
+    task_texts = [doc.text for doc in (*task.adapt, *task.heldout)]
+    task_texts += [formats.record_text(r, d.format, f) for r in recs.test]
+    pool = pool_stream.FilePool(d.pool, fmt=d.pool_format, fields=f, id_field=d.id_field,
+                                tokenizer=tok, max_len=max_len, task_texts=task_texts)
+    counts["pool"] = {"files": len(pool.files), "empty_files": len(pool.empty_files)}
+  own = OwnData(adapt=enc["adapt"], valid=enc["valid"], test=enc["test"], pool=pool,
+                counts=counts)
+  return task, own
 
 
 def log(msg: str) -> None:
@@ -243,11 +244,13 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
                     ) -> tuple[list[sources.Document], dict]:
   """The backbone documents an arm trains on, and facts about the selection (`own`: the
   user's encoded examples, see `albat_docs`)."""
-  k = registry.pool_k(config.select.k, len(task.pool))
+  k = registry.pool_k(config.select.k, len(task.pool) if own is None else config.select.k)
   t0 = time.perf_counter()
   if arm == "none":
     return [], {}
-  if arm == "random":
+  if arm == "random" and own is not None:
+    chosen = random_pool_docs(own.pool, k, config.seed + 1)
+  elif arm == "random":
     rng = np.random.default_rng(config.seed + 1)
     chosen = [task.pool[i] for i in sorted(rng.choice(len(task.pool), size=k, replace=False))]
   elif arm == "oracle":
@@ -266,6 +269,18 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
   return chosen, facts
 
 
+def random_pool_docs(pool: pool_stream.FilePool, k: int, seed: int
+                     ) -> list[sources.Document]:
+  """The random arm on a streamed pool: k usable records drawn uniformly from the per-file row
+  counts (`FilePool.sample`), without reading the whole pool. JbatError when fewer than k
+  are usable."""
+  got = pool.sample(k, seed)
+  if len(got) < k:
+    raise JbatError(f"config: select.k={k} is larger than the pool ({len(got)} usable records "
+                    "of data.pool); lower select.k")
+  return [pool_stream.document(ex) for ex in got]
+
+
 def label_facts(chosen: Sequence[sources.Document], domain: str | None) -> dict[str, Any]:
   """Label counts (most common first) and precision (share labelled `domain`) of a selection;
   for domain None (no labels) no counts and precision None."""
@@ -280,14 +295,18 @@ def label_facts(chosen: Sequence[sources.Document], domain: str | None) -> dict[
 
 def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok, score: str,
                folder: pathlib.Path, mesh, *, seed: int, select_seed: int | None = None,
-               init_adapter=None, own: OwnData | None = None) -> list[sources.Document]:
+               init_adapter=None, own: OwnData | None = None,
+               candidates: list[dict] | None = None) -> list[sources.Document]:
   """The pool documents `albat.select_backbone_data` selects by `score` with the config's rule
   (surrogate from a fresh adapter, or from `init_adapter` for a re-selection; `seed` also
   seeds the rule unless `select_seed` is given). With `own`, the surrogate and the scores use
-  the user's encoded examples (response-only loss weights) instead of `pipeline.encode`."""
+  the user's encoded examples (response-only loss weights) instead of `pipeline.encode`, and
+  the pool is streamed from its files (`own.pool`) unless `candidates` (encoded examples
+  parallel to task.pool, a re-selection's candidates) are given."""
   sur_spec = train_spec(config, seed, steps=config.surrogate.steps)
   sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
-  spec = selection.SelectSpec.from_config(config, len(task.pool), score=score,
+  n_pool = len(task.pool) if own is None or candidates is not None else config.select.k
+  spec = selection.SelectSpec.from_config(config, n_pool, score=score,
                                           seed=seed if select_seed is None else select_seed)
   manifest = albat.select_backbone_data(
       base, lora_config(config), task, tok, spec, surrogate_spec=sur_spec,
@@ -296,7 +315,14 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
       score_cache=config_lib.cache_dir(config) / "scores",
       surrogate_cache=config_lib.cache_dir(config) / "surrogates",
       adapt_examples=None if own is None else own.adapt,
-      pool_examples=None if own is None else [own.pool_by_id[d.id] for d in task.pool])
+      pool_examples=(None if own is None else own.pool if candidates is None else candidates))
+  if own is not None:
+    if candidates is None and own.pool is not None:  # The usable pool rows it scored.
+      n_scored = json.loads(layout.summary(folder).read_text()).get("n_pool")
+      own.counts.setdefault("pool", {})["usable"] = n_scored
+      own.counts["pool"].update(stream.pool_counts(layout.scores_dir(folder)) or {})
+    return [PoolDocument(id=r["id"], text=r["text"], source=r["source"], manifest_fields={
+        k: r[k] for k in ("uid", "file", "row", "text")}) for r in io.read_jsonl(manifest)]
   by_id = {d.id: d for d in task.pool}
   return [by_id[r["id"]] for r in io.read_jsonl(manifest)]
 
@@ -317,12 +343,18 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
   score = registry.score_for(arm, config)
   if not config.bat.reselect_every or not registry.reselects(score):
     return None  # No selection, or dsir / random: nothing about the adapter to re-score around.
-  pool = task.pool
-  if config.bat.reselect_top:
+  pool, cand_examples = task.pool, None
+  if own is not None and config.bat.reselect_top:  # The candidates, read again by location.
+    cand_examples = albat.top_pool_examples(layout.select_dir(workdir, score), score,
+                                            config.bat.reselect_top, own.pool)
+    pool = [pool_stream.document(ex) for ex in cand_examples]
+    cand_examples = [pool_stream.training_example(ex) for ex in cand_examples]
+  elif config.bat.reselect_top:
     keep = set(albat.top_pool_ids(layout.select_dir(workdir, score), score,
                                   config.bat.reselect_top))
     pool = [d for d in task.pool if d.id in keep]
   candidates = dataclasses.replace(task, pool=pool)
+  n_candidates = len(pool) if own is None or cand_examples is not None else "all pool"
 
   from_adapter = config.bat.reselect_from == "adapter"
 
@@ -332,13 +364,14 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
                       f"was given")
     log(f"arm {arm} seed {seed}: re-selecting around "
         f"{'the adapter' if from_adapter else 'the stage-1 surrogate'} at step {step} "
-        f"({len(pool)} candidates)")
+        f"({n_candidates} candidates)")
     select_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
     if not from_adapter:  # The stage-1 surrogate again (its seed), a new sample.
       return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=config.seed,
-                        select_seed=select_seed, own=own)
+                        select_seed=select_seed, own=own, candidates=cand_examples)
     return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
-                      select_seed=select_seed, init_adapter=adapter, own=own)
+                      select_seed=select_seed, init_adapter=adapter, own=own,
+                      candidates=cand_examples)
 
   return reselect
 
@@ -383,7 +416,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
     if phase:
       chosen = reselect(seed, ends[phase - 1], params, folders[phase - 1])
       selected = (pipeline.encode(chosen, tok, config.data.max_len) if own is None
-                  else [own.pool_by_id[d.id] for d in chosen])
+                  else own.examples(chosen))
       ids = {d.id for d in chosen}
       reselections.append({"step": ends[phase - 1], "overlap": len(ids & previous) / len(ids),
                            **label_facts(chosen, target_label(config))})
@@ -468,8 +501,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if own_data(config):
     check_own_config(config)
     log(f"data: reading your task (data.adapt={config.data.adapt}) and pool")
-    task, own_recs, pool_recs = load_own_task(config)
-    pretrain_pool = task.pool
+    task, own_recs = load_own_task(config)
+    pretrain_pool = [] if config.model.pretrained else pool_documents(config)
   else:
     log(f"data: loading {config.data.source} corpus")
     docs = load_corpus(config, cache)
@@ -495,15 +528,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   log(f"backbone: {n_params:,} parameters, {how} ({folder})")
 
   if own_data(config):
-    task, own = encode_own_task(config, task, own_recs, pool_recs, tok)
+    task, own = encode_own_task(config, task, own_recs, tok)
     c = own.counts
     log(f"data: adapt {c['adapt']['kept']} / valid {c['valid']['kept']} / test "
         f"{c['test']['kept']} examples (cut by data.max_len: {c['adapt']['cut_by_max_len']} / "
-        f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool "
-        f"{c['pool']['kept']} of {c['pool']['read']} records")
-    if any(a != "none" for a in arms) and config.select.k > len(task.pool):
-      raise JbatError(f"config: select.k={config.select.k} is larger than the pool "
-                      f"({len(task.pool)} usable records of data.pool); lower select.k")
+        f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool: "
+        + (f"{c['pool']['files']} files streamed ({c['pool']['empty_files']} empty, skipped)"
+           if "pool" in c else "none"))
   if config.stop_after == "select":
     return stop_after_select(config, arms, task, base, tok, workdir, mesh, own=own)
   if own is None:
@@ -530,6 +561,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
   if own is not None:
     summary.update(own_summary(config, own, results))
+    summary["n_pool"] = int(own.counts.get("pool", {}).get("usable") or 0)
   if diverged:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
@@ -565,7 +597,7 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
     log(f"arm {arm}: {len(chosen)} backbone documents selected"
         + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
   if own is not None:
-    selected = [own.pool_by_id[d.id] for d in chosen]
+    selected = own.examples(chosen)
   else:
     selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
   reselect = make_reselector(arm, config, task, base, tok, workdir, mesh, own=own)
@@ -626,7 +658,7 @@ def protocol_report(summary: dict[str, Any]) -> str:
            "validation step and at the final step.", "",
            "Examples cut by data.max_len (response cut away): "
            + ", ".join(f"{k} {c[k]['cut_by_max_len']} of {c[k]['read']}"
-                       for k in ("adapt", "valid", "test", "pool")) + ".", ""]
+                       for k in ("adapt", "valid", "test")) + ".", ""]
   if summary["n_test"]:
     lines += ["| arm | test NLL at best valid step | test NLL final | test NLL backbone |",
               "|---|---|---|---|"]
