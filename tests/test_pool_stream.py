@@ -124,8 +124,8 @@ def finish(workdir, procs):
 
 def test_two_processes_read_each_row_once_and_match_one_process(setup):
   d, _ = setup
-  one = finish(*launch(d, "p1x2", 1, 2))
-  two = finish(*launch(d, "p2x1", 2, 1))
+  runs = [launch(d, "p1x2", 1, 2), launch(d, "p2x1", 2, 1)]  # At once: 3 processes.
+  one, two = (finish(*r) for r in runs)
   for manifest, counts, table in (one, two):
     assert counts["read"] == sum(N_ROWS)  # Summed over processes: no row read twice.
     locs = list(zip(table.meta["file"].tolist(), table.meta["row"].tolist()))
@@ -139,3 +139,18 @@ def test_two_processes_read_each_row_once_and_match_one_process(setup):
   a, b = one[2].sorted_by_id(), two[2].sorted_by_id()
   np.testing.assert_array_equal(a.ids, b.ids)
   np.testing.assert_allclose(a.scores["rel_loss_diff"], b.scores["rel_loss_diff"], rtol=1e-5)
+
+
+def test_python_api_select_streams_a_file_pool(setup, tmp_path):
+  """jbat.select with the pool given as files takes the streamed path: the selection's rows
+  carry file / row / text and its records are the rows read again from those files."""
+  import jbat
+  d, _ = setup
+  sel = jbat.select(str(d / "hf"), None, str(d / "adapt.jsonl"), pool_spec(d), k=5, top_n=10,
+                    max_len=32, surrogate_steps=2, batch_size=4, workdir=tmp_path / "w")
+  assert len(sel.ids) == len(sel.records) == 5
+  assert sel.scores == sorted(sel.scores, reverse=True)
+  for row, rec in zip(sel.rows, sel.records):
+    assert (rec.file, rec.row, rec.uid) == (row["file"], row["row"], row["uid"])
+    assert rec.fields["text"] == row["text"] and row["uid"] == f"{row['file']}:{row['row']}"
+  assert json.loads(next((tmp_path / "w").glob("**/cursor.json")).read_text())["done"]
