@@ -151,7 +151,10 @@ class FilePool:
                      counts: PoolCounts | None = None) -> Iterator[dict[str, Any]]:
     """This process's usable examples, in its read order (see the module docstring)."""
     counts = PoolCounts() if counts is None else counts
-    seen: set[int] = set()
+    # Ids from file + row are unique by construction; ids from a field may repeat (then the
+    # set of ids seen grows with the share; repeats across shares are dropped at the merge,
+    # `stream.ScoreTable.sorted_by_id`).
+    seen: set[int] | None = set() if self.id_field else None
     for chunk in self._reader(shard_index, shard_count).chunks(CHUNK):
       yield from self._encode(chunk, counts, seen)
 

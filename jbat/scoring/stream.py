@@ -106,9 +106,13 @@ class ScoreTable:
   meta: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def sorted_by_id(self) -> "ScoreTable":
-    """The table with its rows in increasing id order: the same table however the pool was
-    sharded over processes (merge by id)."""
-    order = np.argsort(self.ids, kind="stable")
+    """The table with its rows in increasing id order, one row per id (of rows with one id,
+    the first by file and row when the table has locations): the same table however the pool
+    was sharded over processes (merge by id)."""
+    keys = [self.meta[k] for k in ("row", "file") if k in self.meta]
+    order = np.lexsort((*keys, self.ids))
+    ids = self.ids[order]
+    order = order[np.concatenate([[True], ids[1:] != ids[:-1]])] if len(ids) else order
     return ScoreTable(ids=self.ids[order], scores={k: v[order] for k, v in self.scores.items()},
                       meta={k: v[order] for k, v in self.meta.items()})
 
