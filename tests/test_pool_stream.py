@@ -154,3 +154,48 @@ def test_python_api_select_streams_a_file_pool(setup, tmp_path):
     assert (rec.file, rec.row, rec.uid) == (row["file"], row["row"], row["uid"])
     assert rec.fields["text"] == row["text"] and row["uid"] == f"{row['file']}:{row['row']}"
   assert json.loads(next((tmp_path / "w").glob("**/cursor.json")).read_text())["done"]
+
+
+def test_streamed_scores_equal_in_memory_scores_and_resume(setup, tmp_path):
+  """score_pool of a FilePool gives each example the score score_pool of the same examples as
+  a list gives it; a run stopped after its first chunk resumes to the same chunk files."""
+  import jax
+  from flax import nnx
+  from jbat import io, lora
+  from jbat.models.causal_lm import CausalLM, LMConfig
+  from jbat.scoring import stream
+  from jbat.surrogate import Surrogate
+  d, tok = setup
+  pool = pool_stream.FilePool(pool_spec(d), fmt="text", fields=formats.Fields(), id_field="",
+                              tokenizer=tok, max_len=32)
+  model = CausalLM(LMConfig(vocab_size=len(tok), max_len=32, d_model=16, n_layers=1,
+                            n_heads=2, d_ff=32), rngs=nnx.Rngs(0))
+  lora.apply_lora(model, lora.LoRAConfig(rank=2), rngs=nnx.Rngs(1))
+  graphdef, phi0, rest = lora.split(model)
+  sur = Surrogate(graphdef, phi0, jax.tree.map(lambda x: x + 0.05, phi0), rest)
+  batches = stream.Batches(8, 32, tok.pad_token_id, chunk_batches=2)
+  scores = ["loss_diff", "random"]
+  got = stream.score_pool(scores, sur, pool, tmp_path / "s", batches, progress=False)
+  examples = [pool_stream.training_example(ex) for ex in pool.local_examples()]
+  want = stream.score_pool(scores, sur, examples, tmp_path / "m", batches, progress=False)
+  a, b = got.sorted_by_id(), want.sorted_by_id()
+  np.testing.assert_array_equal(a.ids, b.ids)
+  for s in scores:
+    np.testing.assert_allclose(a.scores[s], b.scores[s], rtol=1e-5, atol=1e-6)
+  cursor = json.loads((tmp_path / "s/cursor.json").read_text())
+  assert cursor["n_chunks"] == 4 and cursor["pool_counts"]["read"] == sum(N_ROWS)
+  # As if killed after chunk 0: the cursor points at chunk 1 and later chunks are gone.
+  before = {p.name: p.read_bytes() for p in (tmp_path / "s").glob("chunk_*.npz")}
+  for p in (tmp_path / "s").glob("chunk_*.npz"):
+    if p.name != "chunk_000000.npz":
+      p.unlink()
+  io.write_json_atomic(tmp_path / "s/cursor.json", dict(cursor, next_chunk=1, done=False,
+                                                         n_chunks=None))
+  again = stream.score_pool(scores, sur, pool, tmp_path / "s", batches, progress=False)
+  assert {p.name: p.read_bytes() for p in (tmp_path / "s").glob("chunk_*.npz")} == before
+  np.testing.assert_array_equal(again.ids, got.ids)
+  # Merged by id, one row per id: a repeated id keeps its first location.
+  t = stream.ScoreTable(ids=np.array([5, 3, 5]), scores={"x": np.array([1., 2., 3.])},
+                        meta={"file": np.array([1, 0, 0]), "row": np.array([0, 7, 2])})
+  m = t.sorted_by_id()
+  assert m.ids.tolist() == [3, 5] and m.scores["x"].tolist() == [2., 3.]

@@ -16,8 +16,20 @@ SIGKILL) continues at `next_chunk` when called again with the same arguments and
 same files. The fingerprint hashes everything that determines the scores (score names, batch
 shape, chunking, pool contents, adapters); a mismatch is an error rather than a silent mix.
 
-Memory: the pool's token arrays are in memory; activations and per-example gradients exist for
-one batch at a time, and a chunk holds `chunk_batches * B` floats per score.
+Memory: for a pool given as a list, its token arrays are in memory; activations and
+per-example gradients exist for one batch at a time, and a chunk holds `chunk_batches * B`
+floats per score.
+
+A pool given as files (`jbat.data.pool_stream.FilePool`, the user's data.pool) is streamed
+instead: each process reads and tokenizes only its share of the files / rows, a chunk at a
+time, and feeds its rows of every global batch (padding rows once its share is done; the
+stream ends after the first batch no process filled). The chunk files then also hold each
+row's location and text hash (meta_file, meta_row, meta_hash; `ScoreTable.meta`), the
+fingerprint names the files (path, size, mtime), the encoding and the process layout, and the
+final cursor records what the pass read and left out ("pool_counts", summed over processes).
+Rows land in the chunks in an order that depends on the number of processes, so a streamed
+table is merged by id (`ScoreTable.sorted_by_id`) before selection. Nothing holds the
+tokenized pool: memory is one chunk of records plus the score table (~40 bytes per row).
 
 Score names (docs/method.md, "Scores"; every score is "higher = select first"):
   align           -<grad l(z; phi0), delta>                  (one jvp, ~2F)
