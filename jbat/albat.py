@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jbat import distributed, layout, lora, registry, selection, surrogate as surrogate_lib
-from jbat.data import pipeline, sources
+from jbat.data import pipeline, pool_stream, sources
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM
 from jbat.scoring import stream
@@ -67,13 +67,18 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
       surrogates are kept by content (train_surrogate's `cache_dir`).
     adapt_examples, pool_examples: already encoded examples of task.adapt and task.pool (same
       order, e.g. `jbat.data.formats` examples with response-only loss weights); None:
-      `pipeline.encode` of the documents.
+      `pipeline.encode` of the documents. pool_examples may also be a streamed file pool
+      (`jbat.data.pool_stream.FilePool`; task.pool is then not read): it is scored a chunk
+      at a time with each process reading its share, the scores are merged by id (the table
+      sorted by id), and only the records the rules need (control sample, candidates'
+      features, the selection) are read again, by location.
   Raises:
     JbatError: see train_surrogate, stream.score_pool and selection.select.
   """
   workdir = pathlib.Path(workdir)
   manifest = layout.manifest(workdir)
-  if not task.pool:
+  streamed = hasattr(pool_examples, "local_examples")
+  if not task.pool and not streamed:
     raise JbatError("albat: the backbone pool is empty (no examples to select from)")
   request = spec.request(len(task.adapt))
   k, score, rule = request["k"], spec.score, spec.rule
@@ -87,7 +92,7 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
   adapt = (pipeline.encode(task.adapt, tokenizer, max_len) if adapt_examples is None
            else list(adapt_examples))
   pool = (pipeline.encode(task.pool, tokenizer, max_len) if pool_examples is None
-          else list(pool_examples))
+          else pool_examples if streamed else list(pool_examples))
   sur_kw = dict(batch_size=spec.batch_size, max_len=max_len, pad_id=pad_id, seed=seed,
                 mesh=mesh, progress=progress, cache_dir=surrogate_cache)
 
@@ -97,8 +102,11 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                                         layout.surrogate_dir(workdir), init=init_adapter,
                                         **sur_kw)
   if score in registry.CONTROL_SCORES:
-    picks = control_indices(len(pool), len(adapt), seed)
-    control = surrogate_lib.train_surrogate(base, lora_cfg, [pool[i] for i in picks],
+    if streamed:
+      sample = [pool_stream.training_example(ex) for ex in pool.sample(len(adapt), seed)]
+    else:
+      sample = [pool[i] for i in control_indices(len(pool), len(adapt), seed)]
+    control = surrogate_lib.train_surrogate(base, lora_cfg, sample,
                                             surrogate_spec, layout.control_dir(workdir),
                                             **sur_kw)
   batches = stream.Batches(batch_size=spec.batch_size, max_len=max_len, pad_id=pad_id,
@@ -106,11 +114,15 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
   table = stream.score_pool(
       [score], sur, pool, layout.scores_dir(workdir), batches, mesh=mesh,
       adapt_examples=adapt,
-      texts=(([d.text for d in task.pool], [d.text for d in task.adapt]) if score == "dsir"
-             else None),
+      texts=((None if streamed else [d.text for d in task.pool], [d.text for d in task.adapt])
+             if score == "dsir" else None),
       seed=seed, less_proj_dim=spec.less_proj_dim, progress=progress, control=control,
       cache_dir=score_cache)
-  hashes = {d.id: sources.text_hash(d.text) for d in task.pool}
+  if streamed:
+    table = table.sorted_by_id()  # The same table however the processes shared the pool.
+    hashes = table.meta["hash"]
+  else:
+    hashes = {d.id: sources.text_hash(d.text) for d in task.pool}
   features = per_example = None
   if spec.needs_features:
     features, per_example = _rule_features(
@@ -120,9 +132,14 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                             seed=int(spec.seed), ids_to_hash=hashes, features=features,
                             per_example=per_example, n_clusters=int(spec.n_clusters))
   # Every process holds the same selection; process 0 writes it, the others wait for it.
+  if streamed:
+    rows = np.searchsorted(table.ids, chosen.ids)
+    docs = {ex["id"]: pool_stream.document(ex) for ex in pool.read(
+        list(zip(table.meta["file"][rows].tolist(), table.meta["row"][rows].tolist())))}
+  else:
+    docs = {d.id: d for d in task.pool}
   if distributed.is_main():
-    selection.write_manifest(chosen, {d.id: d for d in task.pool}, workdir,
-                             extra_summary={"request": request})
+    selection.write_manifest(chosen, docs, workdir, extra_summary={"request": request})
   distributed.barrier("jbat-albat-manifest")
   return manifest
 
@@ -133,6 +150,16 @@ def top_pool_ids(workdir: str | pathlib.Path, score: str, n: int) -> list[int]:
   table = stream.load_table(stream.scores_dir(layout.scores_dir(workdir)), [score])
   order = np.lexsort((table.ids, -table.scores[score]))
   return [int(i) for i in table.ids[order[:n]]]
+
+
+def top_pool_examples(workdir: str | pathlib.Path, score: str, n: int, pool
+                      ) -> list[dict]:
+  """The n best-scored examples (by `score`, ties by id) of a finished select_backbone_data
+  workdir over a streamed file pool, read again from the files by location."""
+  table = stream.load_table(stream.scores_dir(layout.scores_dir(workdir)), [score])
+  order = np.lexsort((table.ids, -table.scores[score]))[:n]
+  return pool.read(list(zip(table.meta["file"][order].tolist(),
+                            table.meta["row"][order].tolist())))
 
 
 def control_indices(n_pool: int, n_adapt: int, seed: int) -> list[int]:
@@ -154,8 +181,14 @@ def _rule_features(spec: selection.SelectSpec, table, hashes, sur, pool, adapt,
   digest = hashlib.sha256(np.asarray(table.ids[cand], np.int64).tobytes()
                           + str(feature_dim).encode()).hexdigest()[:12]
   kw = dict(proj_dim=feature_dim, mesh=mesh, seed=seed, progress=progress)
-  # Table rows are pool order (score_pool), so row r is pool[r].
-  _, feats = stream.pool_grad_features(sur, [pool[int(r)] for r in cand],
+  # Table rows are pool order (score_pool), so row r is pool[r]; a streamed pool's rows are
+  # read again by location.
+  if hasattr(pool, "local_examples"):
+    cand_ex = [pool_stream.training_example(ex) for ex in pool.read(
+        list(zip(table.meta["file"][cand].tolist(), table.meta["row"][cand].tolist())))]
+  else:
+    cand_ex = [pool[int(r)] for r in cand]
+  _, feats = stream.pool_grad_features(sur, cand_ex,
                                        folder / f"pool_{digest}", batches, **kw)
   n = len(table)
   if spec.rule == "cluster":

@@ -108,15 +108,26 @@ def select(model, tokenizer, adapt: Source, pool: Source, *, k: int = 256,
   """ALBAT selection of `k` pool records for the task `adapt`: a LoRA surrogate trained on
   adapt (`surrogate_steps`, `lr`), the pool scored by `score` and `rule` applied (see
   `jbat.selection.select`). Pool records with the text of a task record, and pool records cut
-  away by max_len, are left out. Returns a `Selection`."""
+  away by max_len, are left out. A pool given as a file spec is streamed (read and tokenized a
+  chunk at a time, `jbat.data.pool_stream`; the selected records are read again by location);
+  a list is encoded in memory. Returns a `Selection`."""
   from jbat import albat, lora, registry, selection as selection_lib
   from jbat.data import formats, sources
   from jbat.training import loop
   base, tok = _model(model, tokenizer)
   fields = fields or formats.Fields()
   a_recs = records(adapt, "adapt", format, fields, id_field)
-  p_recs = records(pool, "pool", pool_format, fields, id_field)
   a_ex = _encode(a_recs, tok, max_len, format, fields, "adapt")
+  a_docs = [sources.Document(id=r.id, text=formats.record_text(r, format, fields),
+                             source=r.file) for r in a_recs]
+  if isinstance(pool, (str, pathlib.Path)):
+    return _select_streamed(base, tok, a_docs, a_ex, str(pool), k=k, score=score, rule=rule,
+                            top_n=top_n, tau=tau, pool_format=pool_format, fields=fields,
+                            id_field=id_field, max_len=max_len, lora_rank=lora_rank,
+                            lora_alpha=lora_alpha, surrogate_steps=surrogate_steps, lr=lr,
+                            batch_size=batch_size, seed=seed, workdir=workdir,
+                            progress=progress)
+  p_recs = records(pool, "pool", pool_format, fields, id_field)
   p_ex = _encode(p_recs, tok, max_len, pool_format, fields, "pool")
   task_hashes = {sources.text_hash(formats.record_text(r, format, fields)) for r in a_recs}
   by_id = {r.id: r for r in p_recs}
@@ -151,6 +162,37 @@ def select(model, tokenizer, adapt: Source, pool: Source, *, k: int = 256,
   rec_by_id = {r.id: r for _, r, _ in kept}
   out = Selection(ids=[r["uid"] for r in rows], scores=[r["score"] for r in rows], rows=rows,
                   records=[rec_by_id[r["id"]] for r in rows], manifest=manifest)
+  if tmp is not None:
+    tmp.cleanup()
+  return out
+
+
+def _select_streamed(base, tok, a_docs, a_ex, pool: str, *, k, score, rule, top_n, tau,
+                     pool_format, fields, id_field, max_len, lora_rank, lora_alpha,
+                     surrogate_steps, lr, batch_size, seed, workdir, progress) -> Selection:
+  """`select` of a pool given as files: streamed through scoring (`pool_stream.FilePool`)."""
+  from jbat import albat, io, lora, registry, selection as selection_lib
+  from jbat.data import pool_stream, sources
+  from jbat.training import loop
+  file_pool = pool_stream.FilePool(pool, fmt=pool_format, fields=fields, id_field=id_field,
+                                   tokenizer=tok, max_len=max_len,
+                                   task_texts=[d.text for d in a_docs])
+  spec = selection_lib.SelectSpec(
+      score=score, k=int(k), tau=None if tau is None else registry.parse_tau(tau), rule=rule,
+      top_n=top_n, seed=seed, batch_size=batch_size)
+  sur_spec = loop.TrainSpec(steps=surrogate_steps, lr=lr, eval_every=0,
+                            ckpt_every=surrogate_steps, seed=seed)
+  folder, tmp = _workdir(workdir)
+  manifest = albat.select_backbone_data(
+      base, lora.LoRAConfig(rank=lora_rank, alpha=lora_alpha),
+      sources.Task(adapt=a_docs, heldout=[], pool=[]), tok, spec, surrogate_spec=sur_spec,
+      max_len=max_len, seed=seed, workdir=folder, progress=progress, adapt_examples=a_ex,
+      pool_examples=file_pool)
+  rows = io.read_jsonl(manifest)
+  index = {f: i for i, f in enumerate(file_pool.files)}
+  got = file_pool.read([(index[r["file"]], r["row"]) for r in rows])
+  out = Selection(ids=[r["uid"] for r in rows], scores=[r["score"] for r in rows], rows=rows,
+                  records=[ex["record"] for ex in got], manifest=manifest)
   if tmp is not None:
     tmp.cleanup()
   return out

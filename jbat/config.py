@@ -144,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Micro-batches per step (gradients averaged): the same step with 1/grad_accum the
   # activation memory. Used by the adapters and the surrogate.
   c.train.grad_accum = 1
+  # Early stopping: stop an adapter after this many evaluations in a row (every
+  # train.eval_every steps) without a new best validation NLL; 0: off. Only the validation
+  # split decides (data.valid, or the held-out documents); the step is in results.json.
+  c.train.patience = 0
 
   # Stage 1: the surrogate adapter, trained on the adaptation set with the train.* settings.
   c.surrogate = ml_collections.ConfigDict()
@@ -253,6 +257,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
   if config.select.top_n < 0:
     raise JbatError(f"config: select.top_n must be >= 0, got {config.select.top_n}")
+  if not isinstance(config.train.patience, int) or config.train.patience < 0:
+    raise JbatError(f"config: train.patience must be an integer >= 0 (0: no early stopping), "
+                    f"got {config.train.patience!r}")
   if config.train.clip_norm < 0 or config.train.warmup_steps < 0:
     raise JbatError("config: train.clip_norm and train.warmup_steps must be >= 0")
   choices = {"data.source": SOURCES, "model.pos": ("learned", "rope"),

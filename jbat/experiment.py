@@ -20,6 +20,7 @@ arms select again around each seed's adapter every that many steps (`make_resele
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -34,34 +35,42 @@ from jbat import albat, backbone, distributed, io, layout, lora, protocol, regis
 from jbat import results_doc, selection
 from jbat import config as config_lib
 from jbat import peft_io
-from jbat.data import files, formats, mixture, neardup, pipeline, sources, splits
+from jbat.data import files, formats, mixture, neardup, pipeline, pool_stream, sources, splits
 from jbat.data import tokenizer as tokenizer_lib, tweets
 from jbat.errors import Diverged, JbatError
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
+from jbat.scoring import stream
 from jbat.training import loop
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolDocument(sources.Document):
-  """A pool document read from the user's files: `manifest_fields` (uid, file, row, text) go
-  into the selection manifest (`selection.write_manifest`)."""
-
-  manifest_fields: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+PoolDocument = pool_stream.PoolDocument
 
 
 @dataclasses.dataclass
 class OwnData:
   """The user's task (data.adapt and friends), encoded in data.format / data.pool_format.
 
-  adapt / valid / test: encoded task examples (response-only loss weights); pool_by_id: id ->
-  encoded pool example; counts: what was read, cut by max_len, dropped (reported)."""
+  adapt / valid / test: encoded task examples (response-only loss weights); pool: the pool
+  files, streamed (`pool_stream.FilePool`; None without data.pool): nothing holds the whole
+  pool, selections are re-read by location (`examples`); counts: what was read, cut by
+  max_len, dropped (reported)."""
 
   adapt: list
   valid: list
   test: list
-  pool_by_id: dict
+  pool: pool_stream.FilePool | None
   counts: dict
+
+  def examples(self, docs: Sequence[sources.Document]) -> list[dict]:
+    """The encoded pool examples of selected documents (`PoolDocument`s), in their order,
+    read again from the files by (file, row)."""
+    if not docs:
+      return []
+    index = {f: i for i, f in enumerate(self.pool.files)}
+    got = self.pool.read([(index[d.manifest_fields["file"]], d.manifest_fields["row"])
+                          for d in docs])
+    return [pool_stream.training_example(ex) for ex in got]
 
 
 def own_data(config: ml_collections.ConfigDict) -> bool:
@@ -94,26 +103,32 @@ def _task_doc(r: files.Record, fmt: str, f: formats.Fields) -> sources.Document:
 
 
 def load_own_task(config: ml_collections.ConfigDict
-                  ) -> tuple[sources.Task, splits.TaskRecords, list[files.Record]]:
-  """The user's task as a `sources.Task` (heldout = the validation split) plus its records
-  and the pool's records. The pool is read whole on every process (every process scores the
-  whole pool list; `stream.score_pool` shards the batches)."""
+                  ) -> tuple[sources.Task, splits.TaskRecords]:
+  """The user's task as a `sources.Task` (heldout = the validation split; pool empty: the
+  pool is streamed from its files, `encode_own_task`) plus its records."""
   d = config.data
   f = splits.fields(d)
   recs = splits.load_task(d, config.seed)
-  pool_recs = list(splits.pool_reader(d)) if d.pool else []
   task = sources.Task(adapt=[_task_doc(r, d.format, f) for r in recs.adapt],
-                      heldout=[_task_doc(r, d.format, f) for r in recs.valid],
-                      pool=[_task_doc(r, d.pool_format, f) for r in pool_recs])
-  return task, recs, pool_recs
+                      heldout=[_task_doc(r, d.format, f) for r in recs.valid], pool=[])
+  return task, recs
+
+
+def pool_documents(config: ml_collections.ConfigDict) -> list[sources.Document]:
+  """Every pool record as a document, in memory: only to pretrain a backbone on the pool
+  (no model.pretrained), which reads all of it anyway."""
+  d = config.data
+  f = splits.fields(d)
+  return [_task_doc(r, d.pool_format, f) for r in splits.pool_reader(d)] if d.pool else []
 
 
 def encode_own_task(config: ml_collections.ConfigDict, task: sources.Task,
-                    recs: splits.TaskRecords, pool_recs: Sequence[files.Record], tok
+                    recs: splits.TaskRecords, tok, near_dup: neardup.Index | None = None
                     ) -> tuple[sources.Task, OwnData]:
-  """Encodes the user's task and pool with the model's tokenizer. Pool records whose text
-  equals a task example's, repeated ids, and pool records cut away by max_len are dropped
-  (counted). Returns the task with those pool documents only, as `PoolDocument`s."""
+  """Encodes the user's task with the model's tokenizer and opens the pool as a streamed
+  `pool_stream.FilePool` (read a chunk at a time; pool records that are near-duplicates of a
+  task example (`near_dup`), whose text equals one's, repeated ids, and records cut away by
+  max_len are left out as it streams)."""
   d, max_len = config.data, config.data.max_len
   f = splits.fields(d)
   counts: dict[str, Any] = {}
@@ -125,28 +140,17 @@ def encode_own_task(config: ml_collections.ConfigDict, task: sources.Task,
     if rs and not enc[name]:
       raise JbatError(f"data.{name}: every example was cut away by data.max_len={max_len} "
                       "(or is empty); raise data.max_len")
-  pool_ex, st = formats.encode_records(pool_recs, tok, max_len, d.pool_format, f)
-  by_id = {e["id"]: e for e in pool_ex}
-  task_hashes = {sources.text_hash(doc.text) for doc in (*task.adapt, *task.heldout)}
-  task_hashes |= {sources.text_hash(formats.record_text(r, d.format, f)) for r in recs.test}
-  docs, seen, overlap, repeated = [], set(), 0, 0
-  for r, doc in zip(pool_recs, task.pool):
-    if r.id not in by_id:
-      continue
-    if r.id in seen:
-      repeated += 1
-      continue
-    if sources.text_hash(doc.text) in task_hashes:
-      overlap += 1
-      continue
-    seen.add(r.id)
-    docs.append(PoolDocument(id=r.id, text=doc.text, source=r.file, manifest_fields={
-        "uid": r.uid, "file": r.file, "row": r.row, "text": doc.text}))
-  counts["pool"] = {"read": len(pool_recs), "kept": len(docs), "cut_by_max_len": st.cut,
-                    "empty": st.empty, "same_text_as_task": overlap, "repeated_id": repeated}
-  own = OwnData(adapt=enc["adapt"], valid=enc["valid"], test=enc["test"],
-                pool_by_id={doc.id: by_id[doc.id] for doc in docs}, counts=counts)
-  return dataclasses.replace(task, pool=docs), own
+  pool = None
+  if d.pool:
+    task_texts = [doc.text for doc in (*task.adapt, *task.heldout)]
+    task_texts += [formats.record_text(r, d.format, f) for r in recs.test]
+    pool = pool_stream.FilePool(d.pool, fmt=d.pool_format, fields=f, id_field=d.id_field,
+                                tokenizer=tok, max_len=max_len, task_texts=task_texts,
+                                near_dup=near_dup)
+    counts["pool"] = {"files": len(pool.files), "empty_files": len(pool.empty_files)}
+  own = OwnData(adapt=enc["adapt"], valid=enc["valid"], test=enc["test"], pool=pool,
+                counts=counts)
+  return task, own
 
 
 def log(msg: str) -> None:
@@ -230,7 +234,8 @@ def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int | None =
   return loop.TrainSpec(steps=steps or t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
                         weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                         eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep=t.keep,
-                        log_every=t.log_every, seed=seed, grad_accum=t.grad_accum)
+                        log_every=t.log_every, seed=seed, grad_accum=t.grad_accum,
+                        patience=int(t.get("patience", 0)))
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
@@ -245,11 +250,13 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
   user's encoded examples, see `albat_docs`). `draw` (default config.seed) seeds the random and
   oracle draws and the selection's surrogate and rule."""
   draw = config.seed if draw is None else draw
-  k = registry.pool_k(config.select.k, len(task.pool))
+  k = registry.pool_k(config.select.k, len(task.pool) if own is None else config.select.k)
   t0 = time.perf_counter()
   if arm == "none":
     return [], {}
-  if arm == "random":
+  if arm == "random" and own is not None:
+    chosen = random_pool_docs(own.pool, k, draw + 1)
+  elif arm == "random":
     rng = np.random.default_rng(draw + 1)
     chosen = [task.pool[i] for i in sorted(rng.choice(len(task.pool), size=k, replace=False))]
   elif arm == "oracle":
@@ -268,6 +275,18 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
   return chosen, facts
 
 
+def random_pool_docs(pool: pool_stream.FilePool, k: int, seed: int
+                     ) -> list[sources.Document]:
+  """The random arm on a streamed pool: k usable records drawn uniformly from the per-file row
+  counts (`FilePool.sample`), without reading the whole pool. JbatError when fewer than k
+  are usable."""
+  got = pool.sample(k, seed)
+  if len(got) < k:
+    raise JbatError(f"config: select.k={k} is larger than the pool ({len(got)} usable records "
+                    "of data.pool); lower select.k")
+  return [pool_stream.document(ex) for ex in got]
+
+
 def label_facts(chosen: Sequence[sources.Document], domain: str | None) -> dict[str, Any]:
   """Label counts (most common first) and precision (share labelled `domain`) of a selection;
   for domain None (no labels) no counts and precision None."""
@@ -282,14 +301,18 @@ def label_facts(chosen: Sequence[sources.Document], domain: str | None) -> dict[
 
 def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok, score: str,
                folder: pathlib.Path, mesh, *, seed: int, select_seed: int | None = None,
-               init_adapter=None, own: OwnData | None = None) -> list[sources.Document]:
+               init_adapter=None, own: OwnData | None = None,
+               candidates: list[dict] | None = None) -> list[sources.Document]:
   """The pool documents `albat.select_backbone_data` selects by `score` with the config's rule
   (surrogate from a fresh adapter, or from `init_adapter` for a re-selection; `seed` also
   seeds the rule unless `select_seed` is given). With `own`, the surrogate and the scores use
-  the user's encoded examples (response-only loss weights) instead of `pipeline.encode`."""
+  the user's encoded examples (response-only loss weights) instead of `pipeline.encode`, and
+  the pool is streamed from its files (`own.pool`) unless `candidates` (encoded examples
+  parallel to task.pool, a re-selection's candidates) are given."""
   sur_spec = train_spec(config, seed, steps=config.surrogate.steps)
   sur_spec = dataclasses.replace(sur_spec, eval_every=0, ckpt_every=config.surrogate.steps)
-  spec = selection.SelectSpec.from_config(config, len(task.pool), score=score,
+  n_pool = len(task.pool) if own is None or candidates is not None else config.select.k
+  spec = selection.SelectSpec.from_config(config, n_pool, score=score,
                                           seed=seed if select_seed is None else select_seed)
   manifest = albat.select_backbone_data(
       base, lora_config(config), task, tok, spec, surrogate_spec=sur_spec,
@@ -298,7 +321,14 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
       score_cache=config_lib.cache_dir(config) / "scores",
       surrogate_cache=config_lib.cache_dir(config) / "surrogates",
       adapt_examples=None if own is None else own.adapt,
-      pool_examples=None if own is None else [own.pool_by_id[d.id] for d in task.pool])
+      pool_examples=(None if own is None else own.pool if candidates is None else candidates))
+  if own is not None:
+    if candidates is None and own.pool is not None:  # The usable pool rows it scored.
+      n_scored = json.loads(layout.summary(folder).read_text()).get("n_pool")
+      own.counts.setdefault("pool", {})["usable"] = n_scored
+      own.counts["pool"].update(stream.pool_counts(layout.scores_dir(folder)) or {})
+    return [PoolDocument(id=r["id"], text=r["text"], source=r["source"], manifest_fields={
+        k: r[k] for k in ("uid", "file", "row", "text")}) for r in io.read_jsonl(manifest)]
   by_id = {d.id: d for d in task.pool}
   return [by_id[r["id"]] for r in io.read_jsonl(manifest)]
 
@@ -326,12 +356,18 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
   score = registry.score_for(arm, config)
   if not config.bat.reselect_every or not registry.reselects(score):
     return None  # No selection, or dsir / random: nothing about the adapter to re-score around.
-  pool = task.pool
-  if config.bat.reselect_top:
+  pool, cand_examples = task.pool, None
+  if own is not None and config.bat.reselect_top:  # The candidates, read again by location.
+    cand_examples = albat.top_pool_examples(layout.select_dir(workdir, score), score,
+                                            config.bat.reselect_top, own.pool)
+    pool = [pool_stream.document(ex) for ex in cand_examples]
+    cand_examples = [pool_stream.training_example(ex) for ex in cand_examples]
+  elif config.bat.reselect_top:
     keep = set(albat.top_pool_ids(layout.select_dir(workdir, score), score,
                                   config.bat.reselect_top))
     pool = [d for d in task.pool if d.id in keep]
   candidates = dataclasses.replace(task, pool=pool)
+  n_candidates = len(pool) if own is None or cand_examples is not None else "all pool"
 
   from_adapter = config.bat.reselect_from == "adapter"
 
@@ -341,13 +377,14 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
                       f"was given")
     log(f"arm {arm} seed {seed}: re-selecting around "
         f"{'the adapter' if from_adapter else 'the stage-1 surrogate'} at step {step} "
-        f"({len(pool)} candidates)")
+        f"({n_candidates} candidates)")
     select_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
     if not from_adapter:  # The stage-1 surrogate again (its seed), a new sample.
       return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=draw,
-                        select_seed=select_seed, own=own)
+                        select_seed=select_seed, own=own, candidates=cand_examples)
     return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
-                      select_seed=select_seed, init_adapter=adapter, own=own)
+                      select_seed=select_seed, init_adapter=adapter, own=own,
+                      candidates=cand_examples)
 
   return reselect
 
@@ -439,7 +476,7 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
     if phase:
       chosen = reselect(seed, ends[phase - 1], params, folders[phase - 1])
       selected = (pipeline.encode(chosen, tok, config.data.max_len) if own is None
-                  else [own.pool_by_id[d.id] for d in chosen])
+                  else own.examples(chosen))
       ids = {d.id for d in chosen}
       reselections.append({"step": ends[phase - 1], "overlap": len(ids & previous) / len(ids),
                            **label_facts(chosen, target_label(config))})
@@ -458,6 +495,8 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
             heldout, t.eval_batch_size // n_proc, config.data.max_len, tok.pad_token_id,
             shard_index=proc, shard_count=n_proc))
     params = result.params
+    if result.stopped_step is not None:
+      break  # Stopped early on validation: no later phase (or re-selection).
   if distributed.is_main():
     io.save_tree(result.params, run_dir / "adapter.safetensors")
   evals = [r for r in result.history if "eval_loss" in r]
@@ -465,7 +504,8 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
          "best_step": result.best_step, "final_nll": evals[-1]["eval_loss"],
          "steps": max(r["step"] for r in result.history),
          "train_seconds": time.perf_counter() - start, "distinct_docs": len(seen),
-         "curve": [(r["step"], r["eval_loss"]) for r in evals]}
+         "curve": [(r["step"], r["eval_loss"]) for r in evals],
+         "stopped_step": result.stopped_step}
   if reselections:
     out["reselections"] = reselections
   best = result.best_params if result.best_params is not None else result.params
@@ -536,12 +576,11 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
   """Loads the task for target-split seed `split` (labelled corpus or the user's files), drops
   the pool's near-duplicates of the target's documents, gets the backbone and encodes the
   splits. `prepare` runs once the data is known to be good (creates the workdir)."""
-  arms = config_lib.arm_list(config)
-  own, own_recs, pool_recs, test_docs = None, None, None, []
+  own, own_recs, test_docs, index = None, None, [], None
   if own_data(config):
     log(f"data: reading your task (data.adapt={config.data.adapt}) and pool (split {split})")
-    task, own_recs, pool_recs = load_own_task(with_seed(config, split))
-    pretrain_pool = task.pool
+    task, own_recs = load_own_task(with_seed(config, split))
+    pretrain_pool = [] if config.model.pretrained else pool_documents(config)
   else:
     log(f"data: loading {config.data.source} corpus")
     docs = load_corpus(config, cache)
@@ -560,15 +599,22 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
   if own_recs is not None:
     f = splits.fields(config.data)
     evaluation += [formats.record_text(r, config.data.format, f) for r in own_recs.test]
+    # The pool is streamed: its near-duplicates are dropped chunk by chunk as it is read
+    # (`pool_stream.FilePool`), by this index of the evaluation texts, built once. A backbone
+    # pretrained on the pool reads it whole anyway: the same records leave it here.
+    index = near_dup_index(config, evaluation)
+    keep, pre = drop_near_duplicates(config, pretrain_pool, evaluation, index=index,
+                                     what="pool records (backbone pretraining data)")
+    pretrain_pool = [d for d, k in zip(pretrain_pool, keep) if k]
+    near = streamed_near_facts(config, None if config.model.pretrained else pre)
+    if index is not None:
+      log(f"data: pool records that are near-duplicates of the {len(evaluation)} adaptation / "
+          f"validation / test examples (character {neardup.NGRAM}-gram Jaccard >= "
+          f"{config.data.near_dup}) are dropped as the pool is streamed")
   else:
-    evaluation += [d.text for d in test_docs]
-  keep, near = drop_near_duplicates(config, task.pool, evaluation)
-  if near["dropped"]:
-    task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
-    if own_recs is not None:
-      pool_recs = [r for r, k in zip(pool_recs, keep) if k]
-      pretrain_pool = task.pool
-    else:
+    keep, near = drop_near_duplicates(config, task.pool, evaluation)
+    if near["dropped"]:
+      task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
       config_lib.check_select_k(config, len(task.pool))
       kept_ids = {d.id for d in task.pool}
       pretrain_pool = [d for d in pretrain_pool if d.id in kept_ids]
@@ -579,17 +625,13 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
          "loaded from cache" if cached else "pretrained")
   log(f"backbone: {n_params:,} parameters, {how} ({folder})")
   if own_recs is not None:
-    task, own = encode_own_task(config, task, own_recs, pool_recs, tok)
+    task, own = encode_own_task(config, task, own_recs, tok, near_dup=index)
     c = own.counts
-    c["pool"]["read"] += near["dropped"]  # Read, then dropped as near-duplicates.
-    c["pool"]["near_duplicate"] = near["dropped"]
     log(f"data: adapt {c['adapt']['kept']} / valid {c['valid']['kept']} / test "
         f"{c['test']['kept']} examples (cut by data.max_len: {c['adapt']['cut_by_max_len']} / "
-        f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool "
-        f"{c['pool']['kept']} of {c['pool']['read']} records")
-    if any(a != "none" for a in arms) and config.select.k > len(task.pool):
-      raise JbatError(f"config: select.k={config.select.k} is larger than the pool "
-                      f"({len(task.pool)} usable records of data.pool); lower select.k")
+        f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool: "
+        + (f"{c['pool']['files']} files streamed ({c['pool']['empty_files']} empty, skipped)"
+           if "pool" in c else "none"))
     adapt, valid, test = own.adapt, own.valid, protocol.Sealed(own.test)
   else:
     adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
@@ -603,23 +645,60 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
                    tok=tok, own=own, facts=facts)
 
 
+def near_dup_index(config: ml_collections.ConfigDict, evaluation: Sequence[str]
+                   ) -> neardup.Index | None:
+  """The near-duplicate index of the evaluation texts (data.near_dup; None when 0: off)."""
+  threshold = config.data.near_dup
+  return neardup.Index(evaluation, threshold=threshold) if threshold else None
+
+
 def drop_near_duplicates(config: ml_collections.ConfigDict, pool: Sequence[sources.Document],
-                         evaluation: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+                         evaluation: Sequence[str], index: neardup.Index | None = None,
+                         what: str = "pool documents") -> tuple[np.ndarray, dict[str, Any]]:
   """(keep mask over `pool`, facts): pool documents that are near-duplicates
   (`jbat.data.neardup`, Jaccard >= data.near_dup) of an evaluation text (adaptation,
-  validation, test) are not kept. data.near_dup = 0 keeps everything."""
+  validation, test) are not kept. data.near_dup = 0 keeps everything. `index`: the evaluation
+  texts' `neardup.Index` when already built."""
   threshold = config.data.near_dup
   facts = {"threshold": threshold, "n": neardup.NGRAM, "pool_before": len(pool), "dropped": 0}
   if not threshold or not pool:
     return np.ones(len(pool), dtype=bool), facts
   t0 = time.perf_counter()
-  res = neardup.near_duplicates([d.text for d in pool], evaluation, threshold=threshold)
+  index = index or neardup.Index(evaluation, threshold=threshold)
+  res = index.find([d.text for d in pool])
   facts.update(dropped=res.dropped, candidate_pairs=res.candidate_pairs,
                seconds=time.perf_counter() - t0)
-  log(f"data: {res.dropped} of {len(pool)} pool documents dropped as near-duplicates of the "
+  log(f"data: {res.dropped} of {len(pool)} {what} dropped as near-duplicates of the "
       f"{len(evaluation)} adaptation / validation / test documents (character "
       f"{neardup.NGRAM}-gram Jaccard >= {threshold}; {facts['seconds']:.1f} s)")
   return ~res.drop, facts
+
+
+def streamed_near_facts(config: ml_collections.ConfigDict, pretrain: dict[str, Any] | None
+                        ) -> dict[str, Any]:
+  """results.json's `near_dup` for a streamed pool (the user's data.pool), before the arms:
+  the records are dropped as the pool is read, so `dropped` / `pool_before` are known once a
+  pass read it whole (`settle_near_facts`). `pretrain`: the facts of the backbone's
+  pretraining data (the whole pool, in memory; None when a model was loaded): it drops the
+  same records, so its count stands in until then."""
+  facts = {"threshold": config.data.near_dup, "n": neardup.NGRAM, "streamed": True,
+           "pool_before": None, "dropped": None}
+  if pretrain is not None:
+    facts.update(pool_before=pretrain["pool_before"], dropped=pretrain["dropped"],
+                 counted_on="backbone pretraining data (the whole pool)")
+  return facts
+
+
+def settle_near_facts(rep: "Replicate") -> int | None:
+  """After a replicate's arms: a streamed pool's near-duplicate count from the scoring pass
+  that read it whole (summed over processes, `stream.pool_counts`), when one did; returns the
+  number of pool records dropped (None: no pass read the whole pool)."""
+  near = rep.facts["near_dup"]
+  pool = rep.own.counts.get("pool", {}) if rep.own is not None else {}
+  if near.get("streamed") and "near_duplicate" in pool:
+    near.update(dropped=int(pool["near_duplicate"]), pool_before=int(pool["read"]),
+                counted_on="the scoring pass over the pool")
+  return near["dropped"]
 
 
 def replicate_dir(workdir: pathlib.Path, split: int, draw: int, single: bool) -> pathlib.Path:
@@ -631,12 +710,15 @@ def replicate_dir(workdir: pathlib.Path, split: int, draw: int, single: bool) ->
 
 def merge_arms(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """One arm's results over replicates: per-pair lists concatenated in replicate order, label
-  counts summed, numbers averaged (kept as they are when all equal)."""
+  counts summed, numbers averaged (kept as they are when all equal), other dicts (e.g.
+  early_stopping) merged the same way."""
   out: dict[str, Any] = {}
   for key in parts[0]:
     values = [p[key] for p in parts if key in p]
     if isinstance(values[0], list):
       out[key] = [x for v in values for x in v]
+    elif isinstance(values[0], dict) and key != "label_counts":
+      out[key] = merge_arms(values)
     elif key == "label_counts":
       total: dict[str, int] = {}
       for v in values:
@@ -687,7 +769,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     rep = load_split(config, split, cache, mesh, prepare)
     workdir = holder["workdir"]
     first = first or rep
-    near_dropped.append(rep.facts["near_dup"]["dropped"])
     if config.stop_after == "select":
       return stop_after_select(config, arms, rep.task, rep.base, rep.tok, workdir, mesh,
                                own=rep.own)
@@ -716,6 +797,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           parts.setdefault(arm, []).append(done[arm])
       pairs += [[split, draw, seed] for seed in seeds]
     test_reads += rep.test.reads
+    near_dropped.append(settle_near_facts(rep))
   workdir = holder["workdir"]
   results = {arm: merge_arms(parts[arm]) for arm in arms
              if arm in parts and arm not in diverged}
@@ -730,6 +812,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "protocol": protocol_facts(), "machine": results_doc.machine()}
   if first.own is not None:
     summary.update(own_summary(config, first.own, results))
+    summary["n_pool"] = int(first.own.counts.get("pool", {}).get("usable") or 0)
   if diverged:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
@@ -739,6 +822,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     report.write_report(workdir, summary)
     path = workdir / layout.REPORT_FILE
     io.write_text_atomic(path, path.read_text() + protocol_report(summary))
+    if config.train.get("patience", 0):
+      io.write_text_atomic(path, path.read_text() + early_stopping_report(summary))
   log(f"report: {workdir / layout.REPORT_FILE}")
   if diverged:  # The other arms are reported; the run still fails (exit 2).
     raise JbatError("; ".join(d["summary"] for d in diverged.values()) + f"; {hint}. "
@@ -765,7 +850,7 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
     log(f"arm {arm}: {len(chosen)} backbone documents selected"
         + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))
   if own is not None:
-    selected = [own.pool_by_id[d.id] for d in chosen]
+    selected = own.examples(chosen)
   else:
     selected = pipeline.encode(chosen, tok, config.data.max_len) if chosen else []
   reselect = make_reselector(arm, config, task, base, tok, workdir, mesh, own=own, draw=draw,
@@ -789,6 +874,9 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
       "train_seconds": [r["train_seconds"] for r in runs],
       "distinct_docs": [r["distinct_docs"] for r in runs],
       "curves": [r["curve"] for r in runs], **facts}
+  if config.train.get("patience", 0):
+    out["early_stopping"] = {"patience": int(config.train.patience), "chosen_on": "valid",
+                             "stopped_step": [r["stopped_step"] for r in runs]}
   if any(r.get("reselections") for r in runs):
     out["reselections"] = [r.get("reselections", []) for r in runs]
   for key in ("test_nll_backbone", "test_nll_best", "test_nll_final"):
@@ -835,9 +923,10 @@ def protocol_report(summary: dict[str, Any]) -> str:
            "all).", ""]
   if own:
     c = summary["counts"]
+    names = [k for k in ("adapt", "valid", "test", "pool") if "cut_by_max_len" in c.get(k, {})]
     lines += ["Examples cut by data.max_len (response cut away): "
-              + ", ".join(f"{k} {c[k]['cut_by_max_len']} of {c[k]['read']}"
-                          for k in ("adapt", "valid", "test", "pool")) + ".", ""]
+              + ", ".join(f"{k} {c[k]['cut_by_max_len']} of {c[k]['read']}" for k in names)
+              + ".", ""]
   if summary["n_test"]:
     lines += ["| arm | test NLL at best valid step | test NLL final | test NLL backbone |",
               "|---|---|---|---|"]
@@ -848,6 +937,22 @@ def protocol_report(summary: dict[str, Any]) -> str:
                      f"{report.mean_sd(a['test_nll_backbone'])} |")
     lines.append("")
   return "\n".join(lines)
+
+
+def early_stopping_report(summary: dict[str, Any]) -> str:
+  """report.md's section on early stopping (train.patience): the step each adapter stopped at;
+  only the validation split decided."""
+  lines = ["", "## Early stopping", "",
+           "Each adapter stopped after train.patience evaluations in a row without a new best "
+           "**validation** NLL (the validation split alone decided; the test split never did). "
+           "Stopped at step (per seed; '-': ran all steps):", ""]
+  for name, a in summary["arms"].items():
+    es = a.get("early_stopping")
+    if es:
+      steps = ", ".join("-" if s is None else str(s) for s in es["stopped_step"])
+      lines.append(f"- {name}: {steps} (patience {es['patience']}; best step "
+                   f"{', '.join(map(str, a['best_step']))})")
+  return "\n".join(lines + [""])
 
 
 def diverged_record(e: Diverged, arm: str) -> dict[str, Any]:

@@ -127,9 +127,13 @@ def near_dup_text(summary: dict[str, Any]) -> str:
   if not nd["threshold"]:
     return "; near-duplicate filter off (data.near_dup = 0)"
   per = summary.get("near_dup_dropped_per_split") or [nd["dropped"]]
+  how = (f"character {nd['n']}-gram Jaccard >= {nd['threshold']}, after normalisation"
+         + ("; dropped from the streamed pool as it was read" if nd.get("streamed") else ""))
+  if any(x is None for x in per):  # A streamed pool no arm read whole: nothing counted it.
+    return (f"; pool records that are near-duplicates of them dropped ({how}; not counted: "
+            "no arm read the whole pool)")
   n = f"{per[0]:,}" if len(per) == 1 else " / ".join(f"{x:,}" for x in per) + " (per split)"
-  return (f"; {n} pool documents dropped as near-duplicates of them (character "
-          f"{nd['n']}-gram Jaccard >= {nd['threshold']}, after normalisation)")
+  return f"; {n} pool documents dropped as near-duplicates of them ({how})"
 
 
 def reselection_lines(summary: dict[str, Any]) -> str:

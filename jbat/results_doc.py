@@ -85,6 +85,12 @@ def verdict(name: str, stats: dict[str, Any], key: str, arms: Sequence[str]) -> 
   return f"- `{name}` beats " + "; ".join(parts) + "." if parts else ""
 
 
+def dropped_text(res: dict[str, Any]) -> str:
+  """Near-duplicates dropped, per split ("not counted": a streamed pool no arm read whole)."""
+  per = res.get("near_dup_dropped_per_split", [res["near_dup"]["dropped"]])
+  return ", ".join("not counted" if x is None else str(x) for x in per)
+
+
 def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
   """One run's section: header facts, the table, the verdicts."""
   arms = res["arms"]
@@ -100,8 +106,8 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
            f"{', '.join(map(str, res['seeds']))}). Target documents: {res['n_adapt']} "
            f"adaptation, {res.get('n_valid', '-')} validation, {res.get('n_test', '-')} test; "
            f"backbone pool {res['n_pool']:,}"
-           + (f" ({', '.join(map(str, res.get('near_dup_dropped_per_split', [nd['dropped']])))}"
-              f" near-duplicates of the target's documents dropped)" if nd else "")
+           + (f" ({dropped_text(res)} near-duplicates of the target's documents dropped)"
+              if nd else "")
            + f". Wall time {res.get('seconds', 0) / 60:.1f} min.", "",
            f"Machine: {machine_text(res.get('machine'))}.", "",
            f"Headline metric: {metric}, mean ± sd over pairs; differences paired over pairs "

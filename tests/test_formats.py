@@ -29,17 +29,19 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_tokenizer(chat=True, bos=False):
+def make_tokenizer(chat=True, bos=False, eos="<eos>", eos_suffix=False):
   """A tiny WordLevel HF tokenizer; chat: with a ChatML-like template; bos: its post-processor
-  puts <bos> first (as Llama's does)."""
+  puts <bos> first (as Llama's does); eos: its eos token (None: none); eos_suffix: its
+  post-processor puts <eos> last."""
   vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  if bos:
+  if bos or eos_suffix:
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", 1)])
+        single=("<bos> " if bos else "") + "$A" + (" <eos>" if eos_suffix else ""),
+        special_tokens=[("<bos>", 1), ("<eos>", 2)])
   hf = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+      tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token=eos,
       unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
   if chat:
     hf.chat_template = CHAT_TEMPLATE
@@ -96,8 +98,20 @@ def test_prompt_response_weights_and_cut_responses():
   recs = [rec(0, prompt="w9 w10 w11", response="w12 w13"),
           rec(1, question="w9 w10 w11 w12 w13 w14", answer="w15")]
   (ex,), stats = formats.encode_records(recs[:1], tok, 16, "prompt_response")
-  assert words(tok, ex["ids"]) == ["<bos>", "w9", "w10", "w11", "w12", "w13"]
-  assert ex["weights"].tolist() == [0, 0, 0, 1, 1]  # Targets w9 w10 w11 | w12 w13.
+  # The tokenizer's framing (a bos) plus its eos after the response, trained: the model learns
+  # to stop.
+  assert words(tok, ex["ids"]) == ["<bos>", "w9", "w10", "w11", "w12", "w13", "<eos>"]
+  assert ex["weights"].tolist() == [0, 0, 0, 1, 1, 1]  # Targets w9 w10 w11 | w12 w13 <eos>.
+  (ex,), _ = formats.encode_records(recs[:1], make_tokenizer(chat=False, eos=None), 16,
+                                    "prompt_response")  # No eos token: nothing appended.
+  assert words(tok, ex["ids"]) == ["w9", "w10", "w11", "w12", "w13"]
+  assert ex["weights"].tolist() == [0, 0, 1, 1]
+  eos_last = make_tokenizer(chat=False, eos_suffix=True)  # Its post-processor ends with eos.
+  assert formats.special_affixes(eos_last) == ([], [2])
+  (ex,), _ = formats.encode_records(recs[:1], eos_last, 16, "prompt_response")
+  assert words(tok, ex["ids"]) == ["w9", "w10", "w11", "w12", "w13", "<eos>"]  # Not twice.
+  (ex,), _ = formats.encode_records([rec(0, text="w9 w10")], tok, 16)
+  assert words(tok, ex["ids"]) == ["<bos>", "w9", "w10"]  # Plain text: no eos.
   (ex,), _ = formats.encode_records(recs[:1], tok, 16, "prompt_response", framing="jbat")
   assert words(tok, ex["ids"])[-1] == "<eos>" and ex["weights"].tolist() == [0, 0, 0, 1, 1, 1]
   fields = formats.Fields(prompt="question", response="answer")

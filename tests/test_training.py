@@ -198,3 +198,23 @@ def test_one_device_equals_eight(setup, tmp_path):
   eight = run_devices(8, tok_path, tmp_path / "eight")
   for k in one:
     np.testing.assert_allclose(one[k], eight[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_early_stopping_on_validation_patience(setup, tmp_path):
+  """patience=3: with lr 0 the held-out loss never improves after step 0, so training stops at
+  the third evaluation without a new best (step 3 of 20), keeps step 0 as best, and a later
+  call trains no further; with a learning rate that helps, it runs all its steps."""
+  res = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup),
+                 spec(steps=20, lr=0.0, eval_every=1, patience=3), tmp_path / "a",
+                 eval_batches=evals(setup), progress=False)
+  assert res.stopped_step == 3 and res.best_step == 0
+  assert max(r["step"] for r in res.history) == 3
+  assert [r["step"] for r in res.history if "eval_loss" in r] == [0, 1, 2, 3]
+  assert any(r.get("stopped_early") for r in res.history)
+  again = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup),
+                   spec(steps=20, lr=0.0, eval_every=1, patience=3), tmp_path / "a",
+                   eval_batches=evals(setup), progress=False)
+  assert again.stopped_step == 3 and max(r["step"] for r in again.history) == 3
+  ran = loop.fit(lora_model(setup[2]), nnx.LoRAParam, loader(setup), spec(patience=2),
+                 tmp_path / "b", eval_batches=evals(setup), progress=False)
+  assert ran.stopped_step is None and max(r["step"] for r in ran.history) == 8

@@ -19,7 +19,11 @@ Framing (special tokens), for text and prompt_response:
   "jbat"       [bos] text [eos] (prompt and response ids concatenated inside it): the framing
                of jbat's own byte-level BPE tokenizer, whose numbers the demos report.
   "tokenizer"  the tokenizer's own convention: what its post-processor adds with
-               add_special_tokens=True (e.g. Llama: a bos; GPT-2 and Qwen: nothing).
+               add_special_tokens=True (e.g. Llama: a bos; GPT-2 and Qwen: nothing). A
+               prompt_response example also gets the tokenizer's eos after the response when
+               the tokenizer has one and its suffix holds none (trained, weight 1): the model
+               must learn to stop, and generation stops at eos. A text example gets no eos
+               (plain text has no end the model should predict).
 `default_framing` picks "jbat" for jbat's own tokenizer (`jbat.data.tokenizer`) and
 "tokenizer" for any other. A chat conversation always gets exactly the template's tokens.
 
@@ -103,6 +107,16 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
       return full[:i], full[i + len(raw):]
   raise JbatError("cannot tell which special tokens the tokenizer adds (its add_special_tokens "
                   "output does not contain the plain encoding); use framing='jbat'.")
+
+
+def response_stop(tokenizer: Any, affixes: tuple[list[int], list[int]] | None) -> list[int]:
+  """The ids appended to a prompt_response response under the "tokenizer" framing (`affixes`
+  not None): [eos] when the tokenizer has an eos and its own suffix does not already hold it,
+  else []. The "jbat" framing (affixes None) ends every example with eos already."""
+  eos = getattr(tokenizer, "eos_token_id", None)
+  if affixes is None or eos is None or eos in affixes[1]:
+    return []
+  return [int(eos)]
 
 
 def _string_field(record: Any, name: str, fmt: str) -> str:
@@ -245,7 +259,9 @@ def encode_records(records: Sequence[Any], tokenizer: Any, max_len: int, fmt: st
       responses = [_string_field(r, fields.response, fmt) for r in chunk]
       p_toks = tokenizer(prompts, add_special_tokens=False)["input_ids"]
       r_toks = tokenizer(responses, add_special_tokens=False)["input_ids"]
-      encoded = [_frame(bos_eos, affixes, [p, r], 1) for p, r in zip(p_toks, r_toks)]
+      stop = response_stop(tokenizer, affixes)
+      encoded = [_frame(bos_eos, affixes, [p, list(r) + stop], 1)
+                 for p, r in zip(p_toks, r_toks)]
     else:
       encoded = [encode_chat(r, tokenizer, fields.messages) for r in chunk]
     for rec, (ids, weights) in zip(chunk, encoded):

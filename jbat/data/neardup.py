@@ -16,6 +16,9 @@ Jaccard 0.6 becomes a candidate with probability 1 - (1 - 0.6^4)^32 = 0.988 (0.9
 one at 0.1 with 0.003. Before MinHash an exact, vectorised pre-filter (`covered_share`) drops
 the pool texts that cannot reach the threshold with any evaluation text.
 
+`Index(evaluation)` builds the evaluation side once; its `find` then takes the pool a chunk at
+a time (a streamed pool, `jbat.data.pool_stream.FilePool`), each text's answer its own.
+
 Speed (benchmarks/near_dup.py: 200,000 tweet-like pool texts, 400 evaluation texts, one CPU
 thread of a shared 2-core machine): ~17,000 pool documents per CPU second, i.e. about a minute
 per million pool documents; memory is bounded by `chunk_docs`.
@@ -24,6 +27,7 @@ per million pool documents; memory is bounded by `chunk_docs`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Sequence
 
@@ -177,47 +181,74 @@ class Result:
     return int(self.drop.sum())
 
 
+class Index:
+  """The evaluation side of `near_duplicates`, built once: the evaluation texts' n-gram
+  vocabulary (for the exact pre-filter), their MinHash band keys (the LSH index) and, lazily,
+  their n-gram sets. `find(pool)` may then be called on any number of pool chunks (a streamed
+  pool's, `jbat.data.pool_stream`): whether a pool text is dropped depends on that text alone,
+  so every chunking and every process gives the same answer for it."""
+
+  def __init__(self, evaluation: Sequence[str], threshold: float = THRESHOLD, n: int = NGRAM,
+               bands: int = BANDS, rows: int = ROWS, seed: int = 0):
+    self.evaluation = list(evaluation)
+    self.threshold, self.n, self.bands, self.rows, self.seed = threshold, n, bands, rows, seed
+    ev_h, ev_starts = gram_hashes(self.evaluation, n)
+    self.vocabulary = np.unique(ev_h)
+    ev_keys = _band_keys(_minhash(ev_h, ev_starts, bands * rows, seed, 1 << 22), bands, rows)
+    self.index: list[dict[int, list[int]]] = [dict() for _ in range(bands)]
+    for j in np.flatnonzero(ev_starts >= 0):
+      for band in range(bands):
+        self.index[band].setdefault(int(ev_keys[j, band]), []).append(int(j))
+    self.sorted_keys = [np.array(sorted(ix), dtype=np.uint64) for ix in self.index]
+    self._sets: dict[int, set] = {}
+
+  @property
+  def fingerprint(self) -> str:
+    """sha256 (16 hex) of the settings and the evaluation texts: what `find` depends on."""
+    h = hashlib.sha256(repr((self.threshold, self.n, self.bands, self.rows, self.seed,
+                             len(self.evaluation))).encode())
+    for t in self.evaluation:
+      h.update(t.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+  def find(self, pool: Sequence[str], chunk_docs: int = 200_000) -> Result:
+    """Which pool texts are near-duplicates of an evaluation text (see `near_duplicates`)."""
+    n, threshold = self.n, self.threshold
+    drop = np.zeros(len(pool), dtype=bool)
+    n_pairs = 0
+    for lo in range(0, len(pool), chunk_docs):
+      part = pool[lo:lo + chunk_docs]
+      h, starts = gram_hashes(part, n)
+      survivors = np.flatnonzero(covered_share(h, starts, self.vocabulary) >= threshold)
+      if not len(survivors):
+        continue
+      sub = [part[i] for i in survivors]
+      keys = _band_keys(signatures(sub, self.bands * self.rows, n, self.seed), self.bands,
+                        self.rows)
+      pairs: dict[int, set] = {}
+      for band in range(self.bands):
+        for i in np.flatnonzero(np.isin(keys[:, band], self.sorted_keys[band])):
+          pairs.setdefault(int(i), set()).update(self.index[band][int(keys[i, band])])
+      for i, js in pairs.items():
+        mine = shingles(sub[i], n)
+        n_pairs += len(js)
+        for j in sorted(js):
+          if j not in self._sets:
+            self._sets[j] = shingles(self.evaluation[j], n)
+          if jaccard(mine, self._sets[j]) >= threshold:
+            drop[lo + survivors[i]] = True
+            break
+    return Result(drop=drop, candidate_pairs=n_pairs)
+
+
 def near_duplicates(pool: Sequence[str], evaluation: Sequence[str], threshold: float = THRESHOLD,
                     n: int = NGRAM, bands: int = BANDS, rows: int = ROWS, seed: int = 0,
                     chunk_docs: int = 200_000) -> Result:
   """Which pool texts are near-duplicates (n-gram Jaccard >= threshold) of an evaluation text.
   Per chunk of `chunk_docs` pool texts (memory stays bounded for millions of documents): the
   exact pre-filter `covered_share` >= threshold, then MinHash + LSH banding of the survivors
-  for candidate pairs, then the exact Jaccard of each candidate pair decides."""
-  ev_h, ev_starts = gram_hashes(evaluation, n)
-  vocabulary = np.unique(ev_h)
-  ev_sig = _minhash(ev_h, ev_starts, bands * rows, seed, 1 << 22)
-  ev_keys = _band_keys(ev_sig, bands, rows)
-  index: list[dict[int, list[int]]] = [dict() for _ in range(bands)]
-  for j in np.flatnonzero(ev_starts >= 0):
-    for band in range(bands):
-      index[band].setdefault(int(ev_keys[j, band]), []).append(int(j))
-  sorted_keys = [np.array(sorted(ix), dtype=np.uint64) for ix in index]
-  ev_sets: dict[int, set] = {}
-  drop = np.zeros(len(pool), dtype=bool)
-  n_pairs = 0
-  for lo in range(0, len(pool), chunk_docs):
-    part = pool[lo:lo + chunk_docs]
-    h, starts = gram_hashes(part, n)
-    survivors = np.flatnonzero(covered_share(h, starts, vocabulary) >= threshold)
-    if not len(survivors):
-      continue
-    sub = [part[i] for i in survivors]
-    keys = _band_keys(signatures(sub, bands * rows, n, seed), bands, rows)
-    pairs: dict[int, set] = {}
-    for band in range(bands):
-      for i in np.flatnonzero(np.isin(keys[:, band], sorted_keys[band])):
-        pairs.setdefault(int(i), set()).update(index[band][int(keys[i, band])])
-    for i, js in pairs.items():
-      mine = shingles(sub[i], n)
-      n_pairs += len(js)
-      for j in sorted(js):
-        if j not in ev_sets:
-          ev_sets[j] = shingles(evaluation[j], n)
-        if jaccard(mine, ev_sets[j]) >= threshold:
-          drop[lo + survivors[i]] = True
-          break
-  return Result(drop=drop, candidate_pairs=n_pairs)
+  for candidate pairs, then the exact Jaccard of each candidate pair decides (`Index`)."""
+  return Index(evaluation, threshold, n, bands, rows, seed).find(pool, chunk_docs)
 
 
 def brute_force(pool: Sequence[str], evaluation: Sequence[str], threshold: float = THRESHOLD,

@@ -16,8 +16,20 @@ SIGKILL) continues at `next_chunk` when called again with the same arguments and
 same files. The fingerprint hashes everything that determines the scores (score names, batch
 shape, chunking, pool contents, adapters); a mismatch is an error rather than a silent mix.
 
-Memory: the pool's token arrays are in memory; activations and per-example gradients exist for
-one batch at a time, and a chunk holds `chunk_batches * B` floats per score.
+Memory: for a pool given as a list, its token arrays are in memory; activations and
+per-example gradients exist for one batch at a time, and a chunk holds `chunk_batches * B`
+floats per score.
+
+A pool given as files (`jbat.data.pool_stream.FilePool`, the user's data.pool) is streamed
+instead: each process reads and tokenizes only its share of the files / rows, a chunk at a
+time, and feeds its rows of every global batch (padding rows once its share is done; the
+stream ends after the first batch no process filled). The chunk files then also hold each
+row's location and text hash (meta_file, meta_row, meta_hash; `ScoreTable.meta`), the
+fingerprint names the files (path, size, mtime), the encoding and the process layout, and the
+final cursor records what the pass read and left out ("pool_counts", summed over processes).
+Rows land in the chunks in an order that depends on the number of processes, so a streamed
+table is merged by id (`ScoreTable.sorted_by_id`) before selection. Nothing holds the
+tokenized pool: memory is one chunk of records plus the score table (~40 bytes per row).
 
 Score names (docs/method.md, "Scores"; every score is "higher = select first"):
   align           -<grad l(z; phi0), delta>                  (one jvp, ~2F)
@@ -61,6 +73,7 @@ from tqdm.auto import tqdm
 
 from jbat import distributed, io, registry
 from jbat import scorable as scorable_lib
+from jbat.data import pool_stream
 from jbat.errors import JbatError
 from jbat.scoring import dsir as dsir_lib
 from jbat.scoring import kernels
@@ -96,10 +109,24 @@ class Batches:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreTable:
-  """ids int64[N] (pool order) and one float32[N] array per score name."""
+  """ids int64[N] (pool order) and one float32[N] array per score name; for a streamed file
+  pool (`score_pool` of a `FilePool`) also `meta`: int64[N] "file" (index into the pool's
+  files), "row" and "hash" (text hash) per example."""
 
   ids: np.ndarray
   scores: dict[str, np.ndarray]
+  meta: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def sorted_by_id(self) -> "ScoreTable":
+    """The table with its rows in increasing id order, one row per id (of rows with one id,
+    the first by file and row when the table has locations): the same table however the pool
+    was sharded over processes (merge by id)."""
+    keys = [self.meta[k] for k in ("row", "file") if k in self.meta]
+    order = np.lexsort((*keys, self.ids))
+    ids = self.ids[order]
+    order = order[np.concatenate([[True], ids[1:] != ids[:-1]])] if len(ids) else order
+    return ScoreTable(ids=self.ids[order], scores={k: v[order] for k, v in self.scores.items()},
+                      meta={k: v[order] for k, v in self.meta.items()})
 
   def __len__(self) -> int:
     return int(self.ids.shape[0])
@@ -139,8 +166,9 @@ def _examples_digest(examples: Sequence[dict[str, Any]], model: scorable_lib.Sco
   return h.hexdigest()[:16]
 
 
-def _read_cursor(out_dir: pathlib.Path, fingerprint: str, n_chunks: int) -> int:
-  """Index of the next chunk to compute (0 when starting fresh)."""
+def _read_cursor(out_dir: pathlib.Path, fingerprint: str, n_chunks: int | None) -> int | None:
+  """Index of the next chunk to compute (0 when starting fresh). n_chunks None (a streamed
+  pool, whose chunk count is known only at its end): None when the cursor says done."""
   path = out_dir / CURSOR_FILE
   if not path.exists():
     return 0
@@ -153,13 +181,15 @@ def _read_cursor(out_dir: pathlib.Path, fingerprint: str, n_chunks: int) -> int:
                     f"{cursor.get('fingerprint')!r}, now {fingerprint!r}: different pool, "
                     f"adapters, scores or batch settings); use a fresh output folder")
   next_chunk = int(cursor.get("next_chunk", 0))
+  if n_chunks is None:
+    return None if cursor.get("done") else next_chunk
   if not 0 <= next_chunk <= n_chunks:
     raise JbatError(f"{path}: next_chunk {next_chunk} is outside 0..{n_chunks}")
   return next_chunk
 
 
-def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int, n_chunks: int,
-                  n_examples: int) -> None:
+def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int,
+                  n_chunks: int | None, n_examples: int, extra: dict | None = None) -> None:
   # Two runs may fill one cache folder at once (same inputs: the same chunks): the cursor only
   # moves forward, so a run that finished is never told by the other that it did not.
   with io.file_lock(out_dir / ".cursor.lock"):
@@ -171,7 +201,8 @@ def _write_cursor(out_dir: pathlib.Path, fingerprint: str, next_chunk: int, n_ch
       pass
     io.write_json_atomic(out_dir / CURSOR_FILE, {
         "fingerprint": fingerprint, "next_chunk": next_chunk, "n_chunks": n_chunks,
-        "n_examples": n_examples, "done": next_chunk == n_chunks})
+        "n_examples": n_examples, "done": n_chunks is not None and next_chunk == n_chunks,
+        **(extra or {})})
 
 
 def scores_dir(out_dir: str | pathlib.Path) -> pathlib.Path:
@@ -193,15 +224,18 @@ def load_table(out_dir: str | pathlib.Path, scores: Sequence[str] | None = None)
   if not cursor.get("done"):
     raise JbatError(f"{out_dir}: scoring is not finished (cursor {cursor or 'missing'}); run "
                     f"score_pool again to continue it")
-  ids, cols = [], {}
+  ids, cols, meta = [], {}, {}
   for i in range(int(cursor["n_chunks"])):
     with np.load(chunk_path(out_dir, i)) as z:
       ids.append(z["ids"])
       for key in z.files:
         if key.startswith("score_") and (scores is None or key[6:] in scores):
           cols.setdefault(key[6:], []).append(z[key])
+        elif key.startswith("meta_"):
+          meta.setdefault(key[5:], []).append(z[key])
   return ScoreTable(ids=np.concatenate(ids).astype(np.int64),
-                    scores={k: np.concatenate(v).astype(np.float32) for k, v in cols.items()})
+                    scores={k: np.concatenate(v).astype(np.float32) for k, v in cols.items()},
+                    meta={k: np.concatenate(v).astype(np.int64) for k, v in meta.items()})
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -387,6 +421,153 @@ def _stream_chunks(examples: Sequence[dict[str, Any]], out_dir: pathlib.Path, fi
   distributed.barrier(f"jbat-stream-{fingerprint}")
 
 
+# ----------------------------------------------------------------------------- file pools
+
+
+def _local_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  rows = distributed.local_rows(batch_size, mesh)
+  return rows.stop - rows.start
+
+
+def _all_sum(x: np.ndarray) -> np.ndarray:
+  """The sum of `x` over processes (every process gets it)."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+
+
+def _stream_ngram_model(pool, mesh) -> np.ndarray:
+  """dsir's pool n-gram model of a streamed pool: each process counts its share's n-grams,
+  the counts are summed over processes (one pass over the pool, one example at a time)."""
+  del mesh
+  n_buckets = 2**16
+  counts = np.zeros(n_buckets, np.float64)
+  for ex in pool.local_examples(jax.process_index(), jax.process_count()):
+    counts += np.bincount(dsir_lib.hash_ngrams(ex["text"], n_buckets), minlength=n_buckets)
+  counts = _all_sum(counts)
+  return np.log(counts + 1.0) - np.log(counts.sum() + n_buckets)
+
+
+_META = ("file", "row", "hash")
+
+
+def _words(values: np.ndarray) -> np.ndarray:
+  """int64[n] -> uint32[n, 2] (high, low)."""
+  u = np.asarray(values, np.int64).view(np.uint64)
+  return np.stack([u >> np.uint64(32), u & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32)
+
+
+def _unwords(w: np.ndarray) -> np.ndarray:
+  return ((w[:, 0].astype(np.uint64) << np.uint64(32)) | w[:, 1].astype(np.uint64)).view(np.int64)
+
+
+def _gather_local(local: np.ndarray, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """This process's rows of a [B, ...] host array -> the whole [B, ...] on every process."""
+  sharding = NamedSharding(mesh, P("data"))
+  return distributed.host_array(jax.make_array_from_process_local_data(sharding, local))
+
+
+def _stream_file_chunks(pool, out_dir: pathlib.Path, fingerprint: str, compute, *,
+                        batch_size: int, model: scorable_lib.Scorable, mesh: jax.sharding.Mesh,
+                        chunk_batches: int, desc: str, progress: bool, local_columns=None,
+                        check=None) -> None:
+  """The resumable chunk loop of a streamed file pool (`FilePool`): each process feeds its
+  rows of every global batch from its own share (`pool.local_examples(process, processes)`,
+  tokenized on the fly); a process whose share is done feeds padding rows. After each batch
+  the ids, locations and text hashes of all rows are gathered with the scores; the stream
+  ends after the first batch in which no process filled its rows. Chunk c holds global
+  batches [c * chunk_batches, (c + 1) * chunk_batches): per process the usable examples
+  [c * chunk_batches * b, ...) of its share (b = its rows per batch), so a resumed run skips
+  exactly those (reading and tokenizing them again, not scoring them) and writes the same
+  chunks. `local_columns(part) -> {name: float32[len(part)]}` adds host-computed columns (dsir).
+  """
+  proc, n_proc = jax.process_index(), jax.process_count()
+  local_b = _local_size(batch_size, mesh)
+  start = _read_cursor(out_dir, fingerprint, None) or 0
+  counts = pool_stream.PoolCounts()
+  stream = pool.local_examples(proc, n_proc, counts)
+  skip = start * chunk_batches * local_b
+  for _ in zip(range(skip), stream):
+    pass
+  bar = tqdm(desc=desc, unit="ex", disable=not progress or not distributed.is_main(),
+             dynamic_ncols=True)
+  t0, done, c, finished = time.perf_counter(), 0, start, False
+  while not finished:
+    ids, cols, meta = [], {}, {k: [] for k in _META}
+    for _ in range(chunk_batches):
+      part = [ex for _, ex in zip(range(local_b), stream)]
+      local = model.make_batch(part, local_b)
+      words = np.zeros((local_b, 8), np.uint32)
+      if part:
+        words[:len(part), 0:2] = _words([ex["id"] for ex in part])
+        words[:len(part), 2] = [ex["file"] for ex in part]
+        words[:len(part), 3:5] = _words([ex["row"] for ex in part])
+        words[:len(part), 5:7] = _words([ex["hash"] for ex in part])
+      words[:len(part), 7] = 1  # valid
+      full = np.full((local_b,), len(part) == local_b, np.uint8)
+      extra = {}
+      for name, v in (local_columns(part) if local_columns is not None else {}).items():
+        extra[name] = np.zeros(local_b, np.float32)
+        extra[name][:len(part)] = v
+      dev = _put_batch(local, mesh, model.batch_keys)
+      out = {name: distributed.host_array(v) for name, v in compute(dev).items()}
+      g = _gather_local(words, mesh)
+      g_full = _gather_local(full, mesh)
+      valid = g[:, 7].astype(bool)
+      for name, v in extra.items():
+        out[name] = _gather_local(v, mesh)
+      for name, v in out.items():
+        cols.setdefault(name, []).append(v[valid])
+      ids.append(_unwords(g[valid, 0:2]))
+      meta["file"].append(g[valid, 2].astype(np.int64))
+      meta["row"].append(_unwords(g[valid, 3:5]))
+      meta["hash"].append(_unwords(g[valid, 5:7]))
+      bar.update(int(valid.sum()))
+      done += int(valid.sum())
+      if not g_full.any():
+        finished = True
+        break
+    chunk_ids = np.concatenate(ids).astype(np.int64)
+    chunk = {k: np.concatenate(v) for k, v in cols.items()}
+    if check is not None:
+      check(chunk_ids, chunk)
+    if distributed.is_main():
+      with io.atomic_path(chunk_path(out_dir, c)) as tmp:
+        with open(tmp, "wb") as f:  # A file object: np.savez would otherwise append ".npz".
+          np.savez(f, ids=chunk_ids, **chunk,
+                   **{f"meta_{k}": np.concatenate(v) for k, v in meta.items()})
+    if finished:  # Every process has read its whole share: the pool's counts, summed.
+      for _ in stream:
+        pass
+      total = pool_stream.PoolCounts.from_array(_all_sum(counts.as_array()))
+      if distributed.is_main():
+        _write_cursor(out_dir, fingerprint, c + 1, c + 1, n_examples(out_dir, c + 1),
+                      {"pool_counts": dataclasses.asdict(total)})
+    elif distributed.is_main():
+      _write_cursor(out_dir, fingerprint, c + 1, None, 0)
+    c += 1
+    bar.set_postfix(ex_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
+  bar.close()
+  distributed.barrier(f"jbat-stream-{fingerprint}")
+
+
+def n_examples(out_dir: pathlib.Path, n_chunks: int) -> int:
+  """Examples in the first n_chunks chunk files of out_dir."""
+  total = 0
+  for i in range(n_chunks):
+    with np.load(chunk_path(out_dir, i)) as z:
+      total += int(z["ids"].shape[0])
+  return total
+
+
+def pool_counts(out_dir: str | pathlib.Path) -> dict | None:
+  """What the scoring pass of a streamed file pool read and left out (`PoolCounts` as a
+  dict, summed over processes; None for an in-memory pool), from a score_pool out_dir."""
+  path = scores_dir(out_dir) / CURSOR_FILE
+  return json.loads(path.read_text()).get("pool_counts") if path.exists() else None
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -430,13 +611,14 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
   batch_size, model = batches.batch_size, batches.scorable()
   chunk_batches = batches.chunk_batches
   pool_texts, adapt_texts = texts if texts is not None else (None, None)
+  streamed = hasattr(pool_examples, "local_examples")
   scores = list(scores)
   unknown = [s for s in scores if s not in SCORE_NAMES]
   if unknown or not scores or len(set(scores)) != len(scores):
     raise JbatError(f"scoring: scores must be distinct names from {list(SCORE_NAMES)}, got "
                     f"{scores}")
-  n = len(pool_examples)
-  if n == 0:
+  n = 0 if streamed else len(pool_examples)
+  if n == 0 and not streamed:
     raise JbatError("scoring: the backbone pool is empty (no examples to score)")
   if not isinstance(batch_size, int) or batch_size <= 0:
     raise JbatError(f"scoring: batch_size must be a positive int, got {batch_size!r}")
@@ -459,7 +641,10 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     kernels.check_same_structure(surrogate.phi0, control.phi_s, name="control phi_s")
   if "less" in scores and not adapt_examples:
     raise JbatError("scoring: 'less' needs adapt_examples (the mean adaptation gradient)")
-  if "dsir" in scores:
+  if "dsir" in scores and streamed:
+    if not adapt_texts:
+      raise JbatError("scoring: 'dsir' needs texts=(None, adaptation texts) for a file pool")
+  elif "dsir" in scores:
     if pool_texts is None or not adapt_texts:
       raise JbatError("scoring: 'dsir' needs texts=(pool texts, adaptation texts)")
     if len(pool_texts) != n:
@@ -477,7 +662,12 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     if less_proj_dim is not None:
       settings["projection"] = kernels.PROJECTION_VERSION
   uses_texts = "dsir" in scores
-  fingerprint = _fingerprint(scores, surrogate if model_names else None, pool_examples,
+  if streamed:
+    # The chunks hold each process's rows in turn: the sharding is part of what they are.
+    settings.update(pool=pool_examples.fingerprint, processes=jax.process_count(),
+                    local_rows=_local_size(batch_size, mesh), version=2)
+  fingerprint = _fingerprint(scores, surrogate if model_names else None,
+                             [] if streamed else pool_examples,
                              settings, pool_texts if uses_texts else None,
                              adapt_texts if uses_texts else None,
                              control.phi_s if control_names else None, model=model)
@@ -488,9 +678,13 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                                                                    fingerprint)})
     out_dir = pathlib.Path(cache_dir) / fingerprint
   out_dir.mkdir(parents=True, exist_ok=True)
-  start = _read_cursor(out_dir, fingerprint, n_chunks)
-  if start == n_chunks:
-    return load_table(out_dir, scores)
+  if streamed:
+    if _read_cursor(out_dir, fingerprint, None) is None:
+      return load_table(out_dir, scores)
+  else:
+    start = _read_cursor(out_dir, fingerprint, n_chunks)
+    if start == n_chunks:
+      return load_table(out_dir, scores)
 
   params, jitted = {}, {}
   if model_names:
@@ -512,7 +706,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
   random_fn = jax.jit(lambda key, words, valid: kernels.random_scores(key, words, valid))
   if "dsir" in scores:
     target_logp = dsir_lib.fit_ngram_model(adapt_texts)
-    pool_logp = dsir_lib.fit_ngram_model(pool_texts)
+    pool_logp = (_stream_ngram_model(pool_examples, mesh) if streamed
+                 else dsir_lib.fit_ngram_model(pool_texts))
 
   def compute(dev):
     out = {}
@@ -530,6 +725,16 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
   def check(ids, chunk):
     _check_finite(ids, {k[len("score_"):]: v for k, v in chunk.items()})
 
+  if streamed:
+    local = None
+    if "dsir" in scores:
+      local = lambda part: {"score_dsir": dsir_lib.dsir_scores(  # noqa: E731
+          [ex["text"] for ex in part], target_logp, pool_logp)}
+    _stream_file_chunks(pool_examples, out_dir, fingerprint, compute, batch_size=batch_size,
+                        model=model, mesh=mesh, chunk_batches=chunk_batches,
+                        desc="score pool", progress=progress, local_columns=local,
+                        check=check)
+    return load_table(out_dir, scores)
   _stream_chunks(pool_examples, out_dir, fingerprint, compute, batch_size=batch_size,
                  model=model, mesh=mesh, chunk_batches=chunk_batches,
                  desc="score pool", progress=progress, finish_chunk=finish_chunk, check=check)

@@ -49,6 +49,9 @@ class TrainSpec:
   # Split each batch into this many micro-batches and average their gradients (one optimizer
   # step per batch): activation memory of B / grad_accum rows. Must divide the batch rows.
   grad_accum: int = 1
+  # Early stopping: stop after this many evaluations in a row without a new best held-out loss
+  # (0: never stop early; needs eval_batches).
+  patience: int = 0
 
 
 @dataclasses.dataclass
@@ -58,6 +61,7 @@ class FitResult:
   best_step: int
   best_loss: float
   history: list[dict[str, Any]]  # Every record written to metrics.jsonl, in step order.
+  stopped_step: int | None = None  # The step early stopping ended at (None: it did not).
 
 
 def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
@@ -215,6 +219,10 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     until: stop after this step (checkpointed) instead of `spec.steps`; the schedule is still
       that of `spec.steps`. A later call (say with another `train_iter`, as BAT re-selection
       does) resumes there. A run already past `until` is restored and returned as it is.
+  Early stopping (spec.patience > 0): after spec.patience evaluations in a row without a new
+  best held-out loss, training stops at that step (checkpointed, recorded as "stopped_step" in
+  the checkpoint's meta and in metrics.jsonl); a later call (a resume, a later `until`)
+  returns at once. Only the held-out loss of `eval_batches` decides.
   Multi-process: call on every process with the same arguments; only process 0 writes
   metrics.jsonl and best.safetensors, orbax coordinates the checkpoint writes.
   Returns:
@@ -245,7 +253,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
       (workdir / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=spec.keep, enable_async_checkpointing=False,
                                            create=True))
-  meta = {"best_loss": float("inf"), "best_step": -1}
+  meta = {"best_loss": float("inf"), "best_step": -1, "bad_evals": 0, "stopped_step": None}
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
@@ -256,7 +264,7 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     params, opt_state = restored.state["params"], restored.state["opt_state"]
     rng = replicate(np.asarray(distributed.host_array(restored.state["rng"])), mesh)
     train_iter.set_state(restored.data)
-    meta = restored.meta
+    meta = {"bad_evals": 0, "stopped_step": None, **restored.meta}
   metrics_path = workdir / "metrics.jsonl"
   # Records past the restored checkpoint came from an interrupted run: they are written again.
   keep = lambda r: 0 < start and r["step"] <= start  # noqa: E731
@@ -284,9 +292,11 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
       raise Diverged(step, "held-out loss", desc, spec.lr)
     record({"step": step, "eval_loss": loss})
     if loss < meta["best_loss"]:
-      meta.update(best_loss=loss, best_step=step)
+      meta.update(best_loss=loss, best_step=step, bad_evals=0)
       if distributed.is_main():
         io.save_tree(params, best_path)
+    else:
+      meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
 
   if start == 0:
     maybe_eval(0, params)
@@ -300,6 +310,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
     if first:
       raise Diverged(first, "loss or gradient norm", desc, spec.lr)
 
+  if meta.get("stopped_step") is not None:
+    last = start  # Stopped early before: nothing left to train.
   try:
     for step in range(start + 1, last + 1):
       batch = next(train_iter)
@@ -324,12 +336,20 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
         t0, n_seen = time.perf_counter(), 0
       if do_eval:
         maybe_eval(step, params)
+        if spec.patience and evaluate is not None and meta["bad_evals"] >= spec.patience \
+            and step < spec.steps:
+          meta["stopped_step"] = step
+          record({"step": step, "stopped_early": True, "patience": spec.patience,
+                  "best_step": meta["best_step"]})
+          do_ckpt = True
       if do_ckpt:
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": rng}),
             data=ocp.args.JsonSave(train_iter.get_state()),
             meta=ocp.args.JsonSave(dict(meta))), force=True)
       bar.update(1)
+      if meta.get("stopped_step") is not None:
+        break
   finally:
     bar.close()
     mngr.wait_until_finished()
@@ -337,7 +357,8 @@ def fit(model: nnx.Module, wrt: Any, train_iter: Any, spec: TrainSpec, workdir: 
   distributed.barrier(f"jbat-fit-{workdir.name}-{last}")  # best.safetensors is written.
   best = io.load_tree(best_path, params) if evaluate is not None and best_path.exists() else None
   return FitResult(params=params, best_params=best, best_step=meta["best_step"],
-                   best_loss=meta["best_loss"], history=history)
+                   best_loss=meta["best_loss"], history=history,
+                   stopped_step=meta.get("stopped_step"))
 
 
 def make_optimizer_schedule(spec: TrainSpec) -> optax.Schedule:
