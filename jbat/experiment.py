@@ -612,6 +612,7 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
           f"validation / test examples (character {neardup.NGRAM}-gram Jaccard >= "
           f"{config.data.near_dup}) are dropped as the pool is streamed")
   else:
+    evaluation += [d.text for d in test_docs]
     keep, near = drop_near_duplicates(config, task.pool, evaluation)
     if near["dropped"]:
       task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])

@@ -4,7 +4,9 @@ The CLI selects (`stop_after=select`, arm albat) from a pool of 3 JSONL.gz files
 Parquet file as 1 process and as 2 processes over the same 2-device mesh: every pool row is
 read exactly once across the processes (the summed read count, the scored locations) and the
 manifests are byte-identical. A unit test checks that the shares partition the rows and that
-re-reading by location gives the streamed examples.
+re-reading by location gives the streamed examples. Near-copies of adaptation texts planted in
+the pool leave it as it streams (data.near_dup): the same rows on 1 and 2 processes, and
+the re-reads and random draws never return them.
 """
 
 import gzip
@@ -14,7 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from jbat.data import formats, pool_stream
+from jbat.data import formats, neardup, pool_stream
 from tests import synthetic
 from tests.test_multiprocess import ROOT, _free_port
 
@@ -23,6 +25,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 MANIFEST = pathlib.Path("select/rel_loss_diff/selection/manifest.jsonl")
 N_ROWS = (13, 9, 11, 15)  # 3 JSONL.gz files, then the Parquet file.
+# Pool positions (one-process order) holding near-copies of adaptation texts 0, 1, 2.
+PLANTED = {5: 0, 20: 1, 40: 2}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,8 @@ def setup(tmp_path_factory):
   pool = space[12:] + rest
   rng = np.random.default_rng(0)
   pool = [pool[i] for i in rng.permutation(len(pool))][:sum(N_ROWS)]
+  for pos, j in PLANTED.items():  # Near-duplicates: RT prefix, upper case, a URL.
+    pool[pos] = f"RT @fan: {space[j].upper()} http://t.co/{j}"
   lo = 0
   for i, n in enumerate(N_ROWS[:3]):
     with gzip.open(d / f"pool_{i}.jsonl.gz", "wt") as f:
@@ -54,6 +60,56 @@ def setup(tmp_path_factory):
 
 def pool_spec(d):
   return f"{d}/pool_*.jsonl.gz,{d / 'pool_3.parquet'}"
+
+
+def location(pos):
+  """(file index, row) of a position in the one-process order."""
+  starts = np.cumsum((0,) + N_ROWS)
+  f = int(np.searchsorted(starts, pos, side="right") - 1)
+  return f, pos - int(starts[f])
+
+
+def near_dup_locations(d, tok, evaluation):
+  """The locations of pool rows that are near-duplicates of `evaluation`, by brute force."""
+  pool = pool_stream.FilePool(pool_spec(d), fmt="text", fields=formats.Fields(), id_field="",
+                              tokenizer=tok, max_len=32)
+  rows = list(pool.local_examples())
+  drop = neardup.brute_force([ex["text"] for ex in rows], evaluation)
+  return {(ex["file"], ex["row"]) for ex, x in zip(rows, drop) if x}
+
+
+def test_near_duplicates_leave_the_streamed_pool_alike_in_every_read_path(setup):
+  """A FilePool with a near-duplicate index leaves out exactly the brute-force near-duplicates
+  of the evaluation texts, counted, whichever shares read it; `read` and `sample` (the
+  selection's re-reads, the random arm's draw) never return them; the scores' fingerprint
+  names the filter."""
+  d, tok = setup
+  adapt = [json.loads(line)["text"] for line in (d / "adapt.jsonl").read_text().splitlines()]
+  dropped = near_dup_locations(d, tok, adapt)
+  assert {location(p) for p in PLANTED} <= dropped  # Far rows may not be near-duplicates.
+  assert len(dropped) < sum(N_ROWS) // 2
+  kw = dict(fmt="text", fields=formats.Fields(), id_field="", tokenizer=tok, max_len=32)
+  plain = pool_stream.FilePool(pool_spec(d), **kw)
+  pool = pool_stream.FilePool(pool_spec(d), near_dup=neardup.Index(adapt), **kw)
+  everything = {(f, r) for f, n in enumerate(N_ROWS) for r in range(n)}
+  for n in (1, 2, 5):
+    counts = [pool_stream.PoolCounts() for _ in range(n)]
+    locs = [(ex["file"], ex["row"]) for i in range(n)
+            for ex in pool.local_examples(i, n, counts[i])]
+    assert sorted(locs) == sorted(everything - dropped)
+    assert sum(c.near_duplicate for c in counts) == len(dropped)
+    assert sum(c.read for c in counts) == sum(N_ROWS)
+  kept = sorted(everything - dropped)[:2]
+  assert [(ex["file"], ex["row"]) for ex in pool.read(sorted(dropped) + kept)] == kept
+  assert len(plain.read(sorted(dropped))) == len(dropped)  # Without the filter: all there.
+  drawn = pool.sample(sum(N_ROWS), seed=1)
+  assert {(ex["file"], ex["row"]) for ex in drawn} == everything - dropped
+  a, b = pool.sample(10, seed=7), pool.sample(10, seed=7)
+  assert [x["id"] for x in a] == [x["id"] for x in b]
+  assert not {(ex["file"], ex["row"]) for ex in a} & dropped
+  assert pool.fingerprint != plain.fingerprint
+  assert pool.fingerprint != pool_stream.FilePool(
+      pool_spec(d), near_dup=neardup.Index(adapt, threshold=0.8), **kw).fingerprint
 
 
 def test_shares_partition_the_rows_and_read_by_location(setup):
@@ -123,14 +179,20 @@ def finish(workdir, procs):
 
 
 def test_two_processes_read_each_row_once_and_match_one_process(setup):
-  d, _ = setup
+  d, tok = setup
   runs = [launch(d, "p1x2", 1, 2), launch(d, "p2x1", 2, 1)]  # At once: 3 processes.
   one, two = (finish(*r) for r in runs)
+  # The run's evaluation texts are adapt.jsonl's (adaptation + validation; no test split).
+  adapt = [json.loads(line)["text"] for line in (d / "adapt.jsonl").read_text().splitlines()]
+  dropped = near_dup_locations(d, tok, adapt)
+  assert {location(p) for p in PLANTED} <= dropped
   for manifest, counts, table in (one, two):
     assert counts["read"] == sum(N_ROWS)  # Summed over processes: no row read twice.
+    assert counts["near_duplicate"] == len(dropped)  # data.near_dup, dropped as streamed.
     locs = list(zip(table.meta["file"].tolist(), table.meta["row"].tolist()))
     assert len(locs) == len(set(locs)) == counts["kept"]
-    assert sorted(locs) == sorted((f, r) for f, n in enumerate(N_ROWS) for r in range(n))
+    assert sorted(locs) == sorted({(f, r) for f, n in enumerate(N_ROWS) for r in range(n)}
+                                  - dropped)
   assert one[0] == two[0] and one[0].count(b"\n") == 12
   rows = [json.loads(line) for line in one[0].decode().splitlines()]
   assert all({"id", "uid", "file", "row", "score", "rank", "text"} <= r.keys() for r in rows)
