@@ -124,3 +124,27 @@ def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
     for draw in (3, 4):
       assert (tmp_path / "run" / f"split_{split}" / f"draw_{draw}" / "arms" / "random"
               / "seed_0" / "adapter.safetensors").exists()
+
+
+def test_early_stopping_in_every_replicate(tmp_path):
+  """train.patience inside the split x draw loop: with lr 1e-30 (no update survives float32
+  rounding) the validation NLL never improves after step 0, so every adapter of every replicate stops after `patience` evaluations; the
+  arm's early_stopping holds one stopped step per pair and report.md lists them all."""
+  path = synthetic.write_jsonl(tmp_path / "corpus.jsonl", 60)
+  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
+  c.cache_dir, c.workdir, c.progress = str(tmp_path / "cache"), str(tmp_path / "run"), False
+  c.data.source, c.data.path = "jsonl", str(path)
+  c.data.label_field, c.data.domain = "domain", "space"
+  c.data.n_adapt, c.data.n_heldout = 8, 16
+  c.arms, c.seeds, c.draw_seeds = "none", "0,1", "3,4"
+  c.train.steps, c.train.eval_every, c.train.ckpt_every = 12, 1, 12
+  c.train.lr, c.train.patience = 1e-30, 2
+  config_lib.validate(c)
+  res = experiment.run(c)
+  none = res["arms"]["none"]
+  assert res["pairs"] == [[0, 3, 0], [0, 3, 1], [0, 4, 0], [0, 4, 1]]
+  assert none["early_stopping"] == {"patience": 2, "chosen_on": "valid",
+                                    "stopped_step": [2, 2, 2, 2]}
+  assert none["best_step"] == [0, 0, 0, 0] and len(none["test_nll_best"]) == 4
+  report_md = (tmp_path / "run" / "report.md").read_text()
+  assert "## Early stopping" in report_md and "- none: 2, 2, 2, 2 (patience 2" in report_md
