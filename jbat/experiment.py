@@ -13,8 +13,16 @@ and seeds (`config.seeds`), paired by seed:
   <score>   + the selection by that score (e.g. align, loss_diff, less, dsir) with `select.rule`.
 Backbone arms put `bat.rho` of each batch on the selected documents (their loss weighted by
 `bat.lam`) on top of the same `train.batch_size` adaptation rows. The selection is computed once
-(with `config.seed`) and shared by all training seeds. With `bat.reselect_every` the model-score
-arms select again around each seed's adapter every that many steps (`make_reselector`).
+per draw seed (`config.draw_seeds`, default `config.seed`) and shared by all training seeds.
+With `bat.reselect_every` the model-score arms select again around each seed's adapter every
+that many steps (`make_reselector`), and the oracle re-draws at the same steps (matched: as many
+distinct documents as albat).
+
+Protocol (`jbat.protocol`, docs/method.md): every task has adaptation, validation (`heldout`
+below: chooses the best step) and test splits; the test split is sealed until each adapter's
+training has ended. `config.split_seeds` repeats the whole experiment over target splits (one
+backbone each), `config.draw_seeds` over draws; results are paired by (split, draw, seed).
+`stop_after = "select"` stops at the first split's selections.
 """
 
 from __future__ import annotations

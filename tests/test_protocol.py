@@ -124,3 +124,14 @@ def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
     for draw in (3, 4):
       assert (tmp_path / "run" / f"split_{split}" / f"draw_{draw}" / "arms" / "random"
               / "seed_0" / "adapter.safetensors").exists()
+
+
+def test_split_task_adds_validation_without_moving_adapt_or_test():
+  docs = [sources.Document(id=i, text=f"doc {i}", source="s", label="ab"[i % 2])
+          for i in range(60)]
+  old = sources.make_task(docs, "a", 4, 6, seed=3)
+  task, test = sources.split_task(docs, "a", 4, 5, 6, seed=3)
+  assert task.adapt == old.adapt and test == old.heldout  # Same documents as before.
+  ids = [{d.id for d in x} for x in (task.adapt, task.heldout, test, task.pool)]
+  assert len(ids[1]) == 5 and sum(map(len, ids)) == 60 and len(set().union(*ids)) == 60
+  assert not ids[1] & {d.id for d in old.heldout} and ids[1] <= {d.id for d in old.pool}
