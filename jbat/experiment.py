@@ -564,22 +564,8 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
     log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} validation / "
         f"{len(test_docs)} test documents of {config.data.domain!r} (split seed {split}); "
         f"backbone pool {len(task.pool)} documents ({len(pretrain_pool)} used for pretraining)")
-  evaluation = [d.text for d in (*task.adapt, *task.heldout)]
-  if own_recs is not None:
-    f = splits.fields(config.data)
-    evaluation += [formats.record_text(r, config.data.format, f) for r in own_recs.test]
-  else:
-    evaluation += [d.text for d in test_docs]
-  keep, near = drop_near_duplicates(config, task.pool, evaluation)
-  if near["dropped"]:
-    task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
-    if own_recs is not None:
-      pool_recs = [r for r, k in zip(pool_recs, keep) if k]
-      pretrain_pool = task.pool
-    else:
-      config_lib.check_select_k(config, len(task.pool))
-      kept_ids = {d.id for d in task.pool}
-      pretrain_pool = [d for d in pretrain_pool if d.id in kept_ids]
+  task, pool_recs, pretrain_pool, near = filter_near_duplicates(
+      config, task, test_docs, own_recs, pool_recs, pretrain_pool)
   prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -609,6 +595,34 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
            "n_pretrain_pool": len(pretrain_pool), "near_dup": near}
   return Replicate(split=split, task=task, adapt=adapt, valid=valid, test=test, base=base,
                    tok=tok, own=own, facts=facts)
+
+
+def filter_near_duplicates(config: ml_collections.ConfigDict, task: sources.Task,
+                           test_docs: Sequence[sources.Document],
+                           own_recs: splits.TaskRecords | None,
+                           pool_recs: list[files.Record] | None,
+                           pretrain_pool: Sequence[sources.Document]):
+  """Drops the pool's near-duplicates of the target's adaptation, validation and test
+  documents (`drop_near_duplicates`) from the task's pool, the user's pool records (own path:
+  `own_recs` / `pool_recs`, kept aligned with task.pool) and the backbone's pretraining pool.
+  Returns (task, pool_recs, pretrain_pool, facts)."""
+  evaluation = [d.text for d in (*task.adapt, *task.heldout)]
+  if own_recs is not None:
+    f = splits.fields(config.data)
+    evaluation += [formats.record_text(r, config.data.format, f) for r in own_recs.test]
+  else:
+    evaluation += [d.text for d in test_docs]
+  keep, near = drop_near_duplicates(config, task.pool, evaluation)
+  if near["dropped"]:
+    task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
+    if own_recs is not None:
+      pool_recs = [r for r, k in zip(pool_recs, keep) if k]
+      pretrain_pool = task.pool
+    else:
+      config_lib.check_select_k(config, len(task.pool))
+      kept_ids = {d.id for d in task.pool}
+      pretrain_pool = [d for d in pretrain_pool if d.id in kept_ids]
+  return task, pool_recs, pretrain_pool, near
 
 
 def drop_near_duplicates(config: ml_collections.ConfigDict, pool: Sequence[sources.Document],

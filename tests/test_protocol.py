@@ -135,3 +135,26 @@ def test_split_task_adds_validation_without_moving_adapt_or_test():
   ids = [{d.id for d in x} for x in (task.adapt, task.heldout, test, task.pool)]
   assert len(ids[1]) == 5 and sum(map(len, ids)) == 60 and len(set().union(*ids)) == 60
   assert not ids[1] & {d.id for d in old.heldout} and ids[1] <= {d.id for d in old.pool}
+
+
+def test_own_path_pool_records_near_duplicates_dropped_and_kept_aligned(tmp_path):
+  """Your own files: pool records that are near-copies of an adapt / valid / test example
+  leave the pool, its records and the pretraining pool together; far ones stay."""
+  rows = lambda texts: "".join(json.dumps({"text": t}) + "\n" for t in texts)
+  adapt = [f"adaptation example number {i} about rockets and orbits" for i in range(6)]
+  valid = ["a validation sentence on comets and telescopes"]
+  test = ["the test sentence: gravity pulls the moon around the planet"]
+  pool = ["VIDEO: " + adapt[2].upper() + "!", "RT @x: the test sentence - gravity pulls the "
+          "moon around the planet", "bake the bread with flour and butter",
+          "A validation sentence on comets and telescopes.", "guitar chords and melody"]
+  for name, texts in (("adapt", adapt), ("valid", valid), ("test", test), ("pool", pool)):
+    (tmp_path / f"{name}.jsonl").write_text(rows(texts))
+  c = config_lib.base_config()
+  for name in ("adapt", "valid", "test", "pool"):
+    c.data[name] = str(tmp_path / f"{name}.jsonl")
+  task, recs, pool_recs = experiment.load_own_task(c)
+  task, pool_recs, pretrain, near = experiment.filter_near_duplicates(
+      c, task, [], recs, pool_recs, task.pool)
+  assert near["dropped"] == 3
+  assert [d.text for d in task.pool] == [pool[2], pool[4]] == [d.text for d in pretrain]
+  assert [r.fields["text"] for r in pool_recs] == [pool[2], pool[4]]
