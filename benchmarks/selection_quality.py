@@ -7,9 +7,11 @@
       --set bat.reselect_every=60 --set bat.reselect_top=3000 --tag reselect   # any config key
 
 For each task it runs `jbat.experiment.run` (resumable: finished arms are read back from the
-workdir, `runs/bench_<task>` by default) and prints a table of best held-out NLL per arm (mean
-over seeds) with the paired difference to random and
-`gap_closed = (L_random - L_arm) / (L_random - L_oracle)`. The last line is one JSON object:
+workdir, `runs/bench_<task>` by default) and prints a table of best *validation* NLL per arm
+(mean over pairs) with the paired difference to random and
+`gap_closed = (L_random - L_arm) / (L_random - L_oracle)`, all on validation: this is what
+defaults (score, rule, top_n, re-selection, k, rho) are chosen on; the test numbers are in each
+run's report.md / results.json, never used to choose. The last line is one JSON object:
 `{"tasks": {task: {"gap_closed": {arm: g}, "best_nll": {arm: mean}, "beats_random": {arm:
 bool}}}}`, where beats_random means the 95% interval of the paired difference is below zero.
 """
@@ -87,7 +89,7 @@ def main() -> None:
     summary = experiment.run(cfg)
     arms, st = summary["arms"], summary["stats"]
     print(f"\n== {task}: domain {summary['domain']}, seeds {summary['seeds']} ==")
-    print(f"{'arm':<16}{'best NLL':>10}{'vs random [95% CI]':>32}{'gap closed':>12}"
+    print(f"{'arm':<16}{'valid NLL':>10}{'vs random [95% CI]':>32}{'gap closed':>12}"
           f"{'precision':>11}")
     res = {"gap_closed": {}, "best_nll": {}, "beats_random": {}}
     for name, a in arms.items():
@@ -95,7 +97,7 @@ def main() -> None:
       vs = st.get(name, {}).get("best_nll_vs_random")
       ci = "-" if not vs else (f"{vs['mean']:+.4f}" + (
           f" [{vs['lo']:+.4f}, {vs['hi']:+.4f}]" if vs["lo"] is not None else ""))
-      gap = st.get(name, {}).get("gap_closed")
+      gap = st.get(name, {}).get("gap_closed_valid", st.get(name, {}).get("gap_closed"))
       prec = a.get("precision")
       print(f"{name:<16}{mean:>10.4f}{ci:>32}{'-' if gap is None else f'{100 * gap:.0f}%':>12}"
             f"{'-' if prec is None else f'{prec:.2f}':>11}")

@@ -13,8 +13,16 @@ and seeds (`config.seeds`), paired by seed:
   <score>   + the selection by that score (e.g. align, loss_diff, less, dsir) with `select.rule`.
 Backbone arms put `bat.rho` of each batch on the selected documents (their loss weighted by
 `bat.lam`) on top of the same `train.batch_size` adaptation rows. The selection is computed once
-(with `config.seed`) and shared by all training seeds. With `bat.reselect_every` the model-score
-arms select again around each seed's adapter every that many steps (`make_reselector`).
+per draw seed (`config.draw_seeds`, default `config.seed`) and shared by all training seeds.
+With `bat.reselect_every` the model-score arms select again around each seed's adapter every
+that many steps (`make_reselector`), and the oracle re-draws at the same steps (matched: as many
+distinct documents as albat).
+
+Protocol (`jbat.protocol`, docs/method.md): every task has adaptation, validation (`heldout`
+below: chooses the best step) and test splits; the test split is sealed until each adapter's
+training has ended. `config.split_seeds` repeats the whole experiment over target splits (one
+backbone each), `config.draw_seeds` over draws; results are paired by (split, draw, seed).
+`stop_after = "select"` stops at the first split's selections.
 """
 
 from __future__ import annotations
@@ -576,7 +584,7 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
   """Loads the task for target-split seed `split` (labelled corpus or the user's files), drops
   the pool's near-duplicates of the target's documents, gets the backbone and encodes the
   splits. `prepare` runs once the data is known to be good (creates the workdir)."""
-  own, own_recs, test_docs, index = None, None, [], None
+  own, own_recs, test_docs = None, None, []
   if own_data(config):
     log(f"data: reading your task (data.adapt={config.data.adapt}) and pool (split {split})")
     task, own_recs = load_own_task(with_seed(config, split))
@@ -595,30 +603,8 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
     log(f"data: {len(task.adapt)} adaptation / {len(task.heldout)} validation / "
         f"{len(test_docs)} test documents of {config.data.domain!r} (split seed {split}); "
         f"backbone pool {len(task.pool)} documents ({len(pretrain_pool)} used for pretraining)")
-  evaluation = [d.text for d in (*task.adapt, *task.heldout)]
-  if own_recs is not None:
-    f = splits.fields(config.data)
-    evaluation += [formats.record_text(r, config.data.format, f) for r in own_recs.test]
-    # The pool is streamed: its near-duplicates are dropped chunk by chunk as it is read
-    # (`pool_stream.FilePool`), by this index of the evaluation texts, built once. A backbone
-    # pretrained on the pool reads it whole anyway: the same records leave it here.
-    index = near_dup_index(config, evaluation)
-    keep, pre = drop_near_duplicates(config, pretrain_pool, evaluation, index=index,
-                                     what="pool records (backbone pretraining data)")
-    pretrain_pool = [d for d, k in zip(pretrain_pool, keep) if k]
-    near = streamed_near_facts(config, None if config.model.pretrained else pre)
-    if index is not None:
-      log(f"data: pool records that are near-duplicates of the {len(evaluation)} adaptation / "
-          f"validation / test examples (character {neardup.NGRAM}-gram Jaccard >= "
-          f"{config.data.near_dup}) are dropped as the pool is streamed")
-  else:
-    evaluation += [d.text for d in test_docs]
-    keep, near = drop_near_duplicates(config, task.pool, evaluation)
-    if near["dropped"]:
-      task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
-      config_lib.check_select_k(config, len(task.pool))
-      kept_ids = {d.id for d in task.pool}
-      pretrain_pool = [d for d in pretrain_pool if d.id in kept_ids]
+  task, index, pretrain_pool, near = filter_near_duplicates(
+      config, task, test_docs, own_recs, pretrain_pool)
   prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -651,6 +637,44 @@ def near_dup_index(config: ml_collections.ConfigDict, evaluation: Sequence[str]
   """The near-duplicate index of the evaluation texts (data.near_dup; None when 0: off)."""
   threshold = config.data.near_dup
   return neardup.Index(evaluation, threshold=threshold) if threshold else None
+
+
+def filter_near_duplicates(config: ml_collections.ConfigDict, task: sources.Task,
+                           test_docs: Sequence[sources.Document],
+                           own_recs: splits.TaskRecords | None,
+                           pretrain_pool: Sequence[sources.Document]):
+  """Drops the pool's near-duplicates of the target's adaptation, validation and test
+  documents (`drop_near_duplicates`) from the task's pool and the backbone's pretraining pool.
+  Returns (task, index, pretrain_pool, facts).
+
+  The labelled corpus's pool is in memory: it is filtered here (index None). The user's pool
+  (own path, `own_recs`) is streamed from its files: its records are dropped chunk by chunk as
+  they are read, by the returned `neardup.Index` of the evaluation texts (built once; give it
+  to `encode_own_task`), and the counts come from the pass that reads it whole
+  (`settle_near_facts`); only `pretrain_pool` (the whole pool in memory, when the backbone is
+  pretrained on it) is filtered here."""
+  evaluation = [d.text for d in (*task.adapt, *task.heldout)]
+  if own_recs is not None:
+    f = splits.fields(config.data)
+    evaluation += [formats.record_text(r, config.data.format, f) for r in own_recs.test]
+    index = near_dup_index(config, evaluation)
+    keep, pre = drop_near_duplicates(config, pretrain_pool, evaluation, index=index,
+                                     what="pool records (backbone pretraining data)")
+    pretrain_pool = [d for d, k in zip(pretrain_pool, keep) if k]
+    if index is not None:
+      log(f"data: pool records that are near-duplicates of the {len(evaluation)} adaptation / "
+          f"validation / test examples (character {neardup.NGRAM}-gram Jaccard >= "
+          f"{config.data.near_dup}) are dropped as the pool is streamed")
+    return task, index, pretrain_pool, streamed_near_facts(
+        config, None if config.model.pretrained else pre)
+  evaluation += [d.text for d in test_docs]
+  keep, near = drop_near_duplicates(config, task.pool, evaluation)
+  if near["dropped"]:
+    task = dataclasses.replace(task, pool=[d for d, k in zip(task.pool, keep) if k])
+    config_lib.check_select_k(config, len(task.pool))
+    kept_ids = {d.id for d in task.pool}
+    pretrain_pool = [d for d in pretrain_pool if d.id in kept_ids]
+  return task, None, pretrain_pool, near
 
 
 def drop_near_duplicates(config: ml_collections.ConfigDict, pool: Sequence[sources.Document],

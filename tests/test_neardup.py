@@ -19,6 +19,7 @@ def test_normalise_strips_prefixes_urls_case_and_punctuation():
   assert n("AUDIO: Sleep matters (bbc.co.uk/news)") == "sleep matters"
   assert n("MT @nhs IN PICTURES: The NHS at 70") == "the nhs at 70"
   assert n("Video: how it works") == "video how it works"  # Only upper-case prefixes go.
+  assert n("Mt Everest: the climb") == "mt everest the climb"  # RT/MT only before @user.
   assert neardup.shingles("ab") == {"ab"} and neardup.shingles("!!") == set()
 
 

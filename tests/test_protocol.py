@@ -128,8 +128,9 @@ def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
 
 def test_early_stopping_in_every_replicate(tmp_path):
   """train.patience inside the split x draw loop: with lr 1e-30 (no update survives float32
-  rounding) the validation NLL never improves after step 0, so every adapter of every replicate stops after `patience` evaluations; the
-  arm's early_stopping holds one stopped step per pair and report.md lists them all."""
+  rounding) the validation NLL never improves after step 0, so every adapter of every
+  replicate stops after `patience` evaluations; the arm's early_stopping holds one stopped
+  step per pair and report.md lists them all."""
   path = synthetic.write_jsonl(tmp_path / "corpus.jsonl", 60)
   c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
   c.cache_dir, c.workdir, c.progress = str(tmp_path / "cache"), str(tmp_path / "run"), False
@@ -148,3 +149,44 @@ def test_early_stopping_in_every_replicate(tmp_path):
   assert none["best_step"] == [0, 0, 0, 0] and len(none["test_nll_best"]) == 4
   report_md = (tmp_path / "run" / "report.md").read_text()
   assert "## Early stopping" in report_md and "- none: 2, 2, 2, 2 (patience 2" in report_md
+
+
+def test_split_task_adds_validation_without_moving_adapt_or_test():
+  docs = [sources.Document(id=i, text=f"doc {i}", source="s", label="ab"[i % 2])
+          for i in range(60)]
+  old = sources.make_task(docs, "a", 4, 6, seed=3)
+  task, test = sources.split_task(docs, "a", 4, 5, 6, seed=3)
+  assert task.adapt == old.adapt and test == old.heldout  # Same documents as before.
+  ids = [{d.id for d in x} for x in (task.adapt, task.heldout, test, task.pool)]
+  assert len(ids[1]) == 5 and sum(map(len, ids)) == 60 and len(set().union(*ids)) == 60
+  assert not ids[1] & {d.id for d in old.heldout} and ids[1] <= {d.id for d in old.pool}
+
+
+def test_own_path_pool_records_near_duplicates_dropped_as_the_pool_streams(tmp_path):
+  """Your own files: pool records that are near-copies of an adapt / valid / test example
+  leave the backbone's pretraining pool (in memory) and the streamed pool (the split's index
+  in the FilePool read path, counted); far ones stay."""
+  from jbat.data import pool_stream
+  from jbat.data.tokenizer import train_bpe_tokenizer
+  rows = lambda texts: "".join(json.dumps({"text": t}) + "\n" for t in texts)  # noqa: E731
+  adapt = [f"adaptation example number {i} about rockets and orbits" for i in range(6)]
+  valid = ["a validation sentence on comets and telescopes"]
+  test = ["the test sentence: gravity pulls the moon around the planet"]
+  pool = ["VIDEO: " + adapt[2].upper() + "!", "RT @x: the test sentence - gravity pulls the "
+          "moon around the planet", "bake the bread with flour and butter",
+          "A validation sentence on comets and telescopes.", "guitar chords and melody"]
+  for name, texts in (("adapt", adapt), ("valid", valid), ("test", test), ("pool", pool)):
+    (tmp_path / f"{name}.jsonl").write_text(rows(texts))
+  c = config_lib.base_config()
+  for name in ("adapt", "valid", "test", "pool"):
+    c.data[name] = str(tmp_path / f"{name}.jsonl")
+  task, recs = experiment.load_own_task(c)
+  task, index, pretrain, near = experiment.filter_near_duplicates(
+      c, task, [], recs, experiment.pool_documents(c))
+  assert near["streamed"] and near["dropped"] == 3 and near["pool_before"] == 5
+  assert [d.text for d in pretrain] == [pool[2], pool[4]]
+  tok = train_bpe_tokenizer(adapt + valid + test + pool, 300, tmp_path / "tok.json")
+  _, own = experiment.encode_own_task(c, task, recs, tok, near_dup=index)
+  counts = pool_stream.PoolCounts()
+  assert [ex["text"] for ex in own.pool.local_examples(counts=counts)] == [pool[2], pool[4]]
+  assert counts.near_duplicate == 3 and counts.read == 5

@@ -50,6 +50,8 @@ def test_generated_table_from_synthetic_results(tmp_path):
       "| albat | 2.8567 ± 0.1365 | -0.2433 [-0.4457, -0.0410] | -0.3433 [-0.5457, -0.1410] | "
       "-0.0433 [-0.2457, +0.1590] | 114% | 15 | 2.7667 ± 0.1528 |",
   ]
+  stats = synthetic_results()["stats"]["albat"]  # Validation's own gap, to choose on.
+  assert abs(stats["gap_closed_valid"] - (3.1 - (2.6 + 2.9 + 2.8) / 3) / (3.1 - 2.8)) < 1e-9
   assert ("- `albat` beats none: yes (-0.2433 [-0.4457, -0.0410]); random: yes "
           "(-0.3433 [-0.5457, -0.1410]); oracle: no, a tie (-0.0433 [-0.2457, +0.1590]).") in text
 

@@ -39,7 +39,7 @@ BANDS = 32
 ROWS = 4
 
 _URL = re.compile(r"https?://\S+|www\.\S+|\b(?:[a-z0-9-]+\.)+[a-z]{2,}(?:/\S*)?", re.IGNORECASE)
-_RT = re.compile(r"^\s*(?:rt|mt)\b\s*(?:@\w+)?\s*:?\s*", re.IGNORECASE)
+_RT = re.compile(r"^\s*(?:rt|mt)\s+@\w+\s*:?\s*", re.IGNORECASE)
 _PREFIX = re.compile(r"^\s*[A-Z][A-Z ]{1,24}:\s*")
 _PUNCT = re.compile(r"[^\w\s]|_")
 _ASCII_PUNCT = str.maketrans({c: " " for c in map(chr, range(128))
