@@ -88,8 +88,21 @@ class FilePool:
     self.files = probe.nonempty
     self.empty_files = probe.empty_files
     self._index = {f: i for i, f in enumerate(self.files)}
+    self._check_columns()
     self.task_hashes = {sources.text_hash(t) for t in task_texts}
     self._row_counts: list[int] | None = None
+
+  def _check_columns(self) -> None:
+    """JbatError now (not mid-scoring) for a Parquet file without a needed column (reads only
+    the files' footers)."""
+    need = [*self.need, *([self.id_field] if self.id_field else [])]
+    for f in self.files:
+      if files.kind(f) == "parquet":
+        names = set(files._parquet(f, "data.pool").schema_arrow.names)  # noqa: SLF001
+        missing = [c for c in need if c not in names]
+        if missing:
+          raise JbatError(f"data.pool: {f}: Parquet file has no column {missing[0]!r} "
+                          f"(columns: {', '.join(sorted(names))}).")
 
   def _reader(self, shard_index: int = 0, shard_count: int = 1) -> files.RecordReader:
     return files.RecordReader(self.spec, fields=self.need, text_field=self.fields.text,
