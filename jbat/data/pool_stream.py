@@ -37,12 +37,6 @@ from jbat.errors import JbatError
 CHUNK = 512  # Records read and tokenized at a time.
 
 
-def text_hash64(text: str) -> int:
-  """A 63-bit integer of the normalised text's hash (`sources.text_hash`): equal texts, equal
-  values; used for exact-text dedup of a streamed pool."""
-  return int(sources.text_hash(text)[:16], 16) & ((1 << 63) - 1)
-
-
 @dataclasses.dataclass
 class PoolCounts:
   """What a pass over (a share of) the pool read and left out."""
@@ -154,8 +148,8 @@ class FilePool:
           counts.repeated_id += 1
           continue
         seen.add(r.id)
-      ex.update(file=self._index[r.file], row=r.row, hash=int(h[:16], 16) & ((1 << 63) - 1),
-                text=text, record=r)
+      ex.update(file=self._index[r.file], row=r.row, hash=int(h[:15], 16), text=text,
+                record=r)  # hash: 60 bits of the text hash, for exact-text dedup.
       out.append(ex)
     counts.kept += len(out)
     return out
@@ -245,8 +239,3 @@ def training_example(ex: dict[str, Any]) -> dict[str, Any]:
   """The encoded example alone (id, ids, weights), without the streaming extras."""
   return {k: v for k, v in ex.items() if k in ("id", "ids", "weights")}
 
-
-def check_nonempty(n: int) -> None:
-  if n == 0:
-    raise JbatError("data.pool: no usable records (all cut by data.max_len, empty, or equal "
-                    "to a task example's text)")
