@@ -261,3 +261,12 @@ def test_streamed_scores_equal_in_memory_scores_and_resume(setup, tmp_path):
                         meta={"file": np.array([1, 0, 0]), "row": np.array([0, 7, 2])})
   m = t.sorted_by_id()
   assert m.ids.tolist() == [3, 5] and m.scores["x"].tolist() == [2., 3.]
+
+
+def test_parquet_without_the_text_column_fails_before_streaming(setup, tmp_path):
+  from jbat.errors import JbatError
+  d, tok = setup
+  pq.write_table(pa.table({"body": ["a b c"]}), tmp_path / "bad.parquet")
+  with pytest.raises(JbatError, match=r"bad.parquet: Parquet file has no column 'text'"):
+    pool_stream.FilePool(f"{pool_spec(d)},{tmp_path / 'bad.parquet'}", fmt="text",
+                         fields=formats.Fields(), id_field="", tokenizer=tok, max_len=32)

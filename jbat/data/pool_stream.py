@@ -45,12 +45,6 @@ from jbat.errors import JbatError
 CHUNK = 512  # Records read and tokenized at a time.
 
 
-def text_hash64(text: str) -> int:
-  """A 63-bit integer of the normalised text's hash (`sources.text_hash`): equal texts, equal
-  values; used for exact-text dedup of a streamed pool."""
-  return int(sources.text_hash(text)[:16], 16) & ((1 << 63) - 1)
-
-
 @dataclasses.dataclass
 class PoolCounts:
   """What a pass over (a share of) the pool read and left out."""
@@ -101,8 +95,21 @@ class FilePool:
     self.files = probe.nonempty
     self.empty_files = probe.empty_files
     self._index = {f: i for i, f in enumerate(self.files)}
+    self._check_columns()
     self.task_hashes = {sources.text_hash(t) for t in task_texts}
     self._row_counts: list[int] | None = None
+
+  def _check_columns(self) -> None:
+    """JbatError now (not mid-scoring) for a Parquet file without a needed column (reads only
+    the files' footers)."""
+    need = [*self.need, *([self.id_field] if self.id_field else [])]
+    for f in self.files:
+      if files.kind(f) == "parquet":
+        names = set(files._parquet(f, "data.pool").schema_arrow.names)  # noqa: SLF001
+        missing = [c for c in need if c not in names]
+        if missing:
+          raise JbatError(f"data.pool: {f}: Parquet file has no column {missing[0]!r} "
+                          f"(columns: {', '.join(sorted(names))}).")
 
   def _reader(self, shard_index: int = 0, shard_count: int = 1) -> files.RecordReader:
     return files.RecordReader(self.spec, fields=self.need, text_field=self.fields.text,
@@ -163,8 +170,8 @@ class FilePool:
           counts.repeated_id += 1
           continue
         seen.add(r.id)
-      ex.update(file=self._index[r.file], row=r.row, hash=int(h[:16], 16) & ((1 << 63) - 1),
-                text=text, record=r)
+      ex.update(file=self._index[r.file], row=r.row, hash=int(h[:15], 16), text=text,
+                record=r)  # hash: 60 bits of the text hash, for exact-text dedup.
       out.append(ex)
     counts.kept += len(out)
     return out
@@ -254,8 +261,3 @@ def training_example(ex: dict[str, Any]) -> dict[str, Any]:
   """The encoded example alone (id, ids, weights), without the streaming extras."""
   return {k: v for k, v in ex.items() if k in ("id", "ids", "weights")}
 
-
-def check_nonempty(n: int) -> None:
-  if n == 0:
-    raise JbatError("data.pool: no usable records (all cut by data.max_len, empty, or equal "
-                    "to a task example's text)")
