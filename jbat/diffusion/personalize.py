@@ -230,8 +230,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   base = with_lora(backbone, config, config.seed)  # equals the backbone (B = 0, ident = 0)
   table_path = wd / "backbone_classes.json"
-  if table_path.exists():
-    per_class = json.loads(table_path.read_text())
+  if table_path.exists():  # (JSON keys are sorted: back to class order)
+    stored = json.loads(table_path.read_text())
+    per_class = {name: stored[name] for name in data.class_names}
   else:
     per_class, bb_grid = backbone_table(base, config, clf, data.class_names)
     save_grid(wd / "grids" / "backbone.png", bb_grid, 10)
