@@ -1,20 +1,18 @@
 """DreamBooth-style personalization of a small diffusion model, with ALBAT-selected backbone data.
 
-  python -m jbat.train --config configs/personalize_demo.py        # ~14 min cold, ~6 warm
+  python -m jbat.train --config configs/personalize_demo.py        # 6 subjects x 4 arms x 2 seeds
   python -m jbat.train --config configs/personalize_demo.py:tiny   # digits, toy size (tests)
 
-Timing on a shared 2-core CPU: cold 14 min (Fashion-MNIST fetch 4 s, backbone pretraining
-7.6 min, classifier 50 s, surrogate + pool scoring 1.5 min, 4 arms x 3 seeds 3.6 min); warm
-(backbone and classifier cached under the cache dir) about 6 min. A rerun of a finished or
-interrupted workdir only runs what is missing.
-
 Task: Fashion-MNIST (Debian `dataset-fashion-mnist`, fetched into the cache). The backbone is
-a class-conditional DiT (patch 4, d 64, 4 blocks) pretrained on the train split; the subject
-is one k-means cluster (pixel space) of the "sneaker" class of the test split: 5 images teach
-the identifier "[V] sneaker", the rest of the cluster is held out. Arms (same steps, seeds,
-rows per batch): none, prior (DreamBooth prior preservation with backbone-generated sneakers,
-weight 1.0), random (random pool images) and albat (surrogate LoRA on the 5 images, loss_diff
-scores of the pool, threshold_uniform among the top 300). See jbat/diffusion/personalize.py.
+a class-conditional U-Net (2x2 stem, 32/64 channels, attention at 7x7, v-prediction, cosine
+schedule, EMA weights, DDIM + classifier-free guidance) pretrained on the train split and
+cached. Subjects: the 2 largest k-means clusters (pixel space) of the test images of each of
+t-shirt, sneaker and bag, each split 5 adaptation / 10 validation / up to 100 test images.
+Arms (same steps, seeds, rows per batch): none, prior (DreamBooth prior preservation with
+backbone-generated class images, weight 1.0), random (random pool images) and albat
+(surrogate LoRA on the 5 images, loss_diff scores of the pool, threshold_uniform among the top
+200). See jbat/diffusion/personalize.py and docs/personalization.md. A rerun of a finished or
+interrupted workdir only runs what is missing.
 """
 
 from jbat.diffusion.personalize import base_config
@@ -24,25 +22,26 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.name = "personalize_demo"
   c.data.dataset = "fashion_mnist"
-  c.data.subject_class = 7  # sneaker
-  c.seeds = "0,1,2"
+  c.data.subject_classes = "0,7,8"  # t-shirt, sneaker, bag: 2 subjects each
+  c.seeds = "0,1"
 
   if arg == "tiny":  # scikit-learn digits (8x8, no download), seconds on a CPU.
     c.name = "personalize_tiny"
     c.progress = False
     c.seeds = "0,1"
     c.data.dataset = "digits"
-    c.data.subject_class = 7
-    c.data.n_clusters = 2
+    c.data.subject_classes = "7"
+    c.data.subjects_per_class = 2
+    c.data.n_clusters = 3
     c.data.n_subject = 3
+    c.data.n_val = 3
     c.data.n_heldout = 16
     c.data.n_drift = 16
     c.data.pool_size = 120
-    c.model.patch = 2
+    c.model.widths = "8,16"
+    c.model.patch = 1
     c.model.d_model = 16
-    c.model.depth = 1
     c.model.n_heads = 2
-    c.model.mlp_ratio = 2
     c.backbone.steps = 20
     c.backbone.batch_size = 16
     c.backbone.warmup_steps = 2
@@ -67,6 +66,7 @@ def get_config(arg: str | None = None):
     c.eval.n_draws = 2
     c.eval.batch_size = 16
     c.eval.n_samples = 4
+    c.eval.n_backbone_samples = 4
     c.eval.sample_steps = 3
     c.eval.gen_batch = 8
   elif arg:

@@ -14,16 +14,19 @@ from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
 from jbat.diffusion import ddpm
 from jbat.diffusion import evaluate
-from jbat.diffusion.denoiser import Denoiser, DenoiserConfig, patchify, unpatchify
+from jbat.diffusion import pretrain
+from jbat.diffusion.denoiser import Denoiser, DenoiserConfig, make_denoiser, patchify, unpatchify
 from jbat.errors import JbatError
 from jbat.scoring import kernels, stream
 
 CFG = DenoiserConfig(image_size=8, channels=1, patch=2, d_model=16, depth=2, n_heads=2,
                      mlp_ratio=2, n_classes=10, n_identifiers=2)
+UNET = DenoiserConfig(image_size=8, channels=1, patch=1, d_model=16, n_heads=2, n_classes=10,
+                      n_identifiers=2, arch="unet", widths=(8, 16))
 
 
 def _model(seed=0, cfg=CFG):
-  model = Denoiser(cfg, rngs=nnx.Rngs(seed))
+  model = make_denoiser(cfg, rngs=nnx.Rngs(seed))
   # adaLN-Zero / zero output layers make a fresh model output exactly 0: perturb every
   # parameter so the tests see a generic network.
   state = nnx.state(model, nnx.Param)
@@ -64,11 +67,32 @@ def test_denoiser_output_shape_and_patch_roundtrip(size, patch):
   np.testing.assert_array_equal(np.asarray(p[0, 0]), x[0, :patch, :patch, 0].reshape(-1))
 
 
+@pytest.mark.parametrize("patch,widths", [(1, (8, 16)), (2, (8, 16)), (1, (8, 8, 16))])
+def test_unet_output_shape_and_rows_are_independent(patch, widths):
+  cfg = DenoiserConfig(image_size=8, patch=patch, d_model=16, n_heads=2, arch="unet",
+                       widths=widths)
+  model = _model(cfg=cfg)
+  x = jnp.asarray(_images(3))
+  t, label, ident = jnp.array([0, 500, 999]), jnp.array([1, 2, 10]), jnp.array([0, 1, 0])
+  out = model(x, t, label, ident)
+  assert out.shape == (3, 8, 8, 1) and np.all(np.isfinite(np.asarray(out)))
+  one = model(x[1:2], t[1:2], label[1:2], ident[1:2])
+  np.testing.assert_allclose(np.asarray(one[0]), np.asarray(out[1]), rtol=1e-4, atol=1e-5)
+  other = model(x[1:2], t[1:2], jnp.array([3]), ident[1:2])
+  assert not np.allclose(np.asarray(other), np.asarray(one))  # the class reaches the output
+
+
 def test_denoiser_config_errors_name_the_field():
   with pytest.raises(JbatError, match="model.patch"):
     DenoiserConfig(image_size=8, patch=3).validate()
   with pytest.raises(JbatError, match="model.n_heads"):
     DenoiserConfig(d_model=10, n_heads=4).validate()
+  with pytest.raises(JbatError, match="model.arch"):
+    DenoiserConfig(arch="vae").validate()
+  with pytest.raises(JbatError, match="model.widths"):
+    DenoiserConfig(image_size=28, patch=2, arch="unet", widths=(8, 8, 8)).validate()  # 14 / 4
+  with pytest.raises(JbatError, match="model.widths"):
+    DenoiserConfig(arch="unet", widths=(12,)).validate()  # not a multiple of the groups
 
 
 def test_conditioning_changes_the_prediction_and_rows_are_independent():
@@ -101,8 +125,8 @@ def test_per_example_loss_is_deterministic_and_matches_brute_force():
       xt = np.sqrt(acp[t]) * x[i] + np.sqrt(1 - acp[t]) * noise
       f = np.asarray(model(jnp.asarray(xt[None], jnp.float32), jnp.array([t]),
                            batch["label"][i:i + 1], batch["ident"][i:i + 1]))[0]
-      pred = np.sqrt(1 - acp[t]) * xt + np.sqrt(acp[t]) * f  # eps_theta from the network F
-      vals.append(np.mean((pred - noise) ** 2))
+      v = np.sqrt(acp[t]) * noise - np.sqrt(1 - acp[t]) * x[i]  # the velocity target
+      vals.append(np.mean((f - v) ** 2))
     np.testing.assert_allclose(a[i], np.mean(vals), rtol=2e-5)
   # The draws depend only on the seed, not on the batch the example sits in.
   sub = _eval_batch(x[[3, 0]], [4, 1], [2, 0], np.array([43, 40]), 3)
@@ -140,11 +164,29 @@ def test_train_loss_is_deterministic_given_the_key_and_weights_rows():
 # ----------------------------------------------------------------------------- LoRA
 
 
-def test_lora_at_init_reproduces_the_backbone_bitwise():
-  backbone = _model()
+def test_cosine_schedule():
+  acp = ddpm.alphas_cumprod()
+  assert acp.shape == (ddpm.T_STEPS,) and np.all(np.diff(acp) < 0)
+  assert acp[0] > 0.9999 and acp[-1] < 1e-6 and abs(acp[ddpm.T_STEPS // 2] - 0.49) < 0.02
+  f = lambda u: np.cos((u / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+  np.testing.assert_allclose(acp[:900], f(np.arange(1, 901)) / f(0), rtol=1e-9)
+
+
+UNET_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|fc1|fc2|emb_proj)$"
+
+
+@pytest.mark.parametrize("cfg", [CFG, UNET], ids=["dit", "unet"])
+def test_lora_at_init_reproduces_the_backbone_bitwise(cfg):
+  backbone = _model(cfg=cfg)
   adapted = nnx.clone(backbone)
-  paths = lora.apply_lora(adapted, lora.LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
-  assert "blocks.0.attn.q_proj" in paths and "blocks.1.fc2" in paths
+  paths = lora.apply_lora(adapted, lora.LoRAConfig(rank=2, alpha=4.0, targets=UNET_TARGETS),
+                          rngs=nnx.Rngs(1))
+  if cfg.arch == "dit":
+    assert "blocks.0.attn.q_proj" in paths and "blocks.1.fc2" in paths
+    lora_b = "blocks.0.attn.q_proj.lora_b"
+  else:
+    assert "mid_attn.attn.q_proj" in paths and "down.0.emb_proj" in paths
+    lora_b = "up.1.emb_proj.lora_b"
   x = jnp.asarray(_images(6))
   t = jnp.array([0, 1, 100, 500, 900, 999])
   label = jnp.array([0, 3, 7, 9, 10, 7])
@@ -157,7 +199,7 @@ def test_lora_at_init_reproduces_the_backbone_bitwise():
   # The identifier table is an adapter leaf, so LoRA-only training updates it.
   _, adapter, _ = lora.split(adapted)
   names = set(lora.adapter_to_flat(adapter))
-  assert "ident_embed" in names and "blocks.0.attn.q_proj.lora_b" in names
+  assert "ident_embed" in names and lora_b in names
 
 
 def test_identifier_gets_gradient_through_the_kernels():
@@ -203,7 +245,7 @@ def test_image_scorable_batches_are_eval_rows_and_the_stream_scores_equal_the_ke
   want = np.concatenate([np.asarray(jax.jit(kernels.loss_diff, static_argnums=0)(
       loss_fn, sur.phi0, phi_s, {k: r[k] for k in evaluate.IMAGE_KEYS + ("valid",)}))[r["valid"]]
       for r in rows])
-  np.testing.assert_allclose(table.scores["loss_diff"], want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(table.scores["loss_diff"], want, rtol=1e-6, atol=1e-6)
   assert np.abs(want).max() > 0
 
 
@@ -211,38 +253,126 @@ def test_image_scorable_batches_are_eval_rows_and_the_stream_scores_equal_the_ke
 
 
 @pytest.mark.parametrize("n_steps", [1, 5, 50])
-def test_ddim_with_the_true_noise_recovers_the_input(n_steps):
+def test_ddim_with_the_true_velocity_recovers_the_input(n_steps):
   x0 = _images(4, seed=1)
   noise = np.random.default_rng(2).standard_normal(x0.shape).astype(np.float32)
   ts = ddpm.ddim_timesteps(n_steps)
   assert ts[0] == ddpm.T_STEPS - 1 and np.all(np.diff(ts) < 0)
   acp = ddpm.alphas_cumprod()
-  x_start = np.sqrt(acp[ts[0]]) * x0 + np.sqrt(1 - acp[ts[0]]) * noise
-  out = ddpm.ddim_sample(lambda x, t: jnp.asarray(noise), jnp.asarray(x_start, jnp.float32), ts,
-                         clip=False)
+  x_start = jnp.asarray(np.sqrt(acp[ts[0]]) * x0 + np.sqrt(1 - acp[ts[0]]) * noise, jnp.float32)
+
+  def v_fn(x, t):  # the velocity of x on the trajectory through (x0, noise)
+    ab = jnp.asarray(acp, jnp.float32)[t][:, None, None, None]
+    return jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
+  out = ddpm.ddim_sample(v_fn, x_start, ts, clip=False)
   np.testing.assert_allclose(np.asarray(out), x0, atol=2e-4)
 
 
 def test_ddim_one_step_matches_the_closed_form():
   x = jnp.asarray(_images(2))
-  eps = jnp.asarray(_images(2, seed=5))
+  v = jnp.asarray(_images(2, seed=5))
   ts = np.array([600, 200], np.int32)
   acp = ddpm.alphas_cumprod()
-  out = np.asarray(ddpm.ddim_sample(lambda x_, t: eps, x, ts[:1], clip=False))
-  want = (np.asarray(x) - np.sqrt(1 - acp[600]) * np.asarray(eps)) / np.sqrt(acp[600])
+  out = np.asarray(ddpm.ddim_sample(lambda x_, t: v, x, ts[:1], clip=False))
+  want = np.sqrt(acp[600]) * np.asarray(x) - np.sqrt(1 - acp[600]) * np.asarray(v)  # x0_hat
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  two = np.asarray(ddpm.ddim_sample(lambda x_, t: v, x, ts, clip=False))
+  a, b = acp[600], acp[200]
+  x0 = want
+  eps = (np.asarray(x) - np.sqrt(a) * x0) / np.sqrt(1 - a)
+  x1 = np.sqrt(b) * x0 + np.sqrt(1 - b) * eps
+  np.testing.assert_allclose(two, np.sqrt(b) * x1 - np.sqrt(1 - b) * np.asarray(v), rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_guidance_scale_one_is_the_conditional_prediction():
   model = _model()
   x = jnp.asarray(_images(2))
   t, label, ident = jnp.array([5, 9]), jnp.array([1, 2]), jnp.array([0, 1])
-  cond = np.asarray(ddpm.predict_eps(model, x, t, label, ident))
-  np.testing.assert_array_equal(np.asarray(ddpm.guided_eps(model, x, t, label, ident, 10, 1.0)),
+  cond = np.asarray(ddpm.predict_v(model, x, t, label, ident))
+  np.testing.assert_array_equal(np.asarray(ddpm.guided_v(model, x, t, label, ident, 10, 1.0)),
                                 cond)
-  unc = np.asarray(ddpm.predict_eps(model, x, t, jnp.array([10, 10]), jnp.array([0, 0])))
-  got = np.asarray(ddpm.guided_eps(model, x, t, label, ident, 10, 3.0))
+  unc = np.asarray(ddpm.predict_v(model, x, t, jnp.array([10, 10]), jnp.array([0, 0])))
+  got = np.asarray(ddpm.guided_v(model, x, t, label, ident, 10, 3.0))
   np.testing.assert_allclose(got, unc + 3.0 * (cond - unc), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- EMA pretraining
+
+
+def test_ema_update_matches_brute_force():
+  ema, params = {"a": jnp.ones(3)}, {"a": jnp.arange(3.0)}
+  for step, decay in ((0, 0.999), (5, 0.999), (1000, 0.9)):
+    d = min(decay, (1 + step) / (10 + step))
+    got = np.asarray(pretrain.ema_update(ema, params, step, decay)["a"])
+    np.testing.assert_allclose(got, d * 1.0 + (1 - d) * np.arange(3.0), rtol=1e-6)
+
+
+def test_pretrain_ema_resumes_to_the_same_weights(tmp_path):
+  from jbat.training import loop
+  x = _images(16)
+  y = np.arange(16, dtype=np.int32) % 10
+  src = [images.Source(x, y, np.zeros_like(y), rows=4)]
+  spec = lambda ckpt: loop.TrainSpec(steps=4, lr=1e-2, warmup_steps=1, clip_norm=1.0,
+                                     ckpt_every=ckpt, keep=1, log_every=2, seed=0)
+  kw = dict(loss_fn=ddpm.train_loss, batch_keys=("x", "label", "ident", "weight"),
+            progress=False)
+  whole = pretrain.pretrain_ema(_model(), images.MixtureIterator(src, 0), spec(0), 0.9,
+                                tmp_path / "a", **kw)
+  # Interrupted during step 3 (after step 2's checkpoint), then resumed from it.
+  half = spec(2)
+
+  class Stop(Exception):
+    pass
+
+  class StopAfter(images.MixtureIterator):
+    def __next__(self):
+      if self.step == 3:
+        raise Stop
+      return super().__next__()
+  with pytest.raises(Stop):
+    pretrain.pretrain_ema(_model(), StopAfter(src, 0), half, 0.9, tmp_path / "b", **kw)
+  assert (tmp_path / "b" / "state.npz").exists()
+  resumed = pretrain.pretrain_ema(_model(), images.MixtureIterator(src, 0), half, 0.9,
+                                  tmp_path / "b", **kw)
+  for u, v in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
+  first = jax.tree.leaves(nnx.state(_model(), nnx.Param))
+  assert any(not np.allclose(np.asarray(a), np.asarray(b))
+             for a, b in zip(first, jax.tree.leaves(whole)))
+
+
+# ----------------------------------------------------------------------------- sample metrics
+
+
+def _unit_rows(n, d, seed):
+  e = np.random.default_rng(seed).standard_normal((n, d))
+  return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def test_mean_cosine_and_pairwise_distance_match_brute_force():
+  a, b = _unit_rows(5, 4, 0), _unit_rows(3, 4, 1)
+  brute = np.mean([[a[i] @ b[j] for j in range(3)] for i in range(5)])
+  assert abs(evaluate.mean_cosine(a, b) - brute) < 1e-12
+  pairs = [1 - a[i] @ a[j] for i in range(5) for j in range(5) if i != j]
+  assert abs(evaluate.mean_pairwise_distance(a) - np.mean(pairs)) < 1e-12
+  assert evaluate.mean_pairwise_distance(np.repeat(a[:1], 4, axis=0)) < 1e-12  # no diversity
+
+
+def test_frechet_distance_matches_closed_forms():
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((400, 3))
+  assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+  # Shift only: the squared mean difference.
+  assert abs(evaluate.frechet_distance(a, a + [1.0, 2.0, 0.0]) - 5.0) < 1e-6
+  # Diagonal covariances: sum_i (m_i^2 + (s_a,i - s_b,i)^2) on the sample statistics.
+  b = rng.standard_normal((300, 3)) * [2.0, 0.5, 1.0] + [0.0, 1.0, 0.0]
+  ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  import scipy.linalg
+  brute = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb)
+           - 2 * np.trace(scipy.linalg.sqrtm(ca @ cb)).real)
+  assert abs(evaluate.frechet_distance(a, b) - brute) < 1e-6
+  assert evaluate.frechet_distance(b, a) == pytest.approx(evaluate.frechet_distance(a, b))
 
 
 # ----------------------------------------------------------------------------- classifier

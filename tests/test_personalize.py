@@ -49,106 +49,125 @@ def test_every_arm_ran_the_same_steps_and_seeds(tiny_run):
   cfg = _tiny_config()
   assert res["arms"] == ["none", "prior", "random", "albat"]
   assert res["seeds"] == [0, 1]
+  subjects = [s["name"] for s in res["task"]["subjects"]]
+  assert subjects == ["7-0", "7-1"]  # the two largest clusters of class 7
+  assert res["units"] == [f"{n}/{s}" for n in subjects for s in res["seeds"]]
   for arm in res["arms"]:
-    for seed in res["seeds"]:
-      r = res["runs"][arm][str(seed)]
-      assert r["steps"] == cfg.train.steps
+    for unit in res["units"]:
+      name, seed = unit.split("/")
+      r = res["runs"][arm][unit]
+      assert r["steps"] == cfg.train.steps and r["subject"] == name
       metrics = [json.loads(line) for line in
-                 (wd / "arms" / arm / f"seed_{seed}" / "fit" / "metrics.jsonl").read_text()
-                 .splitlines()]
+                 (wd / "subjects" / name / "arms" / arm / f"seed_{seed}" / "fit" /
+                  "metrics.jsonl").read_text().splitlines()]
       assert max(m["step"] for m in metrics) == cfg.train.steps
       for m in personalize.METRICS:
         assert np.isfinite(r[m])
-      assert 0.0 <= r["class_frac"] <= 1.0
+      for m in ("prompt_fid", "class_pres"):
+        assert 0.0 <= r[m] <= 1.0
+      assert -1.0 <= r["subject_fid"] <= 1.0 and r["diversity"] >= 0 and r["frechet"] >= -1e-9
       # drift is after - before, with "before" the backbone's loss on the same draws.
-      assert abs(r["drift"] - (r["drift_loss"] - res["backbone_metrics"]["drift_loss"])) < 1e-9
+      before = res["backbone_runs"][name]["drift_loss"]
+      assert abs(r["drift"] - (r["drift_loss"] - before)) < 1e-9
   # Pool arms picked aug.k distinct pool images; seeds give different random picks.
   for arm in ("random", "albat"):
-    for seed in res["seeds"]:
-      ids = res["runs"][arm][str(seed)]["aug_ids"]
+    for unit in res["units"]:
+      ids = res["runs"][arm][unit]["aug_ids"]
       assert len(ids) == len(set(ids)) == cfg.aug.k
-  assert res["runs"]["random"]["0"]["aug_ids"] != res["runs"]["random"]["1"]["aug_ids"]
-  assert res["runs"]["none"]["0"]["aug_ids"] is None
+  assert res["runs"]["random"]["7-0/0"]["aug_ids"] != res["runs"]["random"]["7-0/1"]["aug_ids"]
+  assert res["runs"]["none"]["7-0/0"]["aug_ids"] is None
+  # The backbone's per-class table covers every class.
+  acc = res["backbone"]["class_accuracy"]
+  assert len(acc) == 10 and all(0.0 <= v <= 1.0 for v in acc.values())
+  assert abs(res["backbone"]["mean_class_accuracy"] - np.mean(list(acc.values()))) < 1e-12
 
 
 def test_albat_picks_follow_the_scores(tiny_run):
   _, wd, res = tiny_run
   cfg = _tiny_config()
   tmp = wd.parent
-  # Scored by the shared stream (stream.score_pool): chunks in the score cache, by content.
-  folder = stream.scores_dir(wd / "albat" / "scores")
-  assert folder.parent == tmp / "cache" / "diffusion" / "scores"
-  table = stream.load_table(folder, [cfg.score.name])
-  scores = table.scores[cfg.score.name]
   data = images.load_digits()
   task = personalize.make_task(data, cfg)
-  np.testing.assert_array_equal(table.ids, task.pool_ids)
-  assert scores.shape == (len(task.pool_ids),)
-  rank = {int(i): r for r, i in enumerate(task.pool_ids[np.lexsort((task.pool_ids, -scores))])}
-  for seed in res["seeds"]:
-    ids = res["runs"]["albat"][str(seed)]["aug_ids"]
-    # threshold_uniform: every pick passed tau = 0 and lies in the top_n.
-    pos = np.searchsorted(task.pool_ids, ids)
-    assert np.all(scores[pos] > 0)
-    assert all(rank[int(i)] < cfg.select.top_n for i in ids)
-    prec = float(np.mean(data.train_y[np.asarray(ids)] == cfg.data.subject_class))
-    assert prec == res["runs"]["albat"][str(seed)]["aug_precision"]
+  for sub in task.subjects:
+    # Scored by the shared stream (stream.score_pool): chunks in the score cache, by content.
+    folder = stream.scores_dir(wd / "subjects" / sub.name / "albat" / "scores")
+    assert folder.parent == tmp / "cache" / "diffusion" / "scores"
+    table = stream.load_table(folder, [cfg.score.name])
+    scores = table.scores[cfg.score.name]
+    np.testing.assert_array_equal(table.ids, task.pool_ids)
+    assert scores.shape == (len(task.pool_ids),)
+    rank = {int(i): r for r, i in enumerate(task.pool_ids[np.lexsort((task.pool_ids, -scores))])}
+    for seed in res["seeds"]:
+      run = res["runs"]["albat"][f"{sub.name}/{seed}"]
+      ids = run["aug_ids"]
+      # threshold_uniform: every pick passed tau = 0 and lies in the top_n.
+      pos = np.searchsorted(task.pool_ids, ids)
+      assert np.all(scores[pos] > 0)
+      assert all(rank[int(i)] < cfg.select.top_n for i in ids)
+      prec = float(np.mean(data.train_y[np.asarray(ids)] == sub.cls))
+      assert prec == run["aug_precision"]
 
 
 def test_report_numbers_equal_results_json(tiny_run):
   _, wd, res = tiny_run
   report = (wd / "report.md").read_text()
   lines = report.splitlines()
-  start = lines.index("| arm | fidelity | drift | class_frac | embed_dist |") + 2
+  head = [i for i, line in enumerate(lines) if line.startswith("| arm | subject fidelity")][0]
+  start = head + 2
   end = lines.index("", start)
   rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
           for line in lines[start:end]}
   summary = res["summary"]
-  for arm, metrics in summary["arms"].items():
+  for arm, metrics in list(summary["arms"].items()) + [("backbone (before)",
+                                                         summary["backbone"])]:
     cells = rows[arm]
     for cell, m in zip(cells, personalize.METRICS):
       vals = metrics[m]
       want = (f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}")
       assert cell == want, (arm, m, cell, want)
-      # ... and the per-seed values are the runs' numbers.
-      assert vals == [res["runs"][arm][str(s)][m] for s in res["seeds"]]
+      # ... and the per-unit values are the runs' numbers.
+      if arm in res["runs"]:
+        assert vals == [res["runs"][arm][u][m] for u in res["units"]]
   paired_lines = [line for line in report.splitlines() if re.match(r"\| \w+ \| \w+ \| [+-]", line)]
   assert len(paired_lines) == sum(len(v) for v in summary["paired"].values())
+  refs = {**summary["arms"], "backbone": summary["backbone"]}
   for line in paired_lines:
     arm, ref, *cells = [c.strip() for c in line.split("|")[1:-1]]
     for cell, m in zip(cells, personalize.METRICS):
       st = summary["paired"][arm][ref][m]
-      diffs = [a - b for a, b in zip(summary["arms"][arm][m], summary["arms"][ref][m])]
+      diffs = [a - b for a, b in zip(summary["arms"][arm][m], refs[ref][m])]
       assert abs(st["mean"] - np.mean(diffs)) < 1e-12
       assert cell.startswith(f"{st['mean']:+.4f} [{st['lo']:+.4f}, {st['hi']:+.4f}]")
-  b = res["backbone_metrics"]
-  assert rows["backbone (before)"][0] == f"{b['fidelity']:.4f}"
+  b = res["backbone"]
+  assert " | ".join(f"{v:.2f}" for v in b["class_accuracy"].values()) in report
 
 
 def test_grids_exist_and_are_pngs(tiny_run):
   _, wd, res = tiny_run
   import matplotlib.image
-  for name in res["arms"] + ["subject", "backbone"]:
+  subjects = [s["name"] for s in res["task"]["subjects"]]
+  for name in subjects + ["backbone"]:
     path = wd / "grids" / f"{name}.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = matplotlib.image.imread(path)
     assert img.ndim == 3 and img.shape[0] > 8 and img.shape[1] > 8
     assert f"grids/{name}.png" in (wd / "report.md").read_text()
-  # one row of samples per seed in each arm's grid (8x8 images, 1-px borders, upscaled 4x)
+  # A subject's grid: one row of real images, then one row per arm (8x8 images, 1-px
+  # borders, upscaled 4x), as many columns as samples.
   n_samples = _tiny_config().eval.n_samples
-  img = matplotlib.image.imread(wd / "grids" / "none.png")
-  assert img.shape[:2] == (4 * (len(res["seeds"]) * 9 + 1), 4 * (n_samples * 9 + 1))
+  img = matplotlib.image.imread(wd / "grids" / f"{subjects[0]}.png")
+  assert img.shape[:2] == (4 * ((1 + len(res["arms"])) * 9 + 1), 4 * (n_samples * 9 + 1))
 
 
 def test_rerun_skips_finished_runs_and_a_lost_result_is_recomputed_identically(tiny_run):
   tmp, wd, res = tiny_run
-  lost = wd / "arms" / "albat" / "seed_1" / "result.json"
+  lost = wd / "subjects" / "7-1" / "arms" / "albat" / "seed_1" / "result.json"
   before = json.loads(lost.read_text())
   lost.unlink()
   assert _main(_args(tmp)) == 0
   again = json.loads((wd / "results.json").read_text())
   for k in personalize.METRICS + ("aug_ids",):
-    assert again["runs"]["albat"]["1"][k] == before[k]
+    assert again["runs"]["albat"]["7-1/1"][k] == before[k]
   assert again["summary"] == res["summary"]
   assert again["backbone"]["cached"] is True
 
@@ -191,26 +210,41 @@ def test_validate_unknown_key_and_types():
   with pytest.raises(JbatError, match="score.name"):
     personalize.validate(c3)
   c4 = _tiny_config()
-  c4.data.cluster_rank = 5
-  with pytest.raises(JbatError, match="data.cluster_rank"):
+  c4.data.subjects_per_class = c4.data.n_clusters
+  with pytest.raises(JbatError, match="data.subjects_per_class"):
     personalize.validate(c4)
+  c5 = _tiny_config()
+  c5.data.subject_classes = "7,12"
+  with pytest.raises(JbatError, match="data.subject_classes"):
+    personalize.validate(c5)
 
 
 def test_make_task_splits_are_disjoint_and_consistent():
   cfg = _tiny_config()
+  cfg.data.subject_classes = "7,3"
   data = images.load_digits()
   task = personalize.make_task(data, cfg)
-  cls = cfg.data.subject_class
-  assert len(task.subject_x) == cfg.data.n_subject
-  class_imgs = data.test_x[data.test_y == cls].reshape(-1, 64)
+  assert [s.name for s in task.subjects] == ["7-0", "7-1", "3-0", "3-1"]
   as_rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}
-  subj, held, drift = as_rows(task.subject_x), as_rows(task.heldout_x), as_rows(task.drift_x)
-  assert not subj & held and not subj & drift and not held & drift
-  assert (subj | held | drift) <= {r.tobytes() for r in class_imgs}
+  for cls in (7, 3):
+    subs = [s for s in task.subjects if s.cls == cls]
+    sizes = task.cluster_sizes[cls]
+    assert [s.cluster_size for s in subs] == sizes[:2] and sizes == sorted(sizes, reverse=True)
+    class_imgs = {r.tobytes() for r in data.test_x[data.test_y == cls].reshape(-1, 64)}
+    seen = set()
+    for s in subs:
+      assert len(s.adapt_x) == cfg.data.n_subject and len(s.val_x) == cfg.data.n_val
+      parts = [as_rows(s.adapt_x), as_rows(s.val_x), as_rows(s.test_x)]
+      assert sum(map(len, parts)) == len(set().union(*parts))  # disjoint splits
+      assert not set().union(*parts) & seen and not set().union(*parts) & as_rows(s.drift_x)
+      assert set().union(*parts) <= class_imgs and as_rows(s.drift_x) <= class_imgs
+      seen |= set().union(*parts)
   assert np.all(np.diff(task.pool_ids) > 0) and len(task.pool_ids) == cfg.data.pool_size
   assert len(task.pretrain_ids) == len(data.train_y)  # backbone_keep = 1
   cfg.data.backbone_keep = 0.5
   thin = personalize.make_task(data, cfg)
-  n_cls = int(np.sum(data.train_y == cls))
-  assert int(np.sum(data.train_y[thin.pretrain_ids] == cls)) == round(0.5 * n_cls)
-  assert int(np.sum(data.train_y[thin.pretrain_ids] != cls)) == int(np.sum(data.train_y != cls))
+  for cls in (7, 3):
+    n_cls = int(np.sum(data.train_y == cls))
+    assert int(np.sum(data.train_y[thin.pretrain_ids] == cls)) == round(0.5 * n_cls)
+  other = ~np.isin(data.train_y, [7, 3])
+  assert int(np.sum(other[thin.pretrain_ids])) == int(np.sum(other))

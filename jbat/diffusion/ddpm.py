@@ -1,22 +1,22 @@
-"""DDPM noise schedule, epsilon-prediction losses and a DDIM sampler.
+"""Cosine noise schedule, v-prediction losses and a DDIM sampler with classifier-free guidance.
 
-Forward process (DDPM, linear betas): beta_t = linspace(1e-4, 0.02, T), alpha_bar_t =
-prod_{s<=t} (1 - beta_s), and for t in [0, T)
+Forward process (cosine schedule, Nichol & Dhariwal 2021): alpha_bar_t = f(t + 1) / f(0),
+f(u) = cos(((u / T) + s) / (1 + s) * pi / 2)^2, s = 0.008, betas clipped to <= 0.999, and for
+t in [0, T)
 
-  x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,    eps ~ N(0, I).
+  x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps,    eps ~ N(0, I).
 
-The network F_theta (jbat.diffusion.denoiser) is wrapped into the eps-predictor
+The network F_theta (jbat.diffusion.denoiser) predicts the velocity (v-prediction)
 
-  eps_theta(x_t, t, c) = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) F_theta(x_t, t, c)
+  v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0,   so   x0_hat = sqrt(ab) x_t - sqrt(1 - ab) F,
+                                                   eps_hat = sqrt(1 - ab) x_t + sqrt(ab) F.
 
-(`predict_eps`). Then x0_hat = (x_t - sqrt(1 - ab) eps_theta) / sqrt(ab) = sqrt(ab) x_t -
-sqrt(1 - ab) F_theta: an O(1) error of the network gives an O(1) error of x0_hat at every t,
-whereas a plain eps-network's error is amplified by 1 / sqrt(ab_t) (~160 at t = T-1), which made
-DDIM samples of a small CPU-trained model saturate patch by patch. The loss is unchanged: the
-epsilon-prediction MSE of eps_theta.
+An O(1) error of F is an O(1) error of x0_hat at every t (a plain eps-network's error is
+amplified by 1 / sqrt(ab_t) near t = T), and the target has unit variance at every t.
 
-The denoiser predicts eps; the per-example loss is l(x_0) = E_{t, eps} ||eps_theta(x_t, t, c) -
-eps||^2 / (H W C). Two estimators of it:
+The per-example loss is l(x_0) = E_{t, eps} ||F_theta(x_t, t, c) - v||^2 / (H W C) (the
+v-MSE: the eps-MSE weighted by 1 / ab_t, which keeps a learning signal at high noise where the
+global shape of a sample is decided). Two estimators of it:
 
   * `train_loss(model, batch, rng)`: one (t, eps) per row drawn from the step's PRNG key, rows
     weighted by batch["weight"] (the weights of a batch sum to 1): the training objective.
@@ -26,10 +26,11 @@ eps||^2 / (H W C). Two estimators of it:
     the batch composition, so held-out losses and ALBAT scores are deterministic. Timesteps are
     stratified: draw j lies in [j T / K, (j + 1) T / K), which lowers the variance.
 
-DDIM (eta = 0) from x_{t_0} over timesteps t_0 > t_1 > ... > t_{S-1} >= 0:
-  x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)           (optionally clipped to [-1, 1])
-  x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev) eps,       ab_prev = 1 after the last step.
-With eps the true noise of x_{t_0} = q(x_0, t_0, eps), every step stays on the same
+DDIM (eta = 0) from x_{t_0} over timesteps t_0 > t_1 > ... > t_{S-1} >= 0, given v:
+  x0_hat = sqrt(ab_t) x_t - sqrt(1 - ab_t) v                (optionally clipped to [-1, 1])
+  eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)
+  x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev) eps_hat,   ab_prev = 1 after the last step.
+With v the true velocity of x_{t_0} = q(x_0, t_0, eps), every step stays on the same
 trajectory and the sampler returns x_0 (up to float rounding): a sanity check of the sampler.
 """
 
@@ -42,14 +43,22 @@ import jax.numpy as jnp
 import numpy as np
 
 T_STEPS = 1000
-BETA_START = 1e-4
-BETA_END = 0.02
+COSINE_S = 0.008
+MAX_BETA = 0.999
 
 
 def alphas_cumprod(n_steps: int = T_STEPS) -> np.ndarray:
-  """alpha_bar_t for t = 0..n_steps-1 of the linear DDPM schedule, float64[n_steps]."""
-  betas = np.linspace(BETA_START, BETA_END, n_steps, dtype=np.float64)
+  """alpha_bar_t for t = 0..n_steps-1 of the cosine schedule, float64[n_steps]."""
+  u = np.arange(n_steps + 1, dtype=np.float64) / n_steps
+  f = np.cos((u + COSINE_S) / (1 + COSINE_S) * np.pi / 2) ** 2
+  betas = np.minimum(1.0 - f[1:] / f[:-1], MAX_BETA)
   return np.cumprod(1.0 - betas)
+
+
+def v_target(x0: jax.Array, t: jax.Array, noise: jax.Array, acp: jax.Array) -> jax.Array:
+  """v = sqrt(ab_t) noise - sqrt(1 - ab_t) x0; t int[B], x0/noise f32[B, H, W, C]."""
+  ab = acp[t].astype(jnp.float32)[:, None, None, None]
+  return jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
 
 
 def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, acp: jax.Array) -> jax.Array:
@@ -67,15 +76,14 @@ def _key(rng: jax.Array) -> jax.Array:
   return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
 
 
-def predict_eps(model, xt: jax.Array, t: jax.Array, label: jax.Array,
-                ident: jax.Array) -> jax.Array:
-  """eps_theta = sqrt(1 - ab_t) x_t + sqrt(ab_t) F_theta(x_t, t, label, ident). f32[B,H,W,C]."""
-  ab = _acp()[t][:, None, None, None]
-  return jnp.sqrt(1.0 - ab) * xt + jnp.sqrt(ab) * model(xt, t, label, ident)
+def predict_v(model, xt: jax.Array, t: jax.Array, label: jax.Array,
+              ident: jax.Array) -> jax.Array:
+  """v_theta = F_theta(x_t, t, label, ident): the network's output. f32[B,H,W,C]."""
+  return model(xt, t, label, ident)
 
 
 def train_loss(model, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
-  """sum_i weight_i ||eps_theta(x_t_i, t_i, c_i) - eps_i||^2 / (HWC), t_i ~ U{0..T-1}.
+  """sum_i weight_i ||v_theta(x_t_i, t_i, c_i) - v_i||^2 / (HWC), t_i ~ U{0..T-1}.
 
   batch: x f32[B,H,W,C], label int32[B], ident int32[B], weight f32[B]. Returns f32[].
   A module-level function (a static argument of `loop.fit`'s jitted step).
@@ -84,13 +92,14 @@ def train_loss(model, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
   k_t, k_n = jax.random.split(_key(rng))
   t = jax.random.randint(k_t, (x0.shape[0],), 0, T_STEPS)
   noise = jax.random.normal(k_n, x0.shape, x0.dtype)
-  pred = predict_eps(model, q_sample(x0, t, noise, _acp()), t, batch["label"], batch["ident"])
-  mse = jnp.mean(jnp.square(pred - noise), axis=(1, 2, 3))
+  acp = _acp()
+  pred = predict_v(model, q_sample(x0, t, noise, acp), t, batch["label"], batch["ident"])
+  mse = jnp.mean(jnp.square(pred - v_target(x0, t, noise, acp)), axis=(1, 2, 3))
   return jnp.sum(batch["weight"] * mse)
 
 
 def per_example_loss(model, batch: dict[str, jax.Array]) -> jax.Array:
-  """l_i = mean_k ||eps_theta(x_t_ik, t_ik, c_i) - noise_ik||^2 / (HWC), f32[B].
+  """l_i = mean_k ||v_theta(x_t_ik, t_ik, c_i) - v_ik||^2 / (HWC), f32[B].
 
   batch: x f32[B,H,W,C], t int32[B,K], noise f32[B,K,H,W,C], label/ident int32[B]. Row i
   depends only on row i (one forward of B*K images).
@@ -99,9 +108,11 @@ def per_example_loss(model, batch: dict[str, jax.Array]) -> jax.Array:
   b, k = t.shape
   flat = lambda a: a.reshape((b * k,) + a.shape[2:])
   rep = lambda a: jnp.repeat(a, k, axis=0)
-  xt = q_sample(rep(x0), flat(t), flat(noise), _acp())
-  pred = predict_eps(model, xt, flat(t), rep(batch["label"]), rep(batch["ident"]))
-  mse = jnp.mean(jnp.square(pred - flat(noise)), axis=(1, 2, 3))
+  acp = _acp()
+  x0, t, noise = rep(x0), flat(t), flat(noise)
+  pred = predict_v(model, q_sample(x0, t, noise, acp), t, rep(batch["label"]),
+                   rep(batch["ident"]))
+  mse = jnp.mean(jnp.square(pred - v_target(x0, t, noise, acp)), axis=(1, 2, 3))
   return jnp.mean(mse.reshape(b, k), axis=1)
 
 
@@ -137,13 +148,13 @@ def ddim_timesteps(n_sample_steps: int, n_steps: int = T_STEPS) -> np.ndarray:
   return np.unique(ts)[::-1].copy()
 
 
-def ddim_sample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x_start: jax.Array,
+def ddim_sample(v_fn: Callable[[jax.Array, jax.Array], jax.Array], x_start: jax.Array,
                 timesteps: np.ndarray, *, clip: bool = True,
                 acp: np.ndarray | None = None) -> jax.Array:
   """Deterministic DDIM (eta = 0) from x_start at timesteps[0] down to x_0. f32[B,H,W,C].
 
-  eps_fn(x, t) -> predicted noise, t int32[B]. `timesteps` strictly decreasing (host array).
-  One `lax.scan` over the steps, so eps_fn is traced (and compiled) once.
+  v_fn(x, t) -> predicted velocity, t int32[B]. `timesteps` strictly decreasing (host array).
+  One `lax.scan` over the steps, so v_fn is traced (and compiled) once.
   """
   acp = alphas_cumprod() if acp is None else acp
   ts = np.asarray(timesteps, np.int32)
@@ -153,26 +164,28 @@ def ddim_sample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x_start: ja
 
   def step(x, inputs):
     t, a, a_prev = inputs
-    eps = eps_fn(x, jnp.full((b,), t, jnp.int32))
-    x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    v = v_fn(x, jnp.full((b,), t, jnp.int32))
+    x0 = jnp.sqrt(a) * x - jnp.sqrt(1.0 - a) * v
     if clip:
       x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, None
 
   x, _ = jax.lax.scan(step, x_start, (jnp.asarray(ts), jnp.asarray(ab), jnp.asarray(ab_prev)))
   return x
 
 
-def guided_eps(model, x: jax.Array, t: jax.Array, label: jax.Array, ident: jax.Array,
-               null_label: int, scale: float) -> jax.Array:
-  """Classifier-free guidance: eps_u + scale (eps_c - eps_u); scale 1: the conditional eps.
+def guided_v(model, x: jax.Array, t: jax.Array, label: jax.Array, ident: jax.Array,
+             null_label: int, scale: float) -> jax.Array:
+  """Classifier-free guidance: v_u + scale (v_c - v_u); scale 1: the conditional v (the
+  same combination of eps, since eps_hat is affine in v at fixed x_t).
 
-  eps_u uses the null label and no identifier. One forward of 2B images (B if scale == 1).
+  v_u uses the null label and no identifier. One forward of 2B images (B if scale == 1).
   """
   if scale == 1.0:
-    return predict_eps(model, x, t, label, ident)
+    return predict_v(model, x, t, label, ident)
   b = x.shape[0]
-  both = predict_eps(model, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+  both = predict_v(model, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                jnp.concatenate([label, jnp.full_like(label, null_label)]),
                jnp.concatenate([ident, jnp.zeros_like(ident)]))
   cond, uncond = both[:b], both[b:]

@@ -82,8 +82,8 @@ def per_example_losses(model: Denoiser, x: np.ndarray, label: int, ident: int, n
 @functools.partial(jax.jit, static_argnames=("graphdef", "null_label", "guidance", "n_steps"))
 def _sample(adapter, rest, x_start, label, ident, *, graphdef, null_label, guidance, n_steps):
   model = lora.merge(graphdef, adapter, rest)
-  eps_fn = lambda x, t: ddpm.guided_eps(model, x, t, label, ident, null_label, guidance)
-  return ddpm.ddim_sample(eps_fn, x_start, ddpm.ddim_timesteps(n_steps))
+  v_fn = lambda x, t: ddpm.guided_v(model, x, t, label, ident, null_label, guidance)
+  return ddpm.ddim_sample(v_fn, x_start, ddpm.ddim_timesteps(n_steps))
 
 
 def generate(model: Denoiser, n: int, label: int, ident: int, seed: int,
@@ -108,8 +108,51 @@ def generate(model: Denoiser, n: int, label: int, ident: int, seed: int,
   return np.concatenate(out)
 
 
-def sample_metrics(samples: np.ndarray, clf: clf_lib.Classifier, subject_class: int,
-                    heldout_emb: np.ndarray) -> dict[str, float]:
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean over all pairs (i, j) of <a_i, b_j> for L2-normalised rows (DINO / CLIP-I score)."""
+  return float(np.mean(np.asarray(a, np.float64) @ np.asarray(b, np.float64).T))
+
+
+def mean_pairwise_distance(e: np.ndarray) -> float:
+  """Diversity: mean over pairs i != j of 1 - <e_i, e_j> (L2-normalised rows); 0 for n < 2."""
+  e = np.asarray(e, np.float64)
+  n = len(e)
+  if n < 2:
+    return 0.0
+  g = e @ e.T
+  return float(1.0 - (g.sum() - np.trace(g)) / (n * (n - 1)))
+
+
+def _sqrtm_psd(c: np.ndarray) -> np.ndarray:
+  w, v = np.linalg.eigh((c + c.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+  """Frechet distance between Gaussians fitted to rows of a and b (FID's formula):
+  ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), covariances with ddof 1.
+  (C_a^1/2 C_b C_a^1/2 is symmetric PSD with the eigenvalues of C_a C_b.)"""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  mu = a.mean(0) - b.mean(0)
+  ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  s = _sqrtm_psd(ca)
+  w = np.linalg.eigvalsh((s @ cb @ s + (s @ cb @ s).T) / 2)
+  return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2.0 * np.sum(np.sqrt(np.clip(w, 0, None))))
+
+
+def subject_metrics(samples: np.ndarray, clf: clf_lib.Classifier, cls: int,
+                    subject_emb: np.ndarray) -> dict[str, float]:
+  """"[V] <class>" samples: subject fidelity (mean cosine to the subject's images) and prompt
+  fidelity (fraction classified as the class)."""
   pred, emb = clf_lib.predict(clf, samples)
-  return {"class_frac": float(np.mean(pred == subject_class)),
-          "embed_dist": clf_lib.mean_cosine_distance(emb, heldout_emb)}
+  return {"subject_fid": mean_cosine(emb, subject_emb),
+          "prompt_fid": float(np.mean(pred == cls))}
+
+
+def class_metrics(samples: np.ndarray, clf: clf_lib.Classifier, cls: int,
+                  real_emb: np.ndarray) -> dict[str, float]:
+  """"<class>" samples: class preservation (fraction classified as the class), diversity
+  (mean pairwise embedding distance) and the Frechet distance to real test images."""
+  pred, emb = clf_lib.predict(clf, samples)
+  return {"class_pres": float(np.mean(pred == cls)), "diversity": mean_pairwise_distance(emb),
+          "frechet": frechet_distance(emb, real_emb)}

@@ -45,41 +45,64 @@ def fmt(x: float) -> str:
   return f"{x:.4f}"
 
 
-def summarize(per_run: dict[str, dict[int, dict[str, Any]]], seeds: list[int]
-              ) -> dict[str, Any]:
-  """Per arm: metric lists in seed order, and paired differences vs none / random / prior."""
-  arms = {a: {m: [per_run[a][s][m] for s in seeds] for m in METRICS} for a in per_run}
+METRIC_NAMES = {"subject_fid": "subject fidelity", "prompt_fid": "prompt fidelity",
+                "class_pres": "class preservation", "diversity": "diversity",
+                "frechet": "Frechet distance", "loss_fid": "subject loss", "drift": "drift"}
+
+
+def summarize(per_run: dict[str, dict[str, dict[str, Any]]], units: list[str],
+              backbone_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Per arm: metric lists in unit order (unit = "<subject>/<seed>"), the backbone's values
+  for the same units (drift 0 by definition), and paired differences (over units) vs none /
+  random / prior / the backbone."""
+  arms = {a: {m: [per_run[a][u][m] for u in units] for m in METRICS} for a in per_run}
+  bb = {m: [0.0 if m == "drift" else backbone_runs[u.rsplit("/", 1)[0]][m] for u in units]
+        for m in METRICS}
+  refs = {**arms, "backbone": bb}
   paired: dict[str, Any] = {}
   for a in arms:
-    for ref in ("none", "random", "prior"):
-      if ref in arms and ref != a:
+    for ref in ("none", "random", "prior", "backbone"):
+      if ref in refs and ref != a:
         paired.setdefault(a, {})[ref] = {
-            m: report_lib.paired_interval([x - y for x, y in zip(arms[a][m], arms[ref][m])])
+            m: report_lib.paired_interval([x - y for x, y in zip(arms[a][m], refs[ref][m])])
             for m in METRICS}
-  return {"arms": arms, "paired": paired}
+  return {"arms": arms, "backbone": bb, "paired": paired}
 
 
 def render_report(results: dict[str, Any]) -> str:
   """report.md from results.json's numbers (so the two always agree)."""
   s = results["summary"]
+  b = results["backbone"]
+  n_units = len(results["units"])
   lines = [f"# Personalization: {results['task']['description']}", "",
-           (f"Seeds {results['seeds']} (paired across arms); every arm ran "
-            f"{results['train_steps']} steps. Backbone: {results['backbone']['note']}. "
+           (f"Seeds {results['seeds']}; {n_units} (subject, seed) units, paired across arms; "
+            f"every arm ran {results['train_steps']} steps. Backbone: {b['note']}. "
             f"Classifier test accuracy {fmt(results['classifier']['test_accuracy'])}."), "",
-           ("Metrics: fidelity = held-out subject denoising loss with \"[V] <class>\" (lower "
-            "better); drift = class-image denoising loss after - before (lower better); "
-            "class_frac = fraction of \"[V] <class>\" samples classified as the class (higher "
-            "better); embed_dist = 1 - mean cosine similarity of sample and held-out subject "
-            "classifier embeddings (lower better)."), "",
-           "| arm | fidelity | drift | class_frac | embed_dist |", "|---|---|---|---|---|"]
-  b = results["backbone_metrics"]
-  lines.append(f"| backbone (before) | {fmt(b['fidelity'])} | {fmt(0.0)} | "
-               f"{fmt(b['class_frac'])} | {fmt(b['embed_dist'])} |")
+           "## Backbone: class-prompted samples classified as their class", "",
+           "| " + " | ".join(b["class_accuracy"]) + " | mean |",
+           "|" + "---|" * (len(b["class_accuracy"]) + 1),
+           "| " + " | ".join(f"{v:.2f}" for v in b["class_accuracy"].values())
+           + f" | {b['mean_class_accuracy']:.3f} |", "",
+           "![backbone](grids/backbone.png)", "",
+           "## Metrics per arm (mean ± sd over units)", "",
+           ("Embeddings: the held-out classifier's (L2-normalised penultimate layer). subject "
+            "fidelity = mean cosine of \"[V] <class>\" samples to the subject's test images "
+            "(higher better); prompt fidelity = fraction of those samples classified as the "
+            "class; class preservation = fraction of \"<class>\" samples classified as the "
+            "class; diversity = mean pairwise embedding distance of the \"<class>\" samples; "
+            "Frechet distance = between the \"<class>\" samples' and the class's real test "
+            "images' embeddings (lower better); subject loss = denoising loss of the subject's "
+            "test images with \"[V] <class>\" (lower better); drift = denoising loss of the "
+            "class's other images with \"<class>\", after - before (lower better)."), "",
+           "| arm | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
+           "|---|" + "---|" * len(METRICS)]
+  lines.append("| backbone (before) | "
+               + " | ".join(report_lib.mean_sd(s["backbone"][m]) for m in METRICS) + " |")
   for arm, m in s["arms"].items():
     lines.append(f"| {arm} | " + " | ".join(report_lib.mean_sd(m[k]) for k in METRICS) + " |")
-  lines += ["", "Paired differences (arm - reference, mean [95% t-interval] over seeds):", "",
-            "| arm | vs | fidelity | drift | class_frac | embed_dist |",
-            "|---|---|---|---|---|---|"]
+  lines += ["", "Paired differences (arm - reference, mean [95% t-interval] over units):", "",
+            "| arm | vs | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
+            "|---|---|" + "---|" * len(METRICS)]
   for arm, refs in s["paired"].items():
     for ref, st in refs.items():
       cells = " | ".join(report_lib.interval(st[k]) for k in METRICS)
@@ -88,17 +111,17 @@ def render_report(results: dict[str, Any]) -> str:
   if al:
     lines += ["", f"ALBAT: score `{al['score']}` ({al['cond']} prompt), rule `{al['rule']}` "
               f"(tau {al['tau']}, top_n {al['top_n']}), k = {al['k']} of a pool of "
-              f"{al['pool_size']}; class precision of the picks per seed: "
-              + ", ".join(fmt(p) for p in al["precision"])
-              + f" (pool base rate {fmt(al['base_rate'])}); picks of seed "
-              f"{results['seeds'][0]} by class: "
-              + ", ".join(f"{c} {n}" for c, n in al["picks_per_class"].items()) + "."]
-  lines += ["", "## Samples", "", "Subject images (top: adaptation set, below: held out):", "",
-            "![subject](grids/subject.png)", "",
-            "Backbone, prompt \"<class>\":", "", "![backbone](grids/backbone.png)", ""]
-  for arm in s["arms"]:
-    lines += [f"{arm} (\"[V] <class>\", one row per seed):", "", f"![{arm}](grids/{arm}.png)",
-              ""]
+              f"{al['pool_size']}. Class precision of the picks per seed (pool base rate):"]
+    for name, info in al["subjects"].items():
+      lines.append(f"- {name}: " + ", ".join(fmt(p) for p in info["precision"])
+                   + f" ({fmt(info['base_rate'])}); picks of the first seed by class: "
+                   + ", ".join(f"{c} {n}" for c, n in info["picks_per_class"].items()))
+  lines += ["", "## Samples", "",
+            ("Per subject: top row the subject's real images (adaptation set, then test "
+             "images); below, one row of \"[V] <class>\" samples per arm ("
+             + ", ".join(results["arms"]) + f"), seed {results['seeds'][0]}."), ""]
+  for sub in results["task"]["subjects"]:
+    lines += [f"{sub['name']}:", "", f"![{sub['name']}](grids/{sub['name']}.png)", ""]
   t = results["timings_s"]
   lines += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
   return "\n".join(lines)

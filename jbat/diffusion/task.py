@@ -18,8 +18,9 @@ from jbat import io, lora, selection
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
 from jbat.diffusion import ddpm
-from jbat.diffusion.denoiser import Denoiser
-from jbat.diffusion.schema import TRAIN_KEYS, denoiser_config
+from jbat.diffusion.denoiser import Denoiser, make_denoiser
+from jbat.diffusion.pretrain import pretrain_ema
+from jbat.diffusion.schema import TRAIN_KEYS, denoiser_config, subject_classes
 from jbat.errors import JbatError
 from jbat.training import loop
 
@@ -37,48 +38,78 @@ def _key(*parts: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class SubjectTask:
-  """The subject (one k-means cluster of one class), its held-out rest, drift set and pool."""
+class Subject:
+  """One subject: a k-means cluster of one class's test images, split adaptation / val / test."""
 
-  subject_x: np.ndarray  # f32[n_subject, H, W, C]
-  heldout_x: np.ndarray
+  name: str  # "<class name>-<rank>", e.g. "sneaker-0" (rank 0: the largest cluster)
+  cls: int
+  rank: int
+  adapt_x: np.ndarray  # f32[n_subject, H, W, C]: teaches "[V] <class>"
+  val_x: np.ndarray  # validation images of the subject
+  test_x: np.ndarray  # test images of the subject (the headline metrics)
   drift_x: np.ndarray  # other images of the class (outside the cluster)
+  cluster_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectTask:
+  """Every subject, the backbone pool and the pretraining set."""
+
+  subjects: list[Subject]
   pool_ids: np.ndarray  # int64[P]: indices into the train split
   pretrain_ids: np.ndarray  # int64: train-split indices the backbone is pretrained on
-  cluster_sizes: list[int]
+  cluster_sizes: dict[int, list[int]]  # class -> its k-means cluster sizes, largest first
 
 
-def make_task(data: images.ImageData, config: ml_collections.ConfigDict) -> SubjectTask:
-  """Deterministic (config.seed) subject / held-out / drift / pool / pretraining split."""
+def make_subjects(data: images.ImageData, config: ml_collections.ConfigDict,
+                  cls: int) -> tuple[list[Subject], list[int]]:
+  """The `subjects_per_class` largest k-means clusters (pixel space, config.seed) of class
+  `cls`'s test images, each shuffled (seed) and split adaptation / validation / test; the
+  class's images outside every subject cluster measure drift. Also the cluster sizes."""
   d = config.data
-  cls = d.subject_class
   class_idx = np.flatnonzero(data.test_y == cls)
   x = data.test_x[class_idx].reshape(len(class_idx), -1)
   labels = selection.kmeans(x, d.n_clusters, seed=config.seed)
   sizes = np.bincount(labels, minlength=d.n_clusters)
   order = sorted(range(d.n_clusters), key=lambda j: (-sizes[j], j))
-  chosen = order[d.cluster_rank]
-  members = class_idx[labels == chosen]
-  if len(members) < d.n_subject + 2:
-    raise JbatError(f"config: data.cluster_rank {d.cluster_rank} picks a cluster of "
-                    f"{len(members)} images; need at least data.n_subject + 2 = "
-                    f"{d.n_subject + 2} (use fewer data.n_clusters)")
-  rng = np.random.default_rng([config.seed, 1])
-  members = rng.permutation(members)
-  others = rng.permutation(class_idx[labels != chosen])[:d.n_drift]
+  chosen = order[:d.subjects_per_class]
+  rng = np.random.default_rng([config.seed, 1, cls])
+  others = rng.permutation(class_idx[~np.isin(labels, chosen)])[:d.n_drift]
+  name = data.class_names[cls]
+  out = []
+  for rank, j in enumerate(chosen):
+    members = class_idx[labels == j]
+    if len(members) < d.n_subject + d.n_val + 2:
+      raise JbatError(f"config: subject {name}-{rank} is a cluster of {len(members)} images; "
+                      f"need at least data.n_subject + data.n_val + 2 = "
+                      f"{d.n_subject + d.n_val + 2} (use fewer data.n_clusters)")
+    members = rng.permutation(members)
+    a, v = d.n_subject, d.n_subject + d.n_val
+    out.append(Subject(name=f"{name}-{rank}", cls=cls, rank=rank,
+                       adapt_x=data.test_x[members[:a]], val_x=data.test_x[members[a:v]],
+                       test_x=data.test_x[members[v:v + d.n_heldout]],
+                       drift_x=data.test_x[others], cluster_size=int(len(members))))
+  return out, [int(sizes[j]) for j in order]
+
+
+def make_task(data: images.ImageData, config: ml_collections.ConfigDict) -> SubjectTask:
+  """Deterministic (config.seed) subjects / pool / pretraining split."""
+  d = config.data
+  subjects, sizes = [], {}
+  for cls in subject_classes(config):
+    subs, sizes[cls] = make_subjects(data, config, cls)
+    subjects += subs
   n_train = len(data.train_y)
   pool_ids = np.sort(np.random.default_rng([config.seed, 2]).permutation(n_train)[
       :min(d.pool_size, n_train)]).astype(np.int64)
   keep = np.ones(n_train, bool)
-  in_cls = np.flatnonzero(data.train_y == cls)
-  drop = np.random.default_rng([config.seed, 3]).permutation(in_cls)[
-      round(d.backbone_keep * len(in_cls)):]
-  keep[drop] = False
-  return SubjectTask(subject_x=data.test_x[members[:d.n_subject]],
-                     heldout_x=data.test_x[members[d.n_subject:d.n_subject + d.n_heldout]],
-                     drift_x=data.test_x[others], pool_ids=pool_ids,
-                     pretrain_ids=np.flatnonzero(keep).astype(np.int64),
-                     cluster_sizes=[int(sizes[j]) for j in order])
+  for cls in subject_classes(config):
+    in_cls = np.flatnonzero(data.train_y == cls)
+    drop = np.random.default_rng([config.seed, 3, cls]).permutation(in_cls)[
+        round(d.backbone_keep * len(in_cls)):]
+    keep[drop] = False
+  return SubjectTask(subjects=subjects, pool_ids=pool_ids,
+                     pretrain_ids=np.flatnonzero(keep).astype(np.int64), cluster_sizes=sizes)
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -92,11 +123,11 @@ def load_or_pretrain_backbone(config: ml_collections.ConfigDict, data: images.Im
   mcfg = denoiser_config(config, data.image_size)
   b = config.backbone
   x, y = data.train_x[task.pretrain_ids], data.train_y[task.pretrain_ids]
-  key = _key("denoiser-v1", dataclasses.asdict(mcfg), b.to_dict(), config.seed, data.name,
+  key = _key("denoiser-v2", dataclasses.asdict(mcfg), b.to_dict(), config.seed, data.name,
              _digest(x, y))
   folder = cache / "diffusion" / "backbones" / key
   weights = folder / "model.safetensors"
-  model = Denoiser(mcfg, rngs=nnx.Rngs(config.seed))
+  model = make_denoiser(mcfg, rngs=nnx.Rngs(config.seed))
   if weights.exists():
     nnx.update(model, io.load_tree(weights, nnx.state(model, nnx.Param)))
     return model, folder, True
@@ -106,13 +137,13 @@ def load_or_pretrain_backbone(config: ml_collections.ConfigDict, data: images.Im
   spec = loop.TrainSpec(steps=b.steps, lr=b.lr, warmup_steps=b.warmup_steps,
                         weight_decay=b.weight_decay, clip_norm=1.0, ckpt_every=b.ckpt_every,
                         keep=1, log_every=50, seed=config.seed)
-  result = loop.fit(model, nnx.Param, it, spec, folder / "pretrain", mesh=data_mesh(),
-                    progress=config.progress, desc="pretrain denoiser",
-                    loss_fn=ddpm.train_loss, batch_keys=TRAIN_KEYS)
-  nnx.update(model, result.params)
+  ema = pretrain_ema(model, it, spec, b.ema_decay, folder / "pretrain",
+                     loss_fn=ddpm.train_loss, batch_keys=TRAIN_KEYS, progress=config.progress,
+                     desc="pretrain denoiser")
+  nnx.update(model, ema)  # the backbone is the EMA of the pretraining weights
   io.write_json_atomic(folder / "denoiser_config.json", dataclasses.asdict(mcfg))
   io.save_tree(nnx.state(model, nnx.Param), weights)
-  shutil.rmtree(folder / "pretrain" / "checkpoints", ignore_errors=True)
+  shutil.rmtree(folder / "pretrain", ignore_errors=True)
   return model, folder, False
 
 
