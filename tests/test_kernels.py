@@ -1,6 +1,8 @@
 """Scoring kernels vs brute force on a tiny bigram "LM" with a LoRA-like adapter {"a", "b"}."""
 
 import functools
+import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -376,19 +378,53 @@ POOL = ["the football team won the match in the final minute",
 def test_dsir_prefers_target_domain():
   tl = dsir.fit_ngram_model(TARGET, n_buckets=4096)
   pl = dsir.fit_ngram_model(POOL, n_buckets=4096)
-  assert tl.shape == (4096,) and np.isclose(np.exp(tl).sum(), 1.0)
+  assert tl.shape == (4096,) and np.isclose((np.exp(tl) - dsir.FLOOR).sum(), 1.0)
   docs = ["a doctor treated the patient with fever", "the team won the football match", ""]
   s = dsir.dsir_scores(docs, tl, pl)
   assert s.dtype == np.float32 and s[0] > 0 > s[1] and s[2] == 0.0
-  raw = dsir.dsir_scores(docs, tl, pl, normalize=False)
+  # Brute force, as the paper: word-punct tokens, unigram + bigram counts, p = count / total,
+  # log(p + 1e-8), log w = sum over the document's n-grams (not length-normalised).
+  def model(texts):
+    counts = np.zeros(4096)
+    for t in texts:
+      for g in grams(t):
+        counts[zlib.crc32(g.encode()) % 4096] += 1
+    return np.log(counts / counts.sum() + 1e-8)
+
+  def grams(t):
+    toks = re.findall(r"\w+|[^\w\s]+", t.lower())
+    return toks + [" ".join(p) for p in zip(toks, toks[1:])]
+
+  np.testing.assert_allclose(tl, model(TARGET))
+  want = [sum(tl[zlib.crc32(g.encode()) % 4096] - pl[zlib.crc32(g.encode()) % 4096]
+              for g in grams(d)) for d in docs]
+  np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
+  assert dsir.tokenize("Fever, cough!") == ["fever", ",", "cough", "!"]
+  norm = dsir.dsir_scores(docs, tl, pl, normalize=True)
   n = [dsir.hash_ngrams(d, 4096).size for d in docs[:2]]
-  np.testing.assert_allclose(raw[:2], s[:2] * np.asarray(n), rtol=1e-5)
+  np.testing.assert_allclose(norm[:2] * np.asarray(n), s[:2], rtol=1e-5)
   # Stable hashing: same numbers on every run (crc32, not Python's salted hash).
   assert dsir.hash_ngrams("Doctor doctor", 2**16).tolist() == dsir.hash_ngrams(
       "doctor DOCTOR", 2**16).tolist()
-  np.testing.assert_array_equal(dsir.dsir_scores(docs, dsir.fit_ngram_model(TARGET, 4096), pl), s)
   with pytest.raises(JbatError, match="n_buckets"):
     dsir.dsir_scores(docs, tl, pl[:10])
+
+
+def test_dsir_gumbel_top_k_resamples_by_importance_weight():
+  # log w + Gumbel noise per (seed, id): the argmax is drawn with probability w / sum(w).
+  log_w = np.log(np.asarray([0.5, 0.3, 0.15, 0.05]))
+  ids = np.asarray([11, 3, 2**40 + 7, 5])
+  wins = np.bincount([int(np.argmax(log_w + dsir.gumbel_noise(seed, ids)))
+                      for seed in range(4000)], minlength=4) / 4000
+  np.testing.assert_allclose(wins, np.exp(log_w), atol=0.025)
+  # A function of (seed, id) only: order does not matter, another seed differs.
+  g = dsir.gumbel_noise(3, ids)
+  np.testing.assert_array_equal(dsir.gumbel_noise(3, ids[::-1]), g[::-1])
+  assert not np.allclose(dsir.gumbel_noise(4, ids), g)
+  big = dsir.gumbel_noise(0, np.arange(100_000))
+  assert abs(big.mean() - np.euler_gamma) < 0.02 and abs(big.std() - np.pi / np.sqrt(6)) < 0.02
+  s = dsir.dsir_scores(["a b", "c"], np.zeros(8), np.zeros(8), gumbel=np.asarray([1.0, 2.0]))
+  np.testing.assert_allclose(s, [1.0, 2.0])
 
 
 def test_dsir_hash_is_stable_across_processes():
