@@ -6,8 +6,10 @@ and default threshold with them, the experiment maps an arm to its score with `s
 This module imports nothing from jbat but `errors`, so it sits below every stage.
 
 Scores (every score is "higher = select first"; `scoring/stream.py` defines each one):
-  align, loss_diff, cosine, surrogate_fit, surrogate_grad, less, rel_loss_diff  (need the
-  surrogate), contrast, contrast_align (also the control surrogate), dsir, random (no model).
+  align, loss_diff, cosine, surrogate_fit, surrogate_grad, less_1ckpt, rel_loss_diff (need the
+  surrogate), less (LESS as its authors run it: its own warm-up from the surrogate's phi0 on
+  5% of the pool), contrast, contrast_align (also the control surrogate), dsir, random (no
+  model).
 Rules (`selection.py`): topk, threshold_uniform, threshold_proportional, cluster, round_robin;
 cluster and round_robin also need projected-gradient features of the candidates.
 Arms: none, random, oracle, albat (the configured score), or any score name.
@@ -23,9 +25,9 @@ import numpy as np
 from jbat.errors import JbatError
 
 SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less", "dsir",
-          "random", "rel_loss_diff", "contrast", "contrast_align")
+          "random", "rel_loss_diff", "contrast", "contrast_align", "less_1ckpt")
 MODEL_SCORES = ("align", "loss_diff", "cosine", "surrogate_fit", "surrogate_grad", "less",
-                "rel_loss_diff", "contrast", "contrast_align")
+                "rel_loss_diff", "contrast", "contrast_align", "less_1ckpt")
 CONTROL_SCORES = ("contrast", "contrast_align")  # Need the control surrogate's phi_c.
 # Scores whose default threshold is the sign condition (tau = 0): the first-order ones.
 SIGN_SCORES = ("align", "loss_diff", "rel_loss_diff", "contrast", "contrast_align")

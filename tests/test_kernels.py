@@ -1,6 +1,8 @@
 """Scoring kernels vs brute force on a tiny bigram "LM" with a LoRA-like adapter {"a", "b"}."""
 
 import functools
+import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -213,7 +215,7 @@ def test_delta_structure_errors_name_the_leaf():
   # Projected: the target must be the projected vector, not the gradient tree.
   with pytest.raises(JbatError, match=r"project_target.*got dict"):
     K.less(loss_fn, PHIS, DELTA, BATCH, key=jax.random.key(0), proj_dim=8)
-  with pytest.raises(JbatError, match=r"words leaf 0.*uint32\[1, 18, 1\]"):
+  with pytest.raises(JbatError, match=r"words is uint32\[1, 36, 2\], expected uint32\[1, 36, 1\]"):
     K.project(jax.tree.map(lambda x: x[None], DELTA), None, 8,
               words=K.rademacher_words(jax.random.key(0), DELTA, 40))
   # Also at trace time under jit.
@@ -224,7 +226,7 @@ def test_delta_structure_errors_name_the_leaf():
 def test_rademacher_projection_preserves_inner_products():
   n, d = 24, 2048
   rng = np.random.default_rng(0)
-  # ~5000-dim vectors split over leaves; one leaf spans several blocks (fori_loop path).
+  # ~5000-dim vectors split over leaves, flattened into one vector of 5 blocks (fori_loop path).
   tree = {"x": jnp.asarray(rng.normal(size=(n, 40, 50)), jnp.float32),
           "y": jnp.asarray(rng.normal(size=(n, 3000)) + 0.5, jnp.float32)}
   key = jax.random.key(3)
@@ -246,29 +248,42 @@ def test_rademacher_projection_preserves_inner_products():
   assert not np.allclose(proj(tree, jax.random.key(4), d, block=1024), p)
   # The stored packed matrix gives the same projection without drawing random numbers.
   words = K.rademacher_words(key, jax.tree.map(lambda x: x[0], tree), d, block=1024)
-  assert words["y"].shape == (3, 1024, d // 32) and words["y"].dtype == jnp.uint32
-  assert K.words_nbytes(jax.tree.map(lambda x: x[0], tree), d, block=1024) == sum(
-      w.nbytes for w in jax.tree.leaves(words))
+  assert words.shape == (5, 1024, d // 32) and words.dtype == jnp.uint32
+  assert K.words_nbytes(jax.tree.map(lambda x: x[0], tree), d, block=1024) == words.nbytes
   pw = jax.jit(lambda t, w: K.project(t, None, d, block=1024, words=w))(tree, words)
   np.testing.assert_allclose(pw, p, rtol=1e-6, atol=1e-5)
 
 
 def test_rademacher_signs_are_the_bits_of_the_random_words():
-  # The definition: column c of row r (block j = r // rows of leaf i) is the sign of bit c % 32
-  # of word c // 32 of jax.random.bits(fold_in(fold_in(key, i), j)); d not a multiple of 32.
+  # The definition: the tree is flattened into one vector (leaves in order); column c of row r
+  # (block j = r // rows) is the sign of bit c % 32 of word c // 32 of
+  # jax.random.bits(fold_in(key, j)); d not a multiple of 32, blocks span leaf boundaries.
   key, d, rows = jax.random.key(7), 40, 4
-  tree = {"a": jnp.zeros((3, 3)), "b": jnp.zeros((10,))}  # b: blocks of 4 rows, 3 blocks.
+  tree = {"a": jnp.zeros((3, 3)), "b": jnp.zeros((10,))}  # 19 entries: 5 blocks of 4 rows.
   mats = K.rademacher_projection(key, tree, d, block=rows)
-  for i, name in enumerate(["a", "b"]):
-    n = tree[name].size
-    r_per = min(rows, n)
-    for j in range(-(-n // r_per)):
-      k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-      w = np.asarray(jax.random.bits(k, (r_per, 2), jnp.uint32))
-      bits = (w[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
-      want = np.where(bits.reshape(r_per, 64)[:, :d] == 0, 1.0, -1.0) / np.sqrt(d)
-      got = np.asarray(mats[name])[j * r_per:(j + 1) * r_per]
-      np.testing.assert_array_equal(got, want[:got.shape[0]].astype(np.float32))
+  got = np.concatenate([np.asarray(mats["a"]), np.asarray(mats["b"])], 0)
+  assert got.shape == (19, d)
+  for j in range(5):
+    w = np.asarray(jax.random.bits(jax.random.fold_in(key, j), (rows, 2), jnp.uint32))
+    bits = (w[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
+    want = np.where(bits.reshape(rows, 64)[:, :d] == 0, 1.0, -1.0) / np.sqrt(d)
+    block = got[j * rows:(j + 1) * rows]
+    np.testing.assert_array_equal(block, want[:block.shape[0]].astype(np.float32))
+  # Brute force: project of a batched tree = the flat rows times that dense matrix, with the
+  # signs regenerated, or unpacked from the stored words; a single block (n <= block) too.
+  rng = np.random.default_rng(1)
+  batched = {"a": jnp.asarray(rng.normal(size=(3, 3, 3)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(3, 10)), jnp.float32)}
+  flat = np.concatenate([np.asarray(batched["a"]).reshape(3, -1), np.asarray(batched["b"])], 1)
+  words = K.rademacher_words(key, tree, d, block=rows)
+  for kw in ({"key": key}, {"key": None, "words": words}):
+    p = jax.jit(lambda t, k=None, w=None: K.project(t, k, d, block=rows, words=w))(
+        batched, kw["key"], kw.get("words"))
+    np.testing.assert_allclose(p, flat @ got, rtol=1e-5, atol=1e-5)
+  one = K.rademacher_projection(key, tree, d, block=64)
+  dense = np.concatenate([np.asarray(one["a"]), np.asarray(one["b"])], 0)
+  np.testing.assert_allclose(K.project(batched, key, d, block=64), flat @ dense, rtol=1e-5,
+                             atol=1e-5)
   # Fair, independent signs: mean ~0, columns nearly orthogonal over many rows.
   big = np.asarray(K.rademacher_projection(key, jnp.zeros(8192), 64)) * 8.0
   assert abs(big.mean()) < 0.03
@@ -363,19 +378,53 @@ POOL = ["the football team won the match in the final minute",
 def test_dsir_prefers_target_domain():
   tl = dsir.fit_ngram_model(TARGET, n_buckets=4096)
   pl = dsir.fit_ngram_model(POOL, n_buckets=4096)
-  assert tl.shape == (4096,) and np.isclose(np.exp(tl).sum(), 1.0)
+  assert tl.shape == (4096,) and np.isclose((np.exp(tl) - dsir.FLOOR).sum(), 1.0)
   docs = ["a doctor treated the patient with fever", "the team won the football match", ""]
   s = dsir.dsir_scores(docs, tl, pl)
   assert s.dtype == np.float32 and s[0] > 0 > s[1] and s[2] == 0.0
-  raw = dsir.dsir_scores(docs, tl, pl, normalize=False)
+  # Brute force, as the paper: word-punct tokens, unigram + bigram counts, p = count / total,
+  # log(p + 1e-8), log w = sum over the document's n-grams (not length-normalised).
+  def model(texts):
+    counts = np.zeros(4096)
+    for t in texts:
+      for g in grams(t):
+        counts[zlib.crc32(g.encode()) % 4096] += 1
+    return np.log(counts / counts.sum() + 1e-8)
+
+  def grams(t):
+    toks = re.findall(r"\w+|[^\w\s]+", t.lower())
+    return toks + [" ".join(p) for p in zip(toks, toks[1:])]
+
+  np.testing.assert_allclose(tl, model(TARGET))
+  want = [sum(tl[zlib.crc32(g.encode()) % 4096] - pl[zlib.crc32(g.encode()) % 4096]
+              for g in grams(d)) for d in docs]
+  np.testing.assert_allclose(s, want, rtol=1e-5, atol=1e-5)
+  assert dsir.tokenize("Fever, cough!") == ["fever", ",", "cough", "!"]
+  norm = dsir.dsir_scores(docs, tl, pl, normalize=True)
   n = [dsir.hash_ngrams(d, 4096).size for d in docs[:2]]
-  np.testing.assert_allclose(raw[:2], s[:2] * np.asarray(n), rtol=1e-5)
+  np.testing.assert_allclose(norm[:2] * np.asarray(n), s[:2], rtol=1e-5)
   # Stable hashing: same numbers on every run (crc32, not Python's salted hash).
   assert dsir.hash_ngrams("Doctor doctor", 2**16).tolist() == dsir.hash_ngrams(
       "doctor DOCTOR", 2**16).tolist()
-  np.testing.assert_array_equal(dsir.dsir_scores(docs, dsir.fit_ngram_model(TARGET, 4096), pl), s)
   with pytest.raises(JbatError, match="n_buckets"):
     dsir.dsir_scores(docs, tl, pl[:10])
+
+
+def test_dsir_gumbel_top_k_resamples_by_importance_weight():
+  # log w + Gumbel noise per (seed, id): the argmax is drawn with probability w / sum(w).
+  log_w = np.log(np.asarray([0.5, 0.3, 0.15, 0.05]))
+  ids = np.asarray([11, 3, 2**40 + 7, 5])
+  wins = np.bincount([int(np.argmax(log_w + dsir.gumbel_noise(seed, ids)))
+                      for seed in range(4000)], minlength=4) / 4000
+  np.testing.assert_allclose(wins, np.exp(log_w), atol=0.025)
+  # A function of (seed, id) only: order does not matter, another seed differs.
+  g = dsir.gumbel_noise(3, ids)
+  np.testing.assert_array_equal(dsir.gumbel_noise(3, ids[::-1]), g[::-1])
+  assert not np.allclose(dsir.gumbel_noise(4, ids), g)
+  big = dsir.gumbel_noise(0, np.arange(100_000))
+  assert abs(big.mean() - np.euler_gamma) < 0.02 and abs(big.std() - np.pi / np.sqrt(6)) < 0.02
+  s = dsir.dsir_scores(["a b", "c"], np.zeros(8), np.zeros(8), gumbel=np.asarray([1.0, 2.0]))
+  np.testing.assert_allclose(s, [1.0, 2.0])
 
 
 def test_dsir_hash_is_stable_across_processes():

@@ -7,6 +7,7 @@ from jbat.scoring.kernels import (
     check_same_structure,
     cosine,
     finish_mean,
+    flatten_batched,
     grad_norm,
     grad_sum,
     jit_kernel,
@@ -16,6 +17,7 @@ from jbat.scoring.kernels import (
     per_example_grads,
     per_example_losses_and_grads,
     project,
+    project_flat,
     project_target,
     rademacher_projection,
     rademacher_words,
@@ -33,7 +35,9 @@ from jbat.scoring.stream import SCORE_NAMES, ScoreTable, load_table, score_pool
 __all__ = [
     "PROJECTION_VERSION", "SCORE_NAMES", "ScoreTable", "load_table", "score_pool",
     "align", "check_same_structure", "cosine", "dsir_scores", "finish_mean", "fit_ngram_model",
-    "grad_norm", "grad_sum", "hash_ngrams", "jit_kernel", "less", "loss_diff", "mean_grad",
-    "per_example_grads", "per_example_losses_and_grads", "project", "project_target", "rademacher_projection", "rademacher_words",
-    "random_scores", "rel_loss_diff", "relative_diff", "surrogate_fit", "tree_dot", "tree_norm", "tree_sub", "words_nbytes",
+    "flatten_batched", "grad_norm", "grad_sum", "hash_ngrams", "jit_kernel", "less",
+    "loss_diff", "mean_grad", "per_example_grads", "per_example_losses_and_grads", "project",
+    "project_flat", "project_target", "rademacher_projection", "rademacher_words",
+    "random_scores", "rel_loss_diff", "relative_diff", "surrogate_fit", "tree_dot",
+    "tree_norm", "tree_sub", "words_nbytes",
 ]

@@ -238,13 +238,15 @@ def mean_grad(loss_fn: LossFn, phi: PyTree, batch: Batch) -> PyTree:
 
 # Names the definition of the Rademacher matrix below (fingerprinted by jbat.scoring.stream, so
 # scores or features computed with an older definition are never mixed with new ones).
-PROJECTION_VERSION = "bits32-v2"
+# flat-bits32-v3: the gradient tree is flattened into ONE vector (leaves concatenated in
+# `jax.tree.leaves` order) and projected block by block; v2 drew separate blocks per leaf.
+PROJECTION_VERSION = "flat-bits32-v3"
 _WORD_BITS = 32
 
 
 def _blocking(n: int, block: int) -> tuple[int, int]:
-  """(rows per block, number of blocks) for a leaf of n parameters: min(block, n), ceil."""
-  if not isinstance(block, int) or block <= 0:
+  """(rows per block, number of blocks) for a vector of n parameters: min(block, n), ceil."""
+  if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
     raise JbatError(f"scoring.project: block must be a positive int, got {block!r}")
   rows = max(1, min(block, n))
   return rows, -(-max(n, 1) // rows)
@@ -256,13 +258,15 @@ def _check_dim(d: Any, where: str) -> None:
                     f"{d!r}")
 
 
-def _block_words(key: jax.Array, leaf_index: int, block_index: jax.Array | int, rows: int,
-                 d: int) -> jax.Array:
-  """uint32[rows, ceil(d/32)]: the random words of block `block_index` of leaf `leaf_index`.
+def _n_params(tree_like: PyTree) -> int:
+  """Number of entries of an un-batched tree (the length of its flattened vector)."""
+  return sum(int(x.size) for x in jax.tree.leaves(tree_like))
 
-  Drawn with `jax.random.bits(fold_in(fold_in(key, leaf_index), block_index))`.
-  """
-  k = jax.random.fold_in(jax.random.fold_in(key, leaf_index), block_index)
+
+def _block_words(key: jax.Array, block_index: jax.Array | int, rows: int, d: int) -> jax.Array:
+  """uint32[rows, ceil(d/32)]: the random words of block `block_index` of the flat vector,
+  `jax.random.bits(fold_in(key, block_index))`."""
+  k = jax.random.fold_in(key, block_index)
   return jax.random.bits(k, (rows, -(-d // _WORD_BITS)), jnp.uint32)
 
 
@@ -277,118 +281,117 @@ def _unpack_signs(words: jax.Array, d: int) -> jax.Array:
 
 
 def rademacher_words(key: jax.Array, tree_like: PyTree, d: int, *,
-                     block: int = PROJ_BLOCK) -> PyTree:
-  """The packed projection matrix: per leaf uint32[n_blocks, rows, ceil(d/32)], 32 signs a word.
+                     block: int = PROJ_BLOCK) -> jax.Array:
+  """The packed projection matrix uint32[n_blocks, rows, ceil(d/32)], 32 signs a word.
 
-  Block j of leaf i (leaf order of `jax.tree.leaves`) is `_block_words(key, i, j, rows, d)`
-  with rows = min(block, leaf.size), n_blocks = ceil(leaf.size / rows); the signs are unpacked
-  by bit (see `rademacher_projection`). Memory: about |phi| x d / 8 bytes (9.4 MB for 73,728
-  parameters at d=1024), 32x less than the float matrix. Pass it as `words=` to `project` /
-  `less` to skip the random-number generation (the words are what the RNG would produce).
-  `tree_like` is only used for its leaf sizes (an un-batched tree such as phi).
+  Block j is `_block_words(key, j, rows, d)` with rows = min(block, n), n_blocks =
+  ceil(n / rows), n = the number of entries of `tree_like` (an un-batched tree such as phi,
+  used only for its size); the signs are unpacked by bit (see `rademacher_projection`).
+  Memory: about n x d / 8 bytes (9.4 MB for 73,728 parameters at d=1024), 32x less than the
+  float matrix. Pass it as `words=` to `project` / `less` to skip the random-number
+  generation (the words are what the RNG would produce).
   """
   _check_dim(d, "rademacher_words")
-
-  def leaf_words(i, x):
-    rows, n_blocks = _blocking(int(x.size), block)
-    return jnp.stack([_block_words(key, i, j, rows, d) for j in range(n_blocks)])
-  leaves, treedef = jax.tree.flatten(tree_like)
-  return jax.tree.unflatten(treedef, [leaf_words(i, x) for i, x in enumerate(leaves)])
+  rows, n_blocks = _blocking(_n_params(tree_like), block)
+  return jax.vmap(lambda j: _block_words(key, j, rows, d))(jnp.arange(n_blocks))
 
 
 def words_nbytes(tree_like: PyTree, d: int, *, block: int = PROJ_BLOCK) -> int:
   """Bytes that `rademacher_words(key, tree_like, d, block=block)` will occupy."""
-  total = 0
-  for x in jax.tree.leaves(tree_like):
-    rows, n_blocks = _blocking(int(x.size), block)
-    total += n_blocks * rows * (-(-d // _WORD_BITS)) * 4
-  return total
+  rows, n_blocks = _blocking(_n_params(tree_like), block)
+  return n_blocks * rows * (-(-d // _WORD_BITS)) * 4
 
 
 def rademacher_projection(key: jax.Array, tree_like: PyTree, d: int, *,
                           block: int = PROJ_BLOCK) -> PyTree:
-  """The explicit projection matrix `project` uses, one f32[leaf.size, d] per leaf.
+  """The explicit projection matrix `project` uses, split by leaf: one f32[leaf.size, d] each.
 
-  Entries are +-1/sqrt(d), i.i.d. fair signs, so E[<P^T u, P^T v>] = <u, v>. Row r of leaf i
-  lies in block j = r // rows (rows = min(block, leaf.size)); its column c is the sign of bit
-  c % 32 of word c // 32 of row r % rows of `jax.random.bits(fold_in(fold_in(key, i), j),
-  (rows, ceil(d/32)), uint32)`: 0 -> +1/sqrt(d), 1 -> -1/sqrt(d). `block` is part of the
-  definition: change it and the matrix of leaves larger than `block` changes.
-  Memory: |phi| x d floats, so use this only for small trees and tests; `project` never holds
+  Concatenated in leaf order (`jax.tree.leaves`) they are the matrix R of the flattened
+  vector. Entries are +-1/sqrt(d), i.i.d. fair signs, so E[<R^T u, R^T v>] = <u, v>. Row r of
+  R lies in block j = r // rows (rows = min(block, n), n = the vector's length); its column c
+  is the sign of bit c % 32 of word c // 32 of row r % rows of `jax.random.bits(fold_in(key,
+  j), (rows, ceil(d/32)), uint32)`: 0 -> +1/sqrt(d), 1 -> -1/sqrt(d). `block` is part of the
+  definition: change it and the matrix of vectors longer than `block` changes.
+  Memory: n x d floats, so use this only for small trees and tests; `project` never holds
   more than one unpacked block.
   """
   words = rademacher_words(key, tree_like, d, block=block)
-
-  def leaf_matrix(x, w):
-    return _unpack_signs(w, d).reshape(-1, d)[:max(int(x.size), 1)]
-  return jax.tree.map(leaf_matrix, tree_like, words)
-
-
-def _check_words(words: PyTree, leaves: list[jax.Array], d: int, block: int) -> list[jax.Array]:
-  """The leaves of `words` after checking they are the packed matrix for these leaves and d."""
-  w_leaves = jax.tree.leaves(words)
-  if len(w_leaves) != len(leaves):
-    raise JbatError(f"scoring.project: words has {len(w_leaves)} leaves, the gradient tree "
-                    f"{len(leaves)}; build it with rademacher_words(key, phi, d)")
-  for i, (w, g) in enumerate(zip(w_leaves, leaves)):
-    rows, n_blocks = _blocking(int(g[0].size), block)
-    want = (n_blocks, rows, -(-d // _WORD_BITS))
-    if tuple(w.shape) != want or w.dtype != jnp.uint32:
-      raise JbatError(f"scoring.project: words leaf {i} is {w.dtype}{list(w.shape)}, expected "
-                      f"uint32{list(want)} for d={d}, block={block}; build it with "
-                      f"rademacher_words(key, phi, d, block=block)")
-  return w_leaves
+  full = _unpack_signs(words, d).reshape(-1, d)
+  leaves, treedef = jax.tree.flatten(tree_like)
+  out, start = [], 0
+  for x in leaves:
+    out.append(full[start:start + int(x.size)])
+    start += int(x.size)
+  return jax.tree.unflatten(treedef, out)
 
 
-def project(grads_tree: PyTree, key: jax.Array | None, d: int, *, block: int = PROJ_BLOCK,
-            words: PyTree | None = None) -> jax.Array:
-  """Seeded Rademacher projection of flattened per-example gradients to d dims. f32[B, d].
-
-  `grads_tree` has a leading axis B on every leaf. Returns sum over leaves of
-  flat(g_leaf) @ R_leaf with R = `rademacher_projection(key, ., d, block=block)`: inner
-  products are preserved in expectation (Johnson-Lindenstrauss; the error of <Pu, Pv> has
-  standard deviation about ||u|| ||v|| sqrt(2/d)). Use the same key for every vector compared.
-  The signs come 32 per random uint32 word. With `words` (from `rademacher_words(key, phi, d,
-  block=block)`, e.g. made once per run) no random numbers are drawn and `key` may be None;
-  the result is the same.
-  Memory: one unpacked block x d matrix at a time inside a `lax.fori_loop` plus B x d
-  accumulators; compute B x |phi| x d multiply-adds.
-  """
-  _check_dim(d, "project")
+def flatten_batched(grads_tree: PyTree) -> jax.Array:
+  """f32[B, n]: every leaf (leading axis B) flattened per row and concatenated in leaf order."""
   leaves = jax.tree.leaves(grads_tree)
   if not leaves:
     raise JbatError("scoring.project: the gradient tree has no leaves")
+  b = leaves[0].shape[0]
+  return jnp.concatenate([g.astype(jnp.float32).reshape(b, -1) for g in leaves], axis=1)
+
+
+def project_flat(flat: jax.Array, key: jax.Array | None, d: int, *, block: int = PROJ_BLOCK,
+                 words: jax.Array | None = None) -> jax.Array:
+  """R^T of each row of f32[B, n] (the matrix of `rademacher_projection`), f32[B, d].
+
+  One `lax.fori_loop` over blocks of `block` rows (so compile time does not grow with the
+  number of leaves), regenerating each block's signs from `key`, or unpacking them from
+  `words` (from `rademacher_words`). Memory: one unpacked rows x d block plus B x d.
+  """
+  _check_dim(d, "project")
   if words is None and key is None:
     raise JbatError("scoring.project: pass a PRNG key or the packed matrix (words=...)")
-  w_leaves = None if words is None else _check_words(words, leaves, d, block)
-  b = leaves[0].shape[0]
-  out = jnp.zeros((b, d), jnp.float32)
+  b, n = flat.shape
+  rows, n_blocks = _blocking(n, block)
+  if words is not None:
+    want = (n_blocks, rows, -(-d // _WORD_BITS))
+    if tuple(words.shape) != want or words.dtype != jnp.uint32:
+      raise JbatError(f"scoring.project: words is {words.dtype}{list(words.shape)}, expected "
+                      f"uint32{list(want)} for {n} parameters, d={d}, block={block}; build it "
+                      f"with rademacher_words(key, phi, d, block=block)")
   hi = jax.lax.Precision.HIGHEST
-  for i, g in enumerate(leaves):
-    flat = g.astype(jnp.float32).reshape(b, -1)
-    n = flat.shape[1]
-    rows, n_blocks = _blocking(n, block)
 
-    def signs(j, i=i, rows=rows):
-      if w_leaves is None:
-        return _unpack_signs(_block_words(key, i, j, rows, d), d)
-      return _unpack_signs(jax.lax.dynamic_index_in_dim(w_leaves[i], j, keepdims=False), d)
+  def signs(j):
+    if words is None:
+      return _unpack_signs(_block_words(key, j, rows, d), d)
+    return _unpack_signs(jax.lax.dynamic_index_in_dim(words, j, keepdims=False), d)
 
-    if n_blocks == 1:
-      out = out + jnp.dot(flat, signs(0)[:n], precision=hi)
-      continue
-    flat = jnp.pad(flat, ((0, 0), (0, n_blocks * rows - n))).reshape(b, n_blocks, rows)
+  flat = flat.astype(jnp.float32)
+  if n_blocks == 1:
+    return jnp.dot(flat, signs(0)[:n], precision=hi)
+  flat = jnp.pad(flat, ((0, 0), (0, n_blocks * rows - n))).reshape(b, n_blocks, rows)
 
-    def body(j, acc, flat=flat, signs=signs):
-      chunk = jax.lax.dynamic_index_in_dim(flat, j, axis=1, keepdims=False)
-      return acc + jnp.dot(chunk, signs(j), precision=hi)
+  def body(j, acc):
+    chunk = jax.lax.dynamic_index_in_dim(flat, j, axis=1, keepdims=False)
+    return acc + jnp.dot(chunk, signs(j), precision=hi)
 
-    out = jax.lax.fori_loop(0, n_blocks, body, out)
-  return out
+  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((b, d), jnp.float32))
+
+
+def project(grads_tree: PyTree, key: jax.Array | None, d: int, *, block: int = PROJ_BLOCK,
+            words: jax.Array | None = None) -> jax.Array:
+  """Seeded Rademacher projection of flattened per-example gradients to d dims. f32[B, d].
+
+  `grads_tree` has a leading axis B on every leaf; its rows are flattened into one vector each
+  (`flatten_batched`) and multiplied by R = the concatenation of `rademacher_projection(key, .,
+  d, block=block)`: inner products are preserved in expectation (Johnson-Lindenstrauss; the
+  error of <Pu, Pv> has standard deviation about ||u|| ||v|| sqrt(2/d)). Use the same key for
+  every vector compared. The signs come 32 per random uint32 word. With `words` (from
+  `rademacher_words(key, phi, d, block=block)`, e.g. made once per run) no random numbers are
+  drawn and `key` may be None; the result is the same.
+  Memory: the flat B x |phi| copy, one unpacked block x d matrix at a time inside a
+  `lax.fori_loop` plus B x d accumulators; compute B x |phi| x d multiply-adds.
+  """
+  _check_dim(d, "project")
+  return project_flat(flatten_batched(grads_tree), key, d, block=block, words=words)
 
 
 def project_target(target_grad: PyTree, key: jax.Array | None, d: int, *,
-                   block: int = PROJ_BLOCK, words: PyTree | None = None) -> jax.Array:
+                   block: int = PROJ_BLOCK, words: jax.Array | None = None) -> jax.Array:
   """P^T flat(target_grad) for ONE un-batched tree (e.g. the mean adaptation gradient). f32[d].
 
   The same projection as `project` (same key, d, block): compute it once and pass it to `less`
@@ -400,7 +403,7 @@ def project_target(target_grad: PyTree, key: jax.Array | None, d: int, *,
 
 def less(loss_fn: LossFn, phi_s: PyTree, target: PyTree | jax.Array, batch: Batch, *,
          key: jax.Array | None = None, proj_dim: int | None = None,
-         words: PyTree | None = None, eps: float = 1e-12) -> jax.Array:
+         words: jax.Array | None = None, eps: float = 1e-12) -> jax.Array:
   """LESS anchor: cos(grad_phi l(z_i; phi_s), target direction), f32[B], invalid rows 0.
 
   Exact (proj_dim None): `target` is the mean adaptation-set gradient at phi_s (a tree like

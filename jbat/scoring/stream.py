@@ -37,11 +37,15 @@ Score names (docs/method.md, "Scores"; every score is "higher = select first"):
   cosine          align / (||grad l(z; phi0)|| ||delta||)     (vmap grads, ~3F)
   surrogate_fit   -l(z; phi_s)                               (vmap grads, ~3F)
   surrogate_grad  -||grad l(z; phi_s)||                      (shares surrogate_fit's kernel)
-  less            cos(grad l(z; phi_s), mean D_A grad at phi_s), optional Rademacher projection
+  less            LESS as its authors run it (jbat.scoring.less_warmup): warm-up LoRA
+                  checkpoints on 5% of the pool, Adam-preconditioned projected gradients,
+                  lr-weighted cosines, max over D_A (~3F per checkpoint plus the warm-up)
+  less_1ckpt      cos(grad l(z; phi_s), mean D_A grad at phi_s), optional Rademacher projection
   rel_loss_diff   (l(z; phi0) - l(z; phi_s)) / l(z; phi0)    (~2F; 0 where l(z; phi0) <= 0)
   contrast        l(z; phi_c) - l(z; phi_s)                  (~2F; needs a control surrogate)
   contrast_align  -<grad l(z; phi0), phi_s - phi_c>          (one jvp, ~2F; control surrogate)
-  dsir            hashed n-gram log importance ratio D_A vs pool (host, no model)
+  dsir            DSIR (jbat.scoring.dsir): hashed uni+bigram log importance weight of D_A vs
+                  the pool plus seeded Gumbel noise per id (topk = DSIR's resampling; host)
   random          uniform [0, 1) from (seed, example id)
 
 All losses are the model's per-example loss (`Batches.model`'s, via
@@ -77,6 +81,7 @@ from jbat.data import pool_stream
 from jbat.errors import JbatError
 from jbat.scoring import dsir as dsir_lib
 from jbat.scoring import kernels
+from jbat.scoring import less_warmup as less_lib
 from jbat import surrogate as surrogate_lib
 from jbat.training import loop
 
@@ -267,7 +272,7 @@ def _make_model_kernels(names: Sequence[str], surrogate: surrogate_lib.Surrogate
       "loss_diff": lambda p, b: {"loss_diff": kernels.loss_diff(loss(p), p["phi0"], p["phi_s"],
                                                                 b)},
       "cosine": lambda p, b: {"cosine": kernels.cosine(loss(p), p["phi0"], p["delta"], b)},
-      "less": lambda p, b: {"less": kernels.less(
+      "less_1ckpt": lambda p, b: {"less_1ckpt": kernels.less(
           loss(p), p["phi_s"], p["target"], b, proj_dim=less_proj_dim,
           **({} if less_proj_dim is None else {"key": p["key"], "words": p.get("words")}))},
   }
@@ -323,6 +328,54 @@ def _mean_adapt_grad(surrogate: surrogate_lib.Surrogate,
     total = s if total is None else jax.tree.map(np.add, total, s)
     count += float(distributed.host_array(c))
   return kernels.finish_mean(total, np.float32(count))
+
+
+def _less_warmup_kernel(surrogate: surrogate_lib.Surrogate,
+                        pool_examples: Sequence[dict[str, Any]],
+                        adapt_examples: Sequence[dict[str, Any]], spec: less_lib.LessWarmup,
+                        batch_size: int, model: scorable_lib.Scorable, mesh: jax.sharding.Mesh,
+                        params: dict[str, Any], seed: int, progress: bool):
+  """LESS (jbat.scoring.less_warmup): the warm-up on a seeded `spec.fraction` of the pool
+  (reshuffled every epoch), the adaptation features at each checkpoint, and the jitted
+  (params, batch) -> {"less": f32[B]} of the pool pass. Runs once per scoring run."""
+  graphdef = surrogate.graphdef
+  loss = lambda rest: surrogate_lib.per_example_loss_fn(graphdef, rest, model.loss)
+  rest = params["rest"]
+  if hasattr(pool_examples, "local_examples"):  # A file pool: a seeded uniform draw from it.
+    n_rows = int(sum(pool_examples.row_counts()))
+    count = min(n_rows, max(batch_size, int(round(float(spec.fraction) * n_rows))))
+    subset = pool_examples.sample(count, int(np.random.SeedSequence([int(seed), 0x1E55])
+                                              .generate_state(1)[0]))
+  else:
+    picks = less_lib.warmup_indices(len(pool_examples), spec.fraction, seed,
+                                    min_count=batch_size)
+    subset = [pool_examples[i] for i in picks]
+
+  def epoch_batches(epoch):
+    order = np.random.default_rng([int(seed), 0x1E55, epoch]).permutation(len(subset))
+    for _, _, dev in global_batches([subset[i] for i in order], batch_size, model, mesh):
+      yield dev
+
+  t0 = time.perf_counter()
+  ckpts = less_lib.warmup_train(loss, rest, params["phi0"], epoch_batches,
+                                -(-len(subset) // batch_size), spec)
+  stacked = loop.replicate(less_lib.stack_checkpoints(ckpts), mesh)
+  key = jax.random.key(seed)
+  feats_fn = jax.jit(lambda r, st, b: less_lib.adapt_features(loss(r), st, b, key, spec))
+  feats, valid = [], []
+  for _, ok, dev in global_batches(adapt_examples, batch_size, model, mesh):
+    feats.append(distributed.host_array(feats_fn(rest, stacked, dev)))
+    valid.append(ok)
+  params["less"] = loop.replicate({"stacked": stacked,
+                                   "adapt": jnp.asarray(np.concatenate(feats, axis=1)),
+                                   "adapt_valid": jnp.asarray(np.concatenate(valid))}, mesh)
+  if progress and distributed.is_main():
+    print(f"less: warm-up on {len(subset)} pool examples, {spec.epochs} checkpoints, "
+          f"{len(adapt_examples)} adaptation features in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+  return jax.jit(lambda p, b: {"less": less_lib.score_batch(
+      loss(p["rest"]), p["less"]["stacked"], p["less"]["adapt"], p["less"]["adapt_valid"], b,
+      key, spec)})
 
 
 def _projection_words(phi_s: Any, key: jax.Array, proj_dim: int,
@@ -578,7 +631,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                texts: tuple[Sequence[str], Sequence[str]] | None = None, seed: int = 0,
                less_proj_dim: int | None = None, progress: bool = True,
                control: surrogate_lib.Surrogate | None = None,
-               cache_dir: str | pathlib.Path | None = None) -> ScoreTable:
+               cache_dir: str | pathlib.Path | None = None,
+               less_warmup: less_lib.LessWarmup | None = None) -> ScoreTable:
   """Scores every pool example with each named score; resumable; returns the whole table.
 
   Args:
@@ -589,18 +643,21 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     batches: rows per batch (a multiple of the mesh's `data` axis size), batches per chunk
       file (and per cursor update) and the model's Scorable (batch maker, loss, example
       hasher; the LM's from token length and pad id by default).
-    adapt_examples: needed by `less` (mean adaptation gradient at phi_s).
+    adapt_examples: needed by `less` (the adaptation examples' features) and `less_1ckpt`
+      (mean adaptation gradient at phi_s).
     texts: (pool texts parallel to pool_examples, adaptation texts); needed by `dsir`.
-    seed: `random` scores and the `less` projection key.
-    less_proj_dim: project gradients to this many dims for `less` (None: exact cosine). The
-      projected target and (when under MAX_PROJECTION_WORDS_BYTES) the packed projection
-      matrix are computed once per run, not per batch.
+    seed: `random` scores, the `less` warm-up subset and the projection keys.
+    less_proj_dim: project gradients to this many dims for `less_1ckpt` (None: exact cosine;
+      the projected target and, when under MAX_PROJECTION_WORDS_BYTES, the packed projection
+      matrix are computed once per run, not per batch) and for `less` (None: LESS's 8192).
     control: the control surrogate (its phi_s is phi_c; its phi0 must equal the surrogate's
       structure); needed by `contrast` and `contrast_align`, ignored otherwise.
     cache_dir: when given, the chunks and cursor live in cache_dir/<fingerprint>/ instead of
       out_dir, shared by every run whose inputs are the same (a new workdir with the same
       config, another arm scoring the same way); out_dir then only gets a `source.json`
       pointing there.
+    less_warmup: the `less` warm-up and feature settings (default `less_warmup.LessWarmup()` with
+      proj_dim = less_proj_dim when that is set).
   Returns:
     ScoreTable(ids int64[N], {name: float32[N]}) in pool order.
   Raises:
@@ -639,8 +696,9 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     if control is None:
       raise JbatError(f"scoring: {control_names} need a control surrogate (control=None)")
     kernels.check_same_structure(surrogate.phi0, control.phi_s, name="control phi_s")
-  if "less" in scores and not adapt_examples:
-    raise JbatError("scoring: 'less' needs adapt_examples (the mean adaptation gradient)")
+  for name in ("less", "less_1ckpt"):
+    if name in scores and not adapt_examples:
+      raise JbatError(f"scoring: '{name}' needs adapt_examples (the adaptation set)")
   if "dsir" in scores and streamed:
     if not adapt_texts:
       raise JbatError("scoring: 'dsir' needs texts=(None, adaptation texts) for a file pool")
@@ -655,13 +713,20 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
   n_chunks = -(-n // chunk_size)
   settings = {"batch_size": batch_size, "seed": seed, "chunk_batches": chunk_batches,
               "less_proj_dim": less_proj_dim, "version": 1}
-  if "less" in scores:
+  if "less_1ckpt" in scores:
     # The LESS target is the mean gradient over adapt_examples, and a projected score depends
     # on the definition of the Rademacher matrix.
     settings["less_adapt"] = _examples_digest(adapt_examples or (), model)
     if less_proj_dim is not None:
       settings["projection"] = kernels.PROJECTION_VERSION
+  if "less" in scores:
+    less_spec = less_warmup or less_lib.LessWarmup(
+        **({} if less_proj_dim is None else {"proj_dim": less_proj_dim}))
+    settings["less_adapt"] = _examples_digest(adapt_examples or (), model)
+    settings["less"] = less_spec.record()
   uses_texts = "dsir" in scores
+  if uses_texts:
+    settings["dsir"] = dsir_lib.DSIR_VERSION
   if streamed:
     # The chunks hold each process's rows in turn: the sharding is part of what they are.
     settings.update(pool=pool_examples.fingerprint, processes=jax.process_count(),
@@ -694,7 +759,7 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     if control_names:
       params["phi_c"] = loop.replicate(control.phi_s, mesh)
       params["delta_c"] = loop.replicate(kernels.tree_sub(surrogate.phi_s, control.phi_s), mesh)
-    if "less" in scores:
+    if "less_1ckpt" in scores:
       params["target"] = _mean_adapt_grad(surrogate, adapt_examples, batch_size, model, mesh,
                                           params["rest"], params["phi_s"])
       if less_proj_dim is not None:
@@ -702,7 +767,11 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
                                                    params["key"], less_proj_dim, mesh)
         if words is not None:
           params["words"] = words
-    jitted = _make_model_kernels(model_names, surrogate, less_proj_dim, model.loss)
+    jitted = _make_model_kernels([s for s in model_names if s != "less"], surrogate,
+                                 less_proj_dim, model.loss)
+    if "less" in scores:
+      jitted["less"] = _less_warmup_kernel(surrogate, pool_examples, adapt_examples, less_spec,
+                                           batch_size, model, mesh, params, seed, progress)
   random_fn = jax.jit(lambda key, words, valid: kernels.random_scores(key, words, valid))
   if "dsir" in scores:
     target_logp = dsir_lib.fit_ngram_model(adapt_texts)
@@ -719,7 +788,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
 
   def finish_chunk(lo, hi, ids, chunk):
     if "dsir" in scores:
-      chunk["score_dsir"] = dsir_lib.dsir_scores(pool_texts[lo:hi], target_logp, pool_logp)
+      chunk["score_dsir"] = dsir_lib.dsir_scores(pool_texts[lo:hi], target_logp, pool_logp,
+                                                 gumbel=dsir_lib.gumbel_noise(seed, ids))
     return {f"score_{s}": chunk[f"score_{s}"] for s in scores}
 
   def check(ids, chunk):
