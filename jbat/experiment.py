@@ -20,6 +20,7 @@ arms select again around each seed's adapter every that many steps (`make_resele
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -30,12 +31,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jbat import albat, backbone, distributed, io, layout, lora, registry, report, selection
+from jbat import albat, backbone, distributed, io, layout, lora, metrics, registry, report
+from jbat import selection
 from jbat import config as config_lib
 from jbat import peft_io
-from jbat.data import files, formats, mixture, pipeline, sources, splits
+from jbat.data import dictd, files, formats, mixture, pipeline, sources, splits
 from jbat.data import tokenizer as tokenizer_lib, tweets
 from jbat.errors import Diverged, JbatError
+from jbat.models import generate as generate_lib
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
 from jbat.training import loop
@@ -61,6 +64,8 @@ class OwnData:
   test: list
   pool_by_id: dict
   counts: dict
+  oracle: list = dataclasses.field(default_factory=list)  # data.oracle's PoolDocuments.
+  prompts: list = dataclasses.field(default_factory=list)  # Test (prompt ids, reference).
 
 
 def own_data(config: ml_collections.ConfigDict) -> bool:
@@ -77,9 +82,13 @@ def check_own_config(config: ml_collections.ConfigDict) -> None:
   """JbatError (before any work) for the user's path: no oracle arm without labels, a
   validation split to choose steps on, a pool for the arms that select."""
   arms = config_lib.arm_list(config)
-  if "oracle" in arms:
-    raise JbatError("config: arms: 'oracle' needs a labelled corpus (data.source + data.domain); "
-                    "with data.adapt there are no labels: drop the oracle arm")
+  if "oracle" in arms and not config.data.oracle:
+    raise JbatError("config: arms: 'oracle' needs a labelled corpus (data.source + data.domain), "
+                    "or with data.adapt a file of more target examples (data.oracle); with "
+                    "neither there are no labels: drop the oracle arm")
+  if config.eval.generate and config.data.format == "text":
+    raise JbatError("config: eval.generate needs prompts: data.format 'chat' or "
+                    "'prompt_response', not 'text'")
   if not config.data.valid:
     raise JbatError("config: data.valid is required with data.adapt (files, or a count split "
                     "off data.adapt): every arm chooses its best step on it")
@@ -250,9 +259,11 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
     rng = np.random.default_rng(config.seed + 1)
     chosen = [task.pool[i] for i in sorted(rng.choice(len(task.pool), size=k, replace=False))]
   elif arm == "oracle":
-    in_domain = [d for d in task.pool if d.label == config.data.domain]
+    in_domain = (own.oracle if own is not None else
+                 [d for d in task.pool if d.label == config.data.domain])
     if not in_domain:
-      raise JbatError(f"arm oracle: the pool has no documents labelled {config.data.domain!r}")
+      raise JbatError("arm oracle: data.oracle has no usable record" if own is not None else
+                      f"arm oracle: the pool has no documents labelled {config.data.domain!r}")
     rng = np.random.default_rng(config.seed + 2)
     idx = rng.choice(len(in_domain), size=min(k, len(in_domain)), replace=False)
     chosen = [in_domain[i] for i in sorted(idx)]
@@ -415,6 +426,10 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
     if own.test:
       out.update(test_nlls(model, {"backbone": init_params, "best": best,
                                    "final": result.params}, own.test, config, tok, mesh))
+    if config.eval.generate and own.prompts:
+      states = {"best": best, "final": result.params}
+      out.update(test_answers(model, {k: states[k] for k in eval_states(config)}, own.prompts,
+                              config, tok, run_dir))
     export_adapters(model, config, run_dir, {"peft": result.params, "peft_best": best}, tok)
   return out
 
@@ -432,6 +447,104 @@ def test_nlls(model, params: dict[str, Any], test: Sequence[dict], config, tok, 
                                     shard_count=n_proc), mesh)
   return {f"test_nll_{name}": evaluate(distributed.place_params(p, mesh))
           for name, p in params.items()}
+
+
+def eval_states(config: ml_collections.ConfigDict) -> list[str]:
+  """The adapter states eval.at names ("best", "final")."""
+  return [s.strip() for s in config.eval.at.split(",") if s.strip()]
+
+
+def generation_prompts(records: Sequence[files.Record], config: ml_collections.ConfigDict, tok
+                       ) -> list[tuple[list[int], str]]:
+  """(prompt token ids, reference answer) of each task record: chat -> the conversation up to
+  its last assistant turn, rendered by the chat template with the generation prompt, and that
+  turn's content; prompt_response -> the prompt with the tokenizer's leading special tokens
+  (jbat's tokenizer: its bos), and the response. Prompts longer than data.max_len keep their
+  last max_len tokens."""
+  d, f = config.data, splits.fields(config.data)
+  out = []
+  for r in records:
+    if d.format == "chat":
+      messages = r.fields[f.messages]
+      last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+      text = tok.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+      ids = list(tok(text, add_special_tokens=False)["input_ids"])
+      ref = messages[last]["content"]
+    else:
+      prefix = ([tok.bos_token_id] if formats.is_jbat_tokenizer(tok) else
+                formats.special_affixes(tok)[0])
+      ids = list(prefix) + list(tok(r.fields[f.prompt], add_special_tokens=False)["input_ids"])
+      ref = r.fields[f.response]
+    out.append((ids[-d.max_len:], ref))
+  return out
+
+
+def generate_texts(model, prompts: Sequence[Sequence[int]], config: ml_collections.ConfigDict,
+                   tok) -> list[str]:
+  """Greedy answers (decoded, special tokens skipped, stripped) of `model` to each prompt, in
+  batches of eval.batch_size rows padded to one shape (one compile per run)."""
+  bs, width = config.eval.batch_size, max(len(p) for p in prompts)
+  eos = tok.eos_token_id
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+  texts = []
+  for start in range(0, len(prompts), bs):
+    chunk = list(prompts[start:start + bs])
+    rows = chunk + [chunk[0]] * (bs - len(chunk))  # Fixed shape: one compile.
+    tokens = np.full((bs, width), pad, np.int32)
+    mask = np.zeros((bs, width), bool)
+    for i, p in enumerate(rows):
+      tokens[i, :len(p)], mask[i, :len(p)] = p, True
+    out, lengths = generate_lib.generate(model, tokens, mask,
+                                         max_new_tokens=config.eval.max_new_tokens,
+                                         eos_id=eos, pad_id=pad)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    for i in range(len(chunk)):
+      ids = [t for t in out[i, :lengths[i]].tolist() if t != eos]
+      texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+  return texts
+
+
+def test_answers(model, params: dict[str, Any], prompts: Sequence[tuple[list[int], str]],
+                 config: ml_collections.ConfigDict, tok, run_dir: pathlib.Path
+                 ) -> dict[str, Any]:
+  """Greedy answers to the test prompts with each adapter state in `params`, scored against the
+  references (`metrics.answer_scores`): {"test_rouge_l_<name>", "test_exact_match_<name>",
+  "answers_<name>": the first eval.n_examples (reference, answer) pairs}. Every answer is
+  written to run_dir/answers_<name>.jsonl."""
+  out: dict[str, Any] = {}
+  refs = [r for _, r in prompts]
+  for name, p in params.items():
+    nnx.update(model, p)
+    answers = generate_texts(model, [ids for ids, _ in prompts], config, tok)
+    scores = metrics.answer_scores(answers, refs)
+    out[f"test_rouge_l_{name}"] = scores["rouge_l"]
+    out[f"test_exact_match_{name}"] = scores["exact_match"]
+    rows = [{"reference": r, "answer": a, "rouge_l": metrics.rouge_l(a, r)}
+            for r, a in zip(refs, answers)]
+    out[f"answers_{name}"] = rows[:config.eval.n_examples]
+    if distributed.is_main():
+      io.write_text_atomic(run_dir / f"answers_{name}.jsonl",
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  return out
+
+
+def load_own_oracle(config: ml_collections.ConfigDict, own: OwnData, tok) -> list:
+  """data.oracle's records (data.pool_format) as `PoolDocument`s, their encoded examples added
+  to own.pool_by_id; records cut away by max_len or already in the pool are left out."""
+  d = config.data
+  f = splits.fields(d)
+  recs = files.read_all(d.oracle, fields=formats.required_fields(d.pool_format, f),
+                        text_field=f.text, id_field=d.id_field, what="data.oracle")
+  enc, _ = formats.encode_records(recs, tok, d.max_len, d.pool_format, f)
+  by_id = {e["id"]: e for e in enc}
+  docs = []
+  for r in recs:
+    if r.id in by_id and r.id not in own.pool_by_id:
+      text = formats.record_text(r, d.pool_format, f)
+      docs.append(PoolDocument(id=r.id, text=text, source=r.file, manifest_fields={
+          "uid": r.uid, "file": r.file, "row": r.row, "text": text}))
+      own.pool_by_id[r.id] = by_id[r.id]
+  return docs
 
 
 def export_adapters(model, config: ml_collections.ConfigDict, run_dir: pathlib.Path,
@@ -459,6 +572,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   mesh = distributed.make_mesh(config.mesh.model)
   check_batch_sizes(config, mesh.shape["data"])
   arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
+  if config.data.task == "dictd":
+    paths = dictd.prepare(config, cache)
+    log(f"data: dictd task ({config.dictd.target}) in {paths['adapt'].parent}")
 
   own = None
   if own_data(config):
@@ -492,6 +608,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   if own_data(config):
     task, own = encode_own_task(config, task, own_recs, pool_recs, tok)
+    if config.data.oracle:
+      own.oracle = load_own_oracle(config, own, tok)
+      log(f"data: {len(own.oracle)} oracle examples (data.oracle)")
+    if config.eval.generate:
+      own.prompts = generation_prompts(own_recs.test, config, tok)
     c = own.counts
     log(f"data: adapt {c['adapt']['kept']} / valid {c['valid']['kept']} / test "
         f"{c['test']['kept']} examples (cut by data.max_len: {c['adapt']['cut_by_max_len']} / "
@@ -526,6 +647,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(base.cfg)}
   if own is not None:
     summary.update(own_summary(config, own, results))
+    summary["task_stats"] = report.task_stats(results)
   if diverged:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
@@ -581,9 +703,13 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
       "curves": [r["curve"] for r in runs], **facts}
   if any(r.get("reselections") for r in runs):
     out["reselections"] = [r["reselections"] for r in runs]
-  for key in ("test_nll_backbone", "test_nll_best", "test_nll_final"):
+  for key in ("test_nll_backbone", "test_nll_best", "test_nll_final", "test_rouge_l_best",
+              "test_rouge_l_final", "test_exact_match_best", "test_exact_match_final"):
     if key in runs[0]:
       out[key] = [r[key] for r in runs]
+  for key in ("answers_best", "answers_final"):
+    if key in runs[0]:
+      out[key] = runs[0][key]  # The first seed's, for report.md.
   return out
 
 
@@ -626,6 +752,16 @@ def protocol_report(summary: dict[str, Any]) -> str:
                      f"{report.mean_sd(a['test_nll_final'])} | "
                      f"{report.mean_sd(a['test_nll_backbone'])} |")
     lines.append("")
+    lines += ["Test metrics at the best validation step (response NLL in nats/token, lower is "
+              "better; ROUGE-L F and exact match of greedy answers, higher is better); mean ± "
+              "sd over seeds, differences paired by seed with 95% t-intervals:", "",
+              report.task_table(summary, "best"), ""]
+    if any("test_rouge_l_final" in a for a in summary["arms"].values()):
+      lines += ["At the final step:", "", report.task_table(summary, "final"), ""]
+    samples = report.answer_samples(summary, "best")
+    if samples:
+      lines += ["Generated answers at the best validation step (seed "
+                f"{summary['seeds'][0]}, greedy) beside the reference:", "", samples]
   return "\n".join(lines)
 
 
