@@ -66,6 +66,7 @@ class OwnData:
   counts: dict
   oracle: list = dataclasses.field(default_factory=list)  # data.oracle's PoolDocuments.
   prompts: list = dataclasses.field(default_factory=list)  # Test (prompt ids, reference).
+  test_nll_backbone: float | None = None  # data.test's NLL before adaptation (once per run).
 
 
 def own_data(config: ml_collections.ConfigDict) -> bool:
@@ -424,12 +425,18 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
   if own is not None:
     best = result.best_params if result.best_params is not None else result.params
     if own.test:
-      out.update(test_nlls(model, {"backbone": init_params, "best": best,
-                                   "final": result.params}, own.test, config, tok, mesh))
+      states = {"best": best, "final": result.params}
+      if own.test_nll_backbone is None:  # The same for every arm and seed: evaluated once.
+        states["backbone"] = init_params
+      out.update(test_nlls(model, states, own.test, config, tok, mesh))
+      own.test_nll_backbone = out.setdefault("test_nll_backbone", own.test_nll_backbone)
     if config.eval.generate and own.prompts:
       states = {"best": best, "final": result.params}
       out.update(test_answers(model, {k: states[k] for k in eval_states(config)}, own.prompts,
                               config, tok, run_dir))
+    if own.test and distributed.is_main():  # This seed's test numbers, before the run ends.
+      io.write_json_atomic(run_dir / "test_metrics.json",
+                           {k: v for k, v in out.items() if k.startswith("test_")}, finite=True)
     export_adapters(model, config, run_dir, {"peft": result.params, "peft_best": best}, tok)
   return out
 

@@ -79,6 +79,11 @@ def test_answers_scored_per_arm_and_seed(run):
           np.mean([metrics.rouge_l(r["answer"], r["reference"]) for r in rows]))
       assert arm["test_exact_match_best"][seed] == pytest.approx(
           np.mean([metrics.exact_match(r["answer"], r["reference"]) for r in rows]))
+      saved = json.loads((wd / "arms" / name / f"seed_{seed}" / "test_metrics.json").read_text())
+      assert saved["test_rouge_l_best"] == arm["test_rouge_l_best"][seed]
+      assert saved["test_nll_best"] == arm["test_nll_best"][seed]
+    # The backbone's test NLL is one number (evaluated once), its adapted NLLs differ by seed.
+    assert arm["test_nll_backbone"] == [res["arms"]["none"]["test_nll_backbone"][0]] * 2
   s = res["task_stats"]["oracle"]["test_rouge_l_best_vs_none"]
   diffs = np.subtract(res["arms"]["oracle"]["test_rouge_l_best"],
                       res["arms"]["none"]["test_rouge_l_best"])
