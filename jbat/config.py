@@ -91,6 +91,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.response_field = "response"  # prompt_response: the response's field (loss weight 1).
   c.data.messages_field = "messages"  # chat: the field with the list of role/content messages.
   c.data.id_field = ""  # The field holding a record's stable id; empty: file + row.
+  # More examples of the task's target as pool records (data.pool_format): the `oracle` arm's
+  # documents with data.adapt (a reference; never part of data.pool). Empty: no oracle arm.
+  c.data.oracle = ""
+  # A built-in task that writes its files into the cache and sets data.adapt / valid / test /
+  # pool / oracle before the run: "" (none) or "dictd" (definition questions from Debian's
+  # dictd dictionaries, settings in `dictd`; jbat.data.dictd).
+  c.data.task = ""
+
+  # The dictd task (data.task = "dictd"): target dictionary, pool dictionaries, split sizes.
+  c.dictd = ml_collections.ConfigDict()
+  c.dictd.target = "jargon"  # The dictionary whose answers are learned (Debian dict-<name>).
+  c.dictd.pool = "foldoc,devil,elements"  # The other dictionaries: the pool (plain text).
+  c.dictd.n_adapt = 32  # Target entries as adaptation chat pairs.
+  c.dictd.n_valid = 32  # Target entries for validation (chooses the best step).
+  c.dictd.n_test = 64  # Target entries for test (reported only).
+  c.dictd.n_oracle = 256  # More target entries: the oracle arm's documents (0: all the rest).
+  c.dictd.n_pool = 0  # Pool entries kept by a seeded sample (0: all).
+  c.dictd.max_chars = 400  # Definitions are cut at a sentence end within this many characters.
+  c.dictd.seed = 0  # Seeds the split of the target's entries and the pool sample.
 
   c.model = ml_collections.ConfigDict()
   # A local Hugging Face model folder (gpt2 / llama / qwen2, safetensors): when set, it is the
@@ -179,6 +198,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.bat.reselect_top = 0
   c.bat.reselect_from = "adapter"
 
+  # Task metrics on data.test (own-data path): greedy answers of the test prompts at the best
+  # validation step (and at the final step), scored against the reference answers.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.generate = False  # Generate test answers and report ROUGE-L / exact match.
+  c.eval.max_new_tokens = 64  # Tokens generated per answer (greedy, stops at eos).
+  c.eval.batch_size = 16  # Test prompts per generation batch.
+  c.eval.at = "best"  # Adapter states to generate with: "best" or "best,final".
+  c.eval.n_examples = 3  # Generated answers per arm shown in report.md beside the reference.
+
   c.arms = "none"  # Comma-separated arms: registry.BASE_ARMS or score names.
   c.seeds = "0"  # Comma-separated training seeds; arms are paired by seed.
   # Seeds of the target split (which documents are adaptation / validation / test; the data.*
@@ -252,7 +280,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "lora.rank", "lora.alpha", "train.steps", "train.batch_size", "train.lr",
             "train.eval_every", "train.ckpt_every", "train.keep", "train.log_every",
             "train.eval_batch_size", "surrogate.steps", "select.k", "select.n_clusters",
-            "select.batch_size", "select.chunk_batches", "train.grad_accum", "mesh.model")
+            "select.batch_size", "select.chunk_batches", "train.grad_accum", "mesh.model",
+            "eval.max_new_tokens", "eval.batch_size")
+  validate_task(config)
   if config.model.n_kv_heads < 0:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
   if config.select.top_n < 0:
@@ -344,6 +374,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"train.grad_accum={config.train.grad_accum}")
   if not config.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
     raise JbatError(f"config: name must be a non-empty file-name-safe string, got {config.name!r}")
+
+
+def validate_task(config: ml_collections.ConfigDict) -> None:
+  """Checks data.task / dictd.* / data.oracle / eval.* (JbatError naming the key)."""
+  d = config.data
+  if d.task not in ("", "dictd"):
+    raise JbatError(f"config: data.task must be '' or 'dictd', got {d.task!r}")
+  if d.task:
+    given = [k for k in ("adapt", "valid", "test", "pool", "oracle") if d[k]]
+    if given:
+      raise JbatError(f"config: data.task={d.task!r} writes data.{given[0]} itself; leave "
+                      f"data.{', data.'.join(given)} empty")
+    dd = config.dictd
+    for key in ("n_adapt", "n_valid", "n_test", "max_chars"):
+      if dd[key] < 1:
+        raise JbatError(f"config: dictd.{key} must be >= 1, got {dd[key]}")
+    for key in ("n_oracle", "n_pool"):
+      if dd[key] < 0:
+        raise JbatError(f"config: dictd.{key} must be >= 0, got {dd[key]}")
+    pool = [s.strip() for s in dd.pool.split(",") if s.strip()]
+    if not dd.target or dd.target in pool:
+      raise JbatError(f"config: dictd.target {dd.target!r} must be set and not among "
+                      f"dictd.pool ({dd.pool!r})")
+  elif d.oracle:
+    if not d.adapt:
+      raise JbatError("config: data.oracle is set but data.adapt is empty")
+    from jbat.data import files  # pylint: disable=import-outside-toplevel
+    files.resolve(d.oracle, "config: data.oracle")
+  at = [s.strip() for s in config.eval.at.split(",") if s.strip()]
+  if not at or any(s not in ("best", "final") for s in at):
+    raise JbatError(f"config: eval.at must be 'best' or 'best,final', got {config.eval.at!r}")
+  if config.eval.n_examples < 0:
+    raise JbatError(f"config: eval.n_examples must be >= 0, got {config.eval.n_examples}")
 
 
 def check_select_k(config: ml_collections.ConfigDict, n_pool: int) -> None:

@@ -39,13 +39,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jbat import albat, backbone, distributed, io, layout, lora, protocol, registry, report
-from jbat import results_doc, selection
+from jbat import albat, backbone, distributed, io, layout, lora, metrics, protocol, registry
+from jbat import report, results_doc, selection
 from jbat import config as config_lib
 from jbat import peft_io
-from jbat.data import files, formats, mixture, neardup, pipeline, pool_stream, sources, splits
+from jbat.data import dictd, files, formats, mixture, neardup, pipeline, pool_stream, sources
+from jbat.data import splits
 from jbat.data import tokenizer as tokenizer_lib, tweets
 from jbat.errors import Diverged, JbatError
+from jbat.models import generate as generate_lib
 from jbat.models.causal_lm import CausalLM, LMConfig
 from jbat.models.hf_io import load_causal_lm
 from jbat.scoring import stream
@@ -69,16 +71,23 @@ class OwnData:
   test: list
   pool: pool_stream.FilePool | None
   counts: dict
+  oracle: list = dataclasses.field(default_factory=list)  # data.oracle's PoolDocuments.
+  prompts: list = dataclasses.field(default_factory=list)  # Test (prompt ids, reference).
+  extra: dict = dataclasses.field(default_factory=dict)  # id -> encoded data.oracle example.
 
   def examples(self, docs: Sequence[sources.Document]) -> list[dict]:
-    """The encoded pool examples of selected documents (`PoolDocument`s), in their order,
-    read again from the files by (file, row)."""
+    """The encoded examples of selected documents, in their order: pool documents
+    (`PoolDocument`s) read again from the files by (file, row), data.oracle's from `extra`."""
     if not docs:
       return []
-    index = {f: i for i, f in enumerate(self.pool.files)}
-    got = self.pool.read([(index[d.manifest_fields["file"]], d.manifest_fields["row"])
-                          for d in docs])
-    return [pool_stream.training_example(ex) for ex in got]
+    pooled = [d for d in docs if d.id not in self.extra]
+    got = {}
+    if pooled:
+      index = {f: i for i, f in enumerate(self.pool.files)}
+      got = {ex["id"]: pool_stream.training_example(ex) for ex in self.pool.read(
+          [(index[d.manifest_fields["file"]], d.manifest_fields["row"]) for d in pooled])}
+    return [self.extra[d.id] if d.id in self.extra else got[d.id]
+            for d in docs if d.id in self.extra or d.id in got]
 
 
 def own_data(config: ml_collections.ConfigDict) -> bool:
@@ -95,9 +104,13 @@ def check_own_config(config: ml_collections.ConfigDict) -> None:
   """JbatError (before any work) for the user's path: no oracle arm without labels, a
   validation split to choose steps on, a pool for the arms that select."""
   arms = config_lib.arm_list(config)
-  if "oracle" in arms:
-    raise JbatError("config: arms: 'oracle' needs a labelled corpus (data.source + data.domain); "
-                    "with data.adapt there are no labels: drop the oracle arm")
+  if "oracle" in arms and not config.data.oracle:
+    raise JbatError("config: arms: 'oracle' needs a labelled corpus (data.source + data.domain), "
+                    "or with data.adapt a file of more target examples (data.oracle); with "
+                    "neither there are no labels: drop the oracle arm")
+  if config.eval.generate and config.data.format == "text":
+    raise JbatError("config: eval.generate needs prompts: data.format 'chat' or "
+                    "'prompt_response', not 'text'")
   if not config.data.valid:
     raise JbatError("config: data.valid is required with data.adapt (files, or a count split "
                     "off data.adapt): every arm chooses its best step on it")
@@ -268,9 +281,11 @@ def select_arm_docs(arm: str, config: ml_collections.ConfigDict, task: sources.T
     rng = np.random.default_rng(draw + 1)
     chosen = [task.pool[i] for i in sorted(rng.choice(len(task.pool), size=k, replace=False))]
   elif arm == "oracle":
-    in_domain = [d for d in task.pool if d.label == config.data.domain]
+    in_domain = (own.oracle if own is not None else
+                 [d for d in task.pool if d.label == config.data.domain])
     if not in_domain:
-      raise JbatError(f"arm oracle: the pool has no documents labelled {config.data.domain!r}")
+      raise JbatError("arm oracle: data.oracle has no usable record" if own is not None else
+                      f"arm oracle: the pool has no documents labelled {config.data.domain!r}")
     rng = np.random.default_rng(draw + 2)
     idx = rng.choice(len(in_domain), size=min(k, len(in_domain)), replace=False)
     chosen = [in_domain[i] for i in sorted(idx)]
@@ -521,6 +536,13 @@ def train_one(arm: str, seed: int, base: CausalLM, config: ml_collections.Config
     out.update(test_nlls(model, {"backbone": init_params, "best": best,
                                  "final": result.params}, test, config, tok, mesh))
   if own is not None:
+    if config.eval.generate and own.prompts:
+      states = {"best": best, "final": result.params}
+      out.update(test_answers(model, {k: states[k] for k in eval_states(config)}, own.prompts,
+                              config, tok, run_dir))
+    if test is not None and len(test) and distributed.is_main():  # Kept if the run stops.
+      io.write_json_atomic(run_dir / "test_metrics.json",
+                           {k: v for k, v in out.items() if k.startswith("test_")}, finite=True)
     export_adapters(model, config, run_dir, {"peft": result.params, "peft_best": best}, tok)
   return out
 
@@ -539,6 +561,104 @@ def test_nlls(model, params: dict[str, Any], test: protocol.Sealed, config, tok,
                                       shard_count=n_proc), mesh)
     return {f"test_nll_{name}": evaluate(distributed.place_params(p, mesh))
             for name, p in params.items()}
+
+
+def eval_states(config: ml_collections.ConfigDict) -> list[str]:
+  """The adapter states eval.at names ("best", "final")."""
+  return [s.strip() for s in config.eval.at.split(",") if s.strip()]
+
+
+def generation_prompts(records: Sequence[files.Record], config: ml_collections.ConfigDict, tok
+                       ) -> list[tuple[list[int], str]]:
+  """(prompt token ids, reference answer) of each task record: chat -> the conversation up to
+  its last assistant turn, rendered by the chat template with the generation prompt, and that
+  turn's content; prompt_response -> the prompt with the tokenizer's leading special tokens
+  (jbat's tokenizer: its bos), and the response. Prompts longer than data.max_len keep their
+  last max_len tokens."""
+  d, f = config.data, splits.fields(config.data)
+  out = []
+  for r in records:
+    if d.format == "chat":
+      messages = r.fields[f.messages]
+      last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+      text = tok.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+      ids = list(tok(text, add_special_tokens=False)["input_ids"])
+      ref = messages[last]["content"]
+    else:
+      prefix = ([tok.bos_token_id] if formats.is_jbat_tokenizer(tok) else
+                formats.special_affixes(tok)[0])
+      ids = list(prefix) + list(tok(r.fields[f.prompt], add_special_tokens=False)["input_ids"])
+      ref = r.fields[f.response]
+    out.append((ids[-d.max_len:], ref))
+  return out
+
+
+def generate_texts(model, prompts: Sequence[Sequence[int]], config: ml_collections.ConfigDict,
+                   tok) -> list[str]:
+  """Greedy answers (decoded, special tokens skipped, stripped) of `model` to each prompt, in
+  batches of eval.batch_size rows padded to one shape (one compile per run)."""
+  bs, width = config.eval.batch_size, max(len(p) for p in prompts)
+  eos = tok.eos_token_id
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+  texts = []
+  for start in range(0, len(prompts), bs):
+    chunk = list(prompts[start:start + bs])
+    rows = chunk + [chunk[0]] * (bs - len(chunk))  # Fixed shape: one compile.
+    tokens = np.full((bs, width), pad, np.int32)
+    mask = np.zeros((bs, width), bool)
+    for i, p in enumerate(rows):
+      tokens[i, :len(p)], mask[i, :len(p)] = p, True
+    out, lengths = generate_lib.generate(model, tokens, mask,
+                                         max_new_tokens=config.eval.max_new_tokens,
+                                         eos_id=eos, pad_id=pad)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    for i in range(len(chunk)):
+      ids = [t for t in out[i, :lengths[i]].tolist() if t != eos]
+      texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+  return texts
+
+
+def test_answers(model, params: dict[str, Any], prompts: Sequence[tuple[list[int], str]],
+                 config: ml_collections.ConfigDict, tok, run_dir: pathlib.Path
+                 ) -> dict[str, Any]:
+  """Greedy answers to the test prompts with each adapter state in `params`, scored against the
+  references (`metrics.answer_scores`): {"test_rouge_l_<name>", "test_exact_match_<name>",
+  "answers_<name>": the first eval.n_examples (reference, answer) pairs}. Every answer is
+  written to run_dir/answers_<name>.jsonl."""
+  out: dict[str, Any] = {}
+  refs = [r for _, r in prompts]
+  for name, p in params.items():
+    nnx.update(model, p)
+    answers = generate_texts(model, [ids for ids, _ in prompts], config, tok)
+    scores = metrics.answer_scores(answers, refs)
+    out[f"test_rouge_l_{name}"] = scores["rouge_l"]
+    out[f"test_exact_match_{name}"] = scores["exact_match"]
+    rows = [{"reference": r, "answer": a, "rouge_l": metrics.rouge_l(a, r)}
+            for r, a in zip(refs, answers)]
+    out[f"answers_{name}"] = rows[:config.eval.n_examples]
+    if distributed.is_main():
+      io.write_text_atomic(run_dir / f"answers_{name}.jsonl",
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  return out
+
+
+def load_own_oracle(config: ml_collections.ConfigDict, own: OwnData, tok) -> list:
+  """data.oracle's records (data.pool_format) as `PoolDocument`s, their encoded examples kept in
+  own.extra; records cut away by max_len are left out."""
+  d = config.data
+  f = splits.fields(d)
+  recs = files.read_all(d.oracle, fields=formats.required_fields(d.pool_format, f),
+                        text_field=f.text, id_field=d.id_field, what="data.oracle")
+  enc, _ = formats.encode_records(recs, tok, d.max_len, d.pool_format, f)
+  by_id = {e["id"]: e for e in enc}
+  docs = []
+  for r in recs:
+    if r.id in by_id and r.id not in own.extra:
+      text = formats.record_text(r, d.pool_format, f)
+      docs.append(PoolDocument(id=r.id, text=text, source=r.file, manifest_fields={
+          "uid": r.uid, "file": r.file, "row": r.row, "text": text}))
+      own.extra[r.id] = by_id[r.id]
+  return docs
 
 
 def export_adapters(model, config: ml_collections.ConfigDict, run_dir: pathlib.Path,
@@ -619,6 +739,11 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
         f"{c['valid']['cut_by_max_len']} / {c['test']['cut_by_max_len']}); pool: "
         + (f"{c['pool']['files']} files streamed ({c['pool']['empty_files']} empty, skipped)"
            if "pool" in c else "none"))
+    if config.data.oracle:
+      own.oracle = load_own_oracle(config, own, tok)
+      log(f"data: {len(own.oracle)} oracle examples (data.oracle)")
+    if config.eval.generate:
+      own.prompts = generation_prompts(own_recs.test, config, tok)
     adapt, valid, test = own.adapt, own.valid, protocol.Sealed(own.test)
   else:
     adapt = pipeline.encode(task.adapt, tok, config.data.max_len)
@@ -774,6 +899,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
   split_seeds, draws = config_lib.split_seed_list(config), config_lib.draw_seed_list(config)
   single = len(split_seeds) == 1 and len(draws) == 1
+  if config.data.task == "dictd":
+    paths = dictd.prepare(config, cache)
+    log(f"data: dictd task ({config.dictd.target}) in {paths['adapt'].parent}")
   if own_data(config):
     check_own_config(config)
   holder: dict[str, pathlib.Path] = {}
@@ -838,6 +966,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if first.own is not None:
     summary.update(own_summary(config, first.own, results))
     summary["n_pool"] = int(first.own.counts.get("pool", {}).get("usable") or 0)
+    summary["task_stats"] = report.task_stats(results)
   if diverged:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
@@ -904,9 +1033,13 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
                              "stopped_step": [r["stopped_step"] for r in runs]}
   if any(r.get("reselections") for r in runs):
     out["reselections"] = [r.get("reselections", []) for r in runs]
-  for key in ("test_nll_backbone", "test_nll_best", "test_nll_final"):
+  for key in ("test_nll_backbone", "test_nll_best", "test_nll_final", "test_rouge_l_best",
+              "test_rouge_l_final", "test_exact_match_best", "test_exact_match_final"):
     if key in runs[0]:
       out[key] = [r[key] for r in runs]
+  for key in ("answers_best", "answers_final"):
+    if key in runs[0]:
+      out[key] = runs[0][key]  # The first seed's, for report.md.
   return out
 
 
@@ -961,6 +1094,16 @@ def protocol_report(summary: dict[str, Any]) -> str:
                      f"{report.mean_sd(a['test_nll_final'])} | "
                      f"{report.mean_sd(a['test_nll_backbone'])} |")
     lines.append("")
+    lines += ["Test metrics at the best validation step (response NLL in nats/token, lower is "
+              "better; ROUGE-L F and exact match of greedy answers, higher is better); mean ± "
+              "sd over seeds, differences paired by seed with 95% t-intervals:", "",
+              report.task_table(summary, "best"), ""]
+    if any("test_rouge_l_final" in a for a in summary["arms"].values()):
+      lines += ["At the final step:", "", report.task_table(summary, "final"), ""]
+    samples = report.answer_samples(summary, "best")
+    if samples:
+      lines += ["Generated answers at the best validation step (seed "
+                f"{summary['seeds'][0]}, greedy) beside the reference:", "", samples]
   return "\n".join(lines)
 
 

@@ -74,6 +74,73 @@ def paired_stats(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
+TASK_METRICS = ("test_nll_best", "test_nll_final", "test_rouge_l_best", "test_rouge_l_final",
+                "test_exact_match_best", "test_exact_match_final")
+
+
+def task_stats(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Per arm: paired differences (`paired_interval`, arm - reference, by seed) of each test
+  metric in TASK_METRICS it has vs `none` and `random` ("<metric>_vs_<ref>"). For NLL lower is
+  better, for ROUGE-L / exact match higher."""
+  out: dict[str, Any] = {}
+  for name, a in arms.items():
+    s: dict[str, Any] = {}
+    for ref in ("none", "random"):
+      if ref in arms and ref != name:
+        for metric in TASK_METRICS:
+          if metric in a and metric in arms[ref]:
+            s[f"{metric}_vs_{ref}"] = paired_interval(
+                [x - y for x, y in zip(a[metric], arms[ref][metric])])
+    out[name] = s
+  return out
+
+
+def task_table(summary: dict[str, Any], at: str = "best") -> str:
+  """report.md's table of the test metrics at one adapter state ("best" or "final"): mean ± sd
+  over seeds and paired differences vs none / random with 95% intervals. Empty when no arm has
+  test metrics."""
+  arms = {n: a for n, a in summary["arms"].items() if f"test_nll_{at}" in a}
+  if not arms:
+    return ""
+  gen = any(f"test_rouge_l_{at}" in a for a in arms.values())
+  head = ["arm", "test NLL", "- none [95% CI]", "- random [95% CI]"]
+  if gen:
+    head += ["ROUGE-L", "- none [95% CI]", "- random [95% CI]", "exact match"]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  stats_ = summary.get("task_stats", {})
+  for name, a in arms.items():
+    s = stats_.get(name, {})
+    cells = [name, mean_sd(a[f"test_nll_{at}"]), interval(s.get(f"test_nll_{at}_vs_none")),
+             interval(s.get(f"test_nll_{at}_vs_random"))]
+    if gen:
+      r = f"test_rouge_l_{at}"
+      cells += ([mean_sd(a[r]), interval(s.get(f"{r}_vs_none")),
+                 interval(s.get(f"{r}_vs_random")), mean_sd(a[f"test_exact_match_{at}"])]
+                if r in a else ["-"] * 4)
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def _cell(text: str, limit: int = 300) -> str:
+  text = " ".join(text.split()).replace("|", "\\|")
+  return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def answer_samples(summary: dict[str, Any], at: str = "best") -> str:
+  """report.md's generated answers (the first seed's first eval.n_examples test prompts) per
+  arm beside the reference; empty when none were generated."""
+  arms = {n: a[f"answers_{at}"] for n, a in summary["arms"].items() if a.get(f"answers_{at}")}
+  if not arms:
+    return ""
+  lines = []
+  for name, rows in arms.items():
+    lines += [f"**{name}**", "", "| reference | answer | ROUGE-L |", "|---|---|---|"]
+    lines += [f"| {_cell(r['reference'])} | {_cell(r['answer'])} | {r['rouge_l']:.3f} |"
+              for r in rows]
+    lines.append("")
+  return "\n".join(lines)
+
+
 def mean_sd(x: list[float]) -> str:
   """'mean ± sd' (sample sd) with 4 decimals; a single value alone."""
   return f"{np.mean(x):.4f} ± {np.std(x, ddof=1):.4f}" if len(x) > 1 else f"{x[0]:.4f}"
