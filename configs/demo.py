@@ -15,8 +15,8 @@ the setting where selection has headroom).
 
 Arms (same steps, learning rate, adaptation rows per batch and seeds): none, random, oracle
 (random tweets of the target account: a reference, not a method) and albat (the default score
-and rule below). The baselines `dsir` (n-gram importance, no model) and `less` (projected
-per-example gradients, ~5x a forward on a CPU) and every other score are arms too:
+and rule below). The baselines `dsir` (n-gram importance, no model) and `less` (LESS's
+warm-up checkpoints and projected per-example gradients: many forwards' worth per example) and every other score are arms too:
 `--config.arms=none,random,oracle,albat,dsir` or `benchmarks/selection_quality.py`.
 """
 
