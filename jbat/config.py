@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bias = True
   c.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   c.model.remat = False  # Recompute each block in the backward pass (less activation memory).
+  # The losses over vocabulary chunks of this many rows, never [batch, length, vocab] logits
+  # (jbat.losses; same values up to float rounding): 0 = auto (AUTO_VOCAB_CHUNK rows when the
+  # vocabulary exceeds AUTO_VOCAB_CHUNK_ABOVE tokens, else full logits), -1 = always full logits.
+  c.model.vocab_chunk = 0
   # With model.pretrained (a Hugging Face folder) each run's adapters are also written in PEFT
   # format (peft/, peft_best/); this also writes them merged into the base weights.
   c.model.export_merged = False
@@ -283,6 +287,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "select.batch_size", "select.chunk_batches", "train.grad_accum", "mesh.model",
             "eval.max_new_tokens", "eval.batch_size")
   validate_task(config)
+  chunk = config.model.vocab_chunk
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < -1:
+    raise JbatError(f"config: model.vocab_chunk must be an integer >= -1 (0: auto, -1: full "
+                    f"logits), got {chunk!r}")
   if config.model.n_kv_heads < 0:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
   if config.select.top_n < 0:
@@ -444,6 +452,20 @@ def heldout_split(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(validation, test) document counts of a labelled corpus's data.n_heldout."""
   n_valid = config.data.n_valid or config.data.n_heldout // 2
   return n_valid, config.data.n_heldout - n_valid
+
+
+# model.vocab_chunk = 0 (auto): chunks of this many rows above this vocabulary size. At 49k
+# tokens, 80 tokens and 16 rows the full logits are 250 MB per [B, T, V] buffer, chunks 42 MB.
+AUTO_VOCAB_CHUNK = 8192
+AUTO_VOCAB_CHUNK_ABOVE = 32768
+
+
+def vocab_chunk(config: ml_collections.ConfigDict, vocab_size: int) -> int | None:
+  """The LMConfig.vocab_chunk of a model with `vocab_size` tokens under model.vocab_chunk."""
+  chunk = config.model.vocab_chunk
+  if chunk == 0:
+    return AUTO_VOCAB_CHUNK if vocab_size > AUTO_VOCAB_CHUNK_ABOVE else None
+  return None if chunk < 0 else int(chunk)
 
 
 def workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
