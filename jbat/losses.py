@@ -133,10 +133,50 @@ def lm_per_example_loss(model: Any, batch: Batch, vocab_chunk: int | None = None
   return _weighted_mean(_chunked_nll(model, batch, chunk), batch["weights"])
 
 
-def lm_loss(model: Any, batch: Batch, vocab_chunk: int | None = None) -> jax.Array:
+def _weighted_nll_sum(model: Any, batch: Batch, chunk: int | None) -> jax.Array:
+  """Scalar sum_{b,t} w nll (padding skipped on the chunked path)."""
+  w = batch["weights"].astype(jnp.float32)
+  if chunk is None:
+    return jnp.sum(w * token_nll(_logits(model, batch), batch["targets"]))
+  return jnp.sum(jnp.where(w != 0, w * _chunked_nll(model, batch, chunk), 0.0))
+
+
+def _row_group_nll_sum(model: Any, batch: Batch, chunk: int | None, rows: int) -> jax.Array:
+  """`_weighted_nll_sum` as a `lax.scan` over groups of `rows` rows (the last padded with
+  zero-weight rows), each group `jax.checkpoint`ed: the backward pass recomputes one group's
+  forward at a time, so activation memory is that of `rows` rows instead of the batch's."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  keys = [k for k in ("tokens", "targets", "weights", "positions", "segment_ids") if k in batch]
+  b = batch["tokens"].shape[0]
+  n = -(-b // rows)
+  pad = lambda x: jnp.pad(x, ((0, n * rows - b),) + ((0, 0),) * (x.ndim - 1))
+  groups = {k: pad(batch[k]).reshape(n, rows, *batch[k].shape[1:]) for k in keys}
+  graphdef, state = nnx.split(model)
+
+  @jax.checkpoint
+  def body(total, group):
+    return total + _weighted_nll_sum(nnx.merge(graphdef, state), group, chunk), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), groups)
+  return total
+
+
+def lm_loss(model: Any, batch: Batch, vocab_chunk: int | None = None,
+            grad_rows: int | None = None) -> jax.Array:
   """Scalar training loss: token-weighted mean NLL of `model` on `batch` (vocab_chunk as
-  `lm_per_example_loss`)."""
+  `lm_per_example_loss`).
+
+  grad_rows: None -> the model's cfg.grad_rows; 0 -> the whole batch at once; a positive int ->
+  the batch in groups of that many rows, one group's activations alive at a time in the
+  backward pass (`_row_group_nll_sum`; the same value up to the order of the float32 sum).
+  """
   chunk = resolve_vocab_chunk(model, vocab_chunk)
+  if grad_rows is None:
+    grad_rows = getattr(getattr(model, "cfg", None), "grad_rows", None)
+  b = batch["tokens"].shape[0]
+  if grad_rows and grad_rows < b:
+    total = _row_group_nll_sum(model, batch, chunk, int(grad_rows))
+    return total / jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
   if chunk is None:
     return mean_token_loss(_logits(model, batch), batch["targets"], batch["weights"])
   w = batch["weights"].astype(jnp.float32)

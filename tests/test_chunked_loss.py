@@ -127,6 +127,34 @@ def test_config_vocab_chunk_auto_off_and_validation():
   assert config_lib.vocab_chunk(c, 49152) is None
   c.model.vocab_chunk = 512
   assert config_lib.vocab_chunk(c, 8000) == 512
+  assert config_lib.grad_rows(config_lib.base_config(), 49152) == config_lib.AUTO_GRAD_ROWS
+  assert config_lib.grad_rows(config_lib.base_config(), 8000) is None
   c.model.vocab_chunk = -2
   with pytest.raises(JbatError, match="model.vocab_chunk"):
     config_lib.validate(c)
+  c.model.vocab_chunk, c.model.grad_rows = 0, -3
+  with pytest.raises(JbatError, match="model.grad_rows"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_grad_rows_groups_equal_the_whole_batch(chunk):
+  """lm_loss over groups of 2 rows (5 rows: the last group padded) has the whole batch's value
+  and adapter gradient, and its program runs the model on 2-row groups only."""
+  model = _model("llama_untied")
+  rng = np.random.default_rng(3)
+  batch = {"tokens": jnp.asarray(rng.integers(0, V, (5, T)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, V, (5, T)), jnp.int32),
+           "weights": jnp.asarray((rng.random((5, T)) < 0.8).astype(np.float32))}
+  graphdef, adapter, rest = lora.split(model)
+  f = lambda rows: jax.value_and_grad(lambda a: losses.lm_loss(
+      lora.merge(graphdef, a, rest), batch, vocab_chunk=chunk, grad_rows=rows))
+  (ref, g_ref), (got, g_got) = jax.jit(f(0))(adapter), jax.jit(f(2))(adapter)
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  shapes = _shapes(jax.make_jaxpr(f(2))(adapter).jaxpr)
+  assert (2, T, 32) in shapes and (5, T, 32) not in shapes  # hidden states of 2-row groups
+  model.cfg = dataclasses.replace(model.cfg, grad_rows=2)  # the model's setting is the default
+  np.testing.assert_allclose(float(losses.lm_loss(model, batch, vocab_chunk=chunk)), float(ref),
+                             rtol=1e-6)

@@ -57,6 +57,9 @@ class LMConfig:
   # rows instead of holding [B, T, V] logits; None: full logits. Same values up to float
   # rounding; memory O(B T vocab_chunk) instead of O(B T V).
   vocab_chunk: int | None = None
+  # The training loss (jbat.losses.lm_loss) over groups of this many rows, each rematerialised
+  # in the backward pass: activation memory of grad_rows rows, not the batch's. None: the batch.
+  grad_rows: int | None = None
 
   @property
   def kv_heads(self) -> int:
