@@ -464,8 +464,9 @@ def heldout_split(config: ml_collections.ConfigDict) -> tuple[int, int]:
 AUTO_VOCAB_CHUNK = 8192
 AUTO_VOCAB_CHUNK_ABOVE = 32768
 # model.grad_rows = 0 (auto): backward passes over groups of this many rows above that size
-# (a 16-row surrogate step of SmolLM2-135M at 80 tokens: 2.9 GB of XLA temporaries at once).
-AUTO_GRAD_ROWS = 4
+# (a 16-row surrogate step of SmolLM2-135M at 80 tokens: 2.9 GB of XLA temporaries at once;
+# in 2-row groups the whole step peaks at 2.6 GB RSS).
+AUTO_GRAD_ROWS = 2
 
 
 def vocab_chunk(config: ml_collections.ConfigDict, vocab_size: int) -> int | None:
