@@ -43,7 +43,8 @@ def cache_key(lm_cfg: LMConfig, spec: PretrainSpec, tokenizer_json: str,
               pool: Sequence[Document]) -> str:
   """Content hash of everything that determines the pretrained weights."""
   h = hashlib.sha256()
-  arch = {k: v for k, v in dataclasses.asdict(lm_cfg).items() if k != "remat"}  # Values same.
+  same = ("remat", "vocab_chunk", "grad_rows")  # Values the same either way.
+  arch = {k: v for k, v in dataclasses.asdict(lm_cfg).items() if k not in same}
   h.update(json.dumps(arch, sort_keys=True).encode())
   h.update(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
   h.update(hashlib.sha256(tokenizer_json.encode()).digest())

@@ -128,6 +128,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bias = True
   c.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   c.model.remat = False  # Recompute each block in the backward pass (less activation memory).
+  # The losses over vocabulary chunks of this many rows, never [batch, length, vocab] logits
+  # (jbat.losses; same values up to float rounding): 0 = auto (AUTO_VOCAB_CHUNK rows when the
+  # vocabulary exceeds AUTO_VOCAB_CHUNK_ABOVE tokens, else full logits), -1 = always full logits.
+  c.model.vocab_chunk = 0
+  # The training loss's backward pass over groups of this many rows (jbat.losses.lm_loss; same
+  # value up to float rounding): 0 = auto (AUTO_GRAD_ROWS rows above the same vocabulary size,
+  # else the whole batch), -1 = the whole batch at once.
+  c.model.grad_rows = 0
   # With model.pretrained (a Hugging Face folder) each run's adapters are also written in PEFT
   # format (peft/, peft_best/); this also writes them merged into the base weights.
   c.model.export_merged = False
@@ -283,6 +291,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "select.batch_size", "select.chunk_batches", "train.grad_accum", "mesh.model",
             "eval.max_new_tokens", "eval.batch_size")
   validate_task(config)
+  for key in ("vocab_chunk", "grad_rows"):
+    value = config.model[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+      raise JbatError(f"config: model.{key} must be an integer >= -1 (0: auto, -1: off), got "
+                      f"{value!r}")
   if config.model.n_kv_heads < 0:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
   if config.select.top_n < 0:
@@ -444,6 +457,32 @@ def heldout_split(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(validation, test) document counts of a labelled corpus's data.n_heldout."""
   n_valid = config.data.n_valid or config.data.n_heldout // 2
   return n_valid, config.data.n_heldout - n_valid
+
+
+# model.vocab_chunk = 0 (auto): chunks of this many rows above this vocabulary size. At 49k
+# tokens, 80 tokens and 16 rows the full logits are 250 MB per [B, T, V] buffer, chunks 42 MB.
+AUTO_VOCAB_CHUNK = 8192
+AUTO_VOCAB_CHUNK_ABOVE = 32768
+# model.grad_rows = 0 (auto): backward passes over groups of this many rows above that size
+# (a 16-row surrogate step of SmolLM2-135M at 80 tokens: 2.9 GB of XLA temporaries at once;
+# in 2-row groups the whole step peaks at 2.6 GB RSS).
+AUTO_GRAD_ROWS = 2
+
+
+def vocab_chunk(config: ml_collections.ConfigDict, vocab_size: int) -> int | None:
+  """The LMConfig.vocab_chunk of a model with `vocab_size` tokens under model.vocab_chunk."""
+  chunk = config.model.vocab_chunk
+  if chunk == 0:
+    return AUTO_VOCAB_CHUNK if vocab_size > AUTO_VOCAB_CHUNK_ABOVE else None
+  return None if chunk < 0 else int(chunk)
+
+
+def grad_rows(config: ml_collections.ConfigDict, vocab_size: int) -> int | None:
+  """The LMConfig.grad_rows of a model with `vocab_size` tokens under model.grad_rows."""
+  rows = config.model.grad_rows
+  if rows == 0:
+    return AUTO_GRAD_ROWS if vocab_size > AUTO_VOCAB_CHUNK_ABOVE else None
+  return None if rows < 0 else int(rows)
 
 
 def workdir(config: ml_collections.ConfigDict) -> pathlib.Path:

@@ -196,7 +196,8 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int) -> LMConfig:
                  n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or None,
                  d_ff=m.d_ff, pos=m.pos, norm=m.norm, mlp=m.mlp,
                  tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias, bias=m.bias, dtype=m.dtype,
-                 remat=m.remat)
+                 remat=m.remat, vocab_chunk=config_lib.vocab_chunk(config, vocab_size),
+                 grad_rows=config_lib.grad_rows(config, vocab_size))
   cfg.validate()
   return cfg
 
@@ -228,7 +229,10 @@ def get_backbone(config: ml_collections.ConfigDict, pretrain_pool: Sequence[sour
   if config.model.pretrained:
     log(f"backbone: loading Hugging Face model {config.model.pretrained}")
     base, tok = load_causal_lm(config.model.pretrained, dtype=config.model.dtype, mesh=mesh)
-    base.cfg = dataclasses.replace(base.cfg, remat=config.model.remat)
+    v = base.cfg.vocab_size
+    base.cfg = dataclasses.replace(base.cfg, remat=config.model.remat,
+                                   vocab_chunk=config_lib.vocab_chunk(config, v),
+                                   grad_rows=config_lib.grad_rows(config, v))
     if config.data.max_len > base.cfg.max_len:
       raise JbatError(f"config: data.max_len={config.data.max_len} exceeds the model's "
                       f"max_position_embeddings ({base.cfg.max_len})")

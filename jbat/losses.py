@@ -14,8 +14,10 @@ the final hidden states h [B, T, D] and the unembedding W [V, D] (`CausalLM.hidd
 `vocab_chunk` rows (`chunked_token_nll`): each chunk's logits h W_c^T are computed in the
 model's dtype (bf16 or f32), and the running max, sum of exponentials and target logit are
 accumulated in float32. Each chunk is rematerialised in the backward pass, so the memory of
-the loss and of its gradient is O(B T vocab_chunk). vocab_chunk=None (the default) is the plain
-path, bit for bit as before.
+the loss and of its gradient is O(B T vocab_chunk). vocab_chunk=None (the default) takes the
+model's `cfg.vocab_chunk` (LMConfig; None there, or vocab_chunk=0 here, is the plain path, bit
+for bit as before), so a run sets it once on the model and its training, evaluation and
+scoring losses all follow.
 """
 
 from typing import Any, Mapping
@@ -98,26 +100,85 @@ def _logits(model: Any, batch: Batch) -> jax.Array:
   return model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
 
 
+def resolve_vocab_chunk(model: Any, vocab_chunk: int | None) -> int | None:
+  """The chunk the model-level losses use: `vocab_chunk` if given (0: none, full logits), else
+  the model's cfg.vocab_chunk (None when the model has no such setting)."""
+  if vocab_chunk is None:
+    return getattr(getattr(model, "cfg", None), "vocab_chunk", None)
+  return None if vocab_chunk == 0 else vocab_chunk
+
+
 def _chunked_nll(model: Any, batch: Batch, vocab_chunk: int) -> jax.Array:
   hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
   return chunked_token_nll(hidden, model.output_embedding(), batch["targets"], vocab_chunk)
 
 
+def lm_token_nll(model: Any, batch: Batch, vocab_chunk: int | None = None) -> jax.Array:
+  """float32 [B, T] token NLLs of `model` on `batch` (vocab_chunk as `lm_per_example_loss`)."""
+  chunk = resolve_vocab_chunk(model, vocab_chunk)
+  if chunk is None:
+    return token_nll(_logits(model, batch), batch["targets"])
+  return _chunked_nll(model, batch, chunk)
+
+
 def lm_per_example_loss(model: Any, batch: Batch, vocab_chunk: int | None = None) -> jax.Array:
   """[B] per-example loss l(z; phi) of `model` (a CausalLM, possibly with LoRA) on `batch`.
 
-  vocab_chunk: None -> from the full logits; an int -> vocabulary-chunked (module docstring).
+  vocab_chunk: None -> the model's cfg.vocab_chunk; 0 -> from the full logits; a positive int
+  -> vocabulary-chunked (module docstring).
   """
-  if vocab_chunk is None:
+  chunk = resolve_vocab_chunk(model, vocab_chunk)
+  if chunk is None:
     return per_example_loss(_logits(model, batch), batch["targets"], batch["weights"])
-  return _weighted_mean(_chunked_nll(model, batch, vocab_chunk), batch["weights"])
+  return _weighted_mean(_chunked_nll(model, batch, chunk), batch["weights"])
 
 
-def lm_loss(model: Any, batch: Batch, vocab_chunk: int | None = None) -> jax.Array:
+def _weighted_nll_sum(model: Any, batch: Batch, chunk: int | None) -> jax.Array:
+  """Scalar sum_{b,t} w nll (padding skipped on the chunked path)."""
+  w = batch["weights"].astype(jnp.float32)
+  if chunk is None:
+    return jnp.sum(w * token_nll(_logits(model, batch), batch["targets"]))
+  return jnp.sum(jnp.where(w != 0, w * _chunked_nll(model, batch, chunk), 0.0))
+
+
+def _row_group_nll_sum(model: Any, batch: Batch, chunk: int | None, rows: int) -> jax.Array:
+  """`_weighted_nll_sum` as a `lax.scan` over groups of `rows` rows (the last padded with
+  zero-weight rows), each group `jax.checkpoint`ed: the backward pass recomputes one group's
+  forward at a time, so activation memory is that of `rows` rows instead of the batch's."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  keys = [k for k in ("tokens", "targets", "weights", "positions", "segment_ids") if k in batch]
+  b = batch["tokens"].shape[0]
+  n = -(-b // rows)
+  pad = lambda x: jnp.pad(x, ((0, n * rows - b),) + ((0, 0),) * (x.ndim - 1))
+  groups = {k: pad(batch[k]).reshape(n, rows, *batch[k].shape[1:]) for k in keys}
+  graphdef, state = nnx.split(model)
+
+  @jax.checkpoint
+  def body(total, group):
+    return total + _weighted_nll_sum(nnx.merge(graphdef, state), group, chunk), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), groups)
+  return total
+
+
+def lm_loss(model: Any, batch: Batch, vocab_chunk: int | None = None,
+            grad_rows: int | None = None) -> jax.Array:
   """Scalar training loss: token-weighted mean NLL of `model` on `batch` (vocab_chunk as
-  `lm_per_example_loss`)."""
-  if vocab_chunk is None:
+  `lm_per_example_loss`).
+
+  grad_rows: None -> the model's cfg.grad_rows; 0 -> the whole batch at once; a positive int ->
+  the batch in groups of that many rows, one group's activations alive at a time in the
+  backward pass (`_row_group_nll_sum`; the same value up to the order of the float32 sum).
+  """
+  chunk = resolve_vocab_chunk(model, vocab_chunk)
+  if grad_rows is None:
+    grad_rows = getattr(getattr(model, "cfg", None), "grad_rows", None)
+  b = batch["tokens"].shape[0]
+  if grad_rows and grad_rows < b:
+    total = _row_group_nll_sum(model, batch, chunk, int(grad_rows))
+    return total / jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+  if chunk is None:
     return mean_token_loss(_logits(model, batch), batch["targets"], batch["weights"])
   w = batch["weights"].astype(jnp.float32)
-  nll = _chunked_nll(model, batch, vocab_chunk)
+  nll = _chunked_nll(model, batch, chunk)
   return jnp.sum(jnp.where(w != 0, w * nll, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)

@@ -53,6 +53,13 @@ class LMConfig:
   # Rematerialise each block in the backward pass (jax.checkpoint): activation memory O(1) blocks
   # instead of O(n_layers), for about one extra forward pass. Same values either way.
   remat: bool = False
+  # The model-level losses (jbat.losses) of this model run over vocabulary chunks of this many
+  # rows instead of holding [B, T, V] logits; None: full logits. Same values up to float
+  # rounding; memory O(B T vocab_chunk) instead of O(B T V).
+  vocab_chunk: int | None = None
+  # The training loss (jbat.losses.lm_loss) over groups of this many rows, each rematerialised
+  # in the backward pass: activation memory of grad_rows rows, not the batch's. None: the batch.
+  grad_rows: int | None = None
 
   @property
   def kv_heads(self) -> int:
@@ -267,7 +274,8 @@ class CausalLM(nnx.Module):
       return self.embed.embedding[...]
     if not isinstance(self.lm_head, nnx.Linear):
       raise JbatError("model.lm_head is not a plain nnx.Linear (LoRA on lm_head?): the "
-                      "vocabulary-chunked loss needs logits = h @ W^T; set vocab_chunk=None")
+                      "vocabulary-chunked loss needs logits = h @ W^T; set vocab_chunk=0 "
+                      "(config: model.vocab_chunk=-1)")
     return self.lm_head.kernel[...].T
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,

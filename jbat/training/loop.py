@@ -93,9 +93,9 @@ def lm_train_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array
 
 
 def lm_eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The default evaluation: (sum of weighted token NLL, sum of weights) of one batch."""
-  logits = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-  nll = losses.token_nll(logits, batch["targets"])
+  """The default evaluation: (sum of weighted token NLL, sum of weights) of one batch (over
+  vocabulary chunks when the model's cfg.vocab_chunk is set, see jbat.losses)."""
+  nll = losses.lm_token_nll(model, batch)
   return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
 
