@@ -68,6 +68,13 @@ def launch(d, corpus, workdir, n_proc, devices_per_proc, stage=SELECT):
           # Its own cache per run: the pool scores are cached by content, and a run that found
           # another run's scores would not score at all.
           f"--config.cache_dir={workdir}_cache"]
+  return start_processes(args, workdir, n_proc, devices_per_proc)
+
+
+def start_processes(args, workdir, n_proc, devices_per_proc):
+  """Starts `args` as n_proc jax processes of devices_per_proc CPU devices each (connected
+  through JBAT_COORDINATOR on a free localhost port when n_proc > 1); process i logs to
+  `<workdir>.log<i>`. Returns the Popen objects."""
   port = _free_port()
   procs = []
   for i in range(n_proc):

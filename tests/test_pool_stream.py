@@ -18,7 +18,8 @@ import pytest
 
 from jbat.data import formats, neardup, pool_stream
 from tests import synthetic
-from tests.test_multiprocess import ROOT, _free_port
+from tests import test_multiprocess as multiprocess
+from tests.test_multiprocess import ROOT
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -140,8 +141,6 @@ def test_shares_partition_the_rows_and_read_by_location(setup):
 
 
 def launch(d, name, n_proc, devices_per_proc):
-  import os
-  import subprocess
   import sys
   workdir = d / name
   args = [sys.executable, "-m", "jbat.train", "--config", str(ROOT / "configs/hf_lora.py"),
@@ -152,24 +151,11 @@ def launch(d, name, n_proc, devices_per_proc):
           "--config.select.chunk_batches=2", "--config.select.k=12", "--config.select.top_n=24",
           "--config.arms=albat", "--config.stop_after=select", "--config.progress=False",
           f"--config.workdir={workdir}", f"--config.cache_dir={workdir}_cache"]
-  port = _free_port()
-  procs = []
-  for i in range(n_proc):
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}")
-    if n_proc > 1:
-      env.update(JBAT_COORDINATOR=f"localhost:{port}", JBAT_NUM_PROCESSES=str(n_proc),
-                 JBAT_PROCESS_ID=str(i))
-    log = open(f"{workdir}.log{i}", "w")
-    procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=log,
-                                  stderr=subprocess.STDOUT))
-  return workdir, procs
+  return workdir, multiprocess.start_processes(args, workdir, n_proc, devices_per_proc)
 
 
 def finish(workdir, procs):
-  for i, p in enumerate(procs):
-    rc = p.wait(timeout=300)
-    assert rc == 0, pathlib.Path(f"{workdir}.log{i}").read_text()[-3000:]
+  multiprocess.finish(procs, workdir)
   (path,) = pathlib.Path(f"{workdir}_cache").glob("scores/*/cursor.json")
   cursor = json.loads(path.read_text())
   assert cursor["done"]
