@@ -15,6 +15,17 @@ from tests import synthetic
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def corpus_config(path, d):
+  """configs/demo.py:tiny on the labelled JSONL corpus at `path` (target domain "space", 8
+  adaptation and 16 held-out documents), workdir and cache under `d`."""
+  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
+  c.cache_dir, c.workdir, c.progress = str(d / "cache"), str(d / "run"), False
+  c.data.source, c.data.path = "jsonl", str(path)
+  c.data.label_field, c.data.domain = "domain", "space"
+  c.data.n_adapt, c.data.n_heldout = 8, 16
+  return c
+
+
 def test_sealed_split_raises_outside_open_and_counts_reads():
   test = protocol.Sealed([{"input_ids": [1, 2]}, {"input_ids": [3]}])
   assert len(test) == 2  # A count chooses nothing.
@@ -41,11 +52,7 @@ def matched_run(tmp_path_factory):
              for r in rows if r["domain"] == "space"][:10]
   path = d / "corpus.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows + planted))
-  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
-  c.cache_dir, c.workdir, c.progress = str(d / "cache"), str(d / "run"), False
-  c.data.source, c.data.path = "jsonl", str(path)
-  c.data.label_field, c.data.domain = "domain", "space"
-  c.data.n_adapt, c.data.n_heldout = 8, 16
+  c = corpus_config(path, d)
   c.arms, c.seeds = "none,oracle,albat", "0,1"
   c.bat.reselect_every = 5
   config_lib.validate(c)
@@ -100,11 +107,7 @@ def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
   order; another split moves the target documents (other test numbers, another backbone
   pool); another draw changes random's documents; the intervals run over all pairs."""
   path = synthetic.write_jsonl(tmp_path / "corpus.jsonl", 60)
-  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
-  c.cache_dir, c.workdir, c.progress = str(tmp_path / "cache"), str(tmp_path / "run"), False
-  c.data.source, c.data.path = "jsonl", str(path)
-  c.data.label_field, c.data.domain = "domain", "space"
-  c.data.n_adapt, c.data.n_heldout = 8, 16
+  c = corpus_config(path, tmp_path)
   c.arms, c.seeds, c.split_seeds, c.draw_seeds = "none,random", "0", "0,1", "3,4"
   c.train.steps = c.train.eval_every = c.train.ckpt_every = 4
   config_lib.validate(c)
@@ -132,11 +135,7 @@ def test_early_stopping_in_every_replicate(tmp_path):
   replicate stops after `patience` evaluations; the arm's early_stopping holds one stopped
   step per pair and report.md lists them all."""
   path = synthetic.write_jsonl(tmp_path / "corpus.jsonl", 60)
-  c = config_lib.load_config_file(ROOT / "configs" / "demo.py", "tiny")
-  c.cache_dir, c.workdir, c.progress = str(tmp_path / "cache"), str(tmp_path / "run"), False
-  c.data.source, c.data.path = "jsonl", str(path)
-  c.data.label_field, c.data.domain = "domain", "space"
-  c.data.n_adapt, c.data.n_heldout = 8, 16
+  c = corpus_config(path, tmp_path)
   c.arms, c.seeds, c.draw_seeds = "none", "0,1", "3,4"
   c.train.steps, c.train.eval_every, c.train.ckpt_every = 12, 1, 12
   c.train.lr, c.train.patience = 1e-30, 2
