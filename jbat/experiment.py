@@ -20,8 +20,10 @@ distinct documents as albat).
 
 Protocol (`jbat.protocol`, docs/method.md): every task has adaptation, validation (`heldout`
 below: chooses the best step) and test splits; the test split is sealed until each adapter's
-training has ended. `config.split_seeds` repeats the whole experiment over target splits (one
-backbone each), `config.draw_seeds` over draws; results are paired by (split, draw, seed).
+training has ended. `config.split_seeds` repeats the whole experiment over target splits (on a
+labelled corpus one backbone serves them all, pretrained without any split's target documents:
+`shared_pretrain_pool`), `config.draw_seeds` over draws; results are paired by (split, draw,
+seed).
 `stop_after = "select"` stops at the first split's selections.
 """
 
@@ -703,11 +705,44 @@ def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.Co
   return c
 
 
+def shared_pretrain_pool(config: ml_collections.ConfigDict, docs: Sequence[sources.Document],
+                         split_seeds: Sequence[int]) -> list[sources.Document]:
+  """Labelled corpus, several target splits: the one backbone pretraining pool they share.
+
+  It is the pool of the first split without any document that some split uses for
+  adaptation, validation or test, thinned to data.backbone_keep (seed: the first split
+  seed), and without near-duplicates (data.near_dup) of those documents. So no split's
+  backbone has seen its own evaluation documents, and the splits differ only in the target
+  documents and the pool (which still holds the other splits' documents) rather than in a
+  freshly pretrained backbone each."""
+  n_valid, n_test = config_lib.heldout_split(config)
+  used: dict[str, str] = {}
+  pool: list[sources.Document] = []
+  for i, split in enumerate(split_seeds):
+    task, test_docs = sources.split_task(docs, config.data.domain, config.data.n_adapt, n_valid,
+                                         n_test, split)
+    used.update((d.id, d.text) for d in (*task.adapt, *task.heldout, *test_docs))
+    if i == 0:
+      pool = task.pool
+  pool = [d for d in pool if d.id not in used]
+  if config.data.backbone_keep < 1.0:
+    pool = tweets.thin_domain(pool, config.data.domain, config.data.backbone_keep,
+                              split_seeds[0])
+  keep, _ = drop_near_duplicates(config, pool, list(used.values()),
+                                 what="documents of the shared backbone's pretraining pool")
+  pool = [d for d, k in zip(pool, keep) if k]
+  log(f"data: one backbone for split seeds {list(split_seeds)}, pretrained on {len(pool)} "
+      f"documents (none of the {len(used)} target documents any split evaluates or adapts on)")
+  return pool
+
+
 def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Path, mesh,
-               prepare: Callable[[], None]) -> Replicate:
+               prepare: Callable[[], None], split_seeds: Sequence[int] = ()) -> Replicate:
   """Loads the task for target-split seed `split` (labelled corpus or the user's files), drops
   the pool's near-duplicates of the target's documents, gets the backbone and encodes the
-  splits. `prepare` runs once the data is known to be good (creates the workdir)."""
+  splits. `prepare` runs once the data is known to be good (creates the workdir). With more
+  than one of `split_seeds` (the run's), a labelled corpus's splits share one backbone
+  (`shared_pretrain_pool`)."""
   own, own_recs, test_docs = None, None, []
   if own_data(config):
     log(f"data: reading your task (data.adapt={config.data.adapt}) and pool (split {split})")
@@ -729,6 +764,8 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
         f"backbone pool {len(task.pool)} documents ({len(pretrain_pool)} used for pretraining)")
   task, index, pretrain_pool, near = filter_near_duplicates(
       config, task, test_docs, own_recs, pretrain_pool)
+  if own_recs is None and len(split_seeds) > 1:
+    pretrain_pool = shared_pretrain_pool(config, docs, split_seeds)
   prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -919,11 +956,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           if jax.process_count() > 1 else ""))
 
   parts: dict[str, list[dict[str, Any]]] = {}
-  pairs, first, test_reads, near_dropped = [], None, 0, []
+  pairs, first, test_reads, near_dropped, backbones = [], None, 0, [], []
   diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
   hint = ""
   for split in split_seeds:
-    rep = load_split(config, split, cache, mesh, prepare)
+    rep = load_split(config, split, cache, mesh, prepare, split_seeds)
     workdir = holder["workdir"]
     first = first or rep
     if config.stop_after == "select":
@@ -955,6 +992,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       pairs += [[split, draw, seed] for seed in seeds]
     test_reads += rep.test.reads
     near_dropped.append(settle_near_facts(rep))
+    backbones.append(rep.facts["backbone_dir"])
   workdir = holder["workdir"]
   results = {arm: merge_arms(parts[arm]) for arm in arms
              if arm in parts and arm not in diverged}
@@ -962,7 +1000,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "config": config.name, "domain": config.data.domain, "default_score": config.select.score,
       "seeds": seeds, "split_seeds": split_seeds, "draw_seeds": draws, "pairs": pairs,
       "arms": results, **first.facts, "test_reads": test_reads,
-      "near_dup_dropped_per_split": near_dropped,
+      "near_dup_dropped_per_split": near_dropped, "backbone_dir_per_split": backbones,
       "adapter_params": lora_param_count(first.base, config), "select": config.select.to_dict(),
       "bat": config.bat.to_dict(), "lm_config": dataclasses.asdict(first.base.cfg),
       "matched_oracle": matched_arm(config, arms) if "oracle" in arms else None,

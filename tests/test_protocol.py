@@ -104,8 +104,8 @@ def test_near_duplicates_of_evaluation_documents_leave_the_pool(matched_run):
 
 def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
   """split_seeds x draw_seeds x seeds pairs: every arm has one number per pair in the same
-  order; another split moves the target documents (other test numbers, another backbone
-  pool); another draw changes random's documents; the intervals run over all pairs."""
+  order; another split moves the target documents (other test numbers), both splits share one
+  backbone pretrained on neither split's target documents; another draw changes random's documents; the intervals run over all pairs."""
   path = synthetic.write_jsonl(tmp_path / "corpus.jsonl", 60)
   c = corpus_config(path, tmp_path)
   c.arms, c.seeds, c.split_seeds, c.draw_seeds = "none,random", "0", "0,1", "3,4"
@@ -123,6 +123,16 @@ def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
   diff = res["stats"]["random"]["test_nll_best_vs_none"]
   assert diff["n"] == 4 and diff["mean"] == pytest.approx(
       np.mean(np.subtract(random["test_nll_best"], none["test_nll_best"])))
+  # One backbone for both splits, pretrained on no target document of either split.
+  assert len(set(res["backbone_dir_per_split"])) == 1
+  docs = sources.load_jsonl(path, label_field="domain")
+  shared = experiment.shared_pretrain_pool(c, docs, [0, 1])
+  target = set()
+  for split in (0, 1):
+    task, test = sources.split_task(docs, "space", 8, 8, 8, seed=split)
+    target |= {d.id for d in (*task.adapt, *task.heldout, *test)}
+  assert not target & {d.id for d in shared}
+  assert 16 < len(target) <= 48 and res["n_pretrain_pool"] == len(shared)
   for split in (0, 1):
     for draw in (3, 4):
       assert (tmp_path / "run" / f"split_{split}" / f"draw_{draw}" / "arms" / "random"
