@@ -79,6 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Below 1 the target is rare in pretraining, as niche data is in a real backbone; selection
   # still draws from the full pool.
   c.data.backbone_keep = 1.0
+  # Labelled corpus: the split seeds whose adaptation / validation / test documents the backbone
+  # never sees (empty: the run's split_seeds). With more than one, every split of the run uses
+  # that one backbone (experiment.shared_pretrain_pool), so a run of fewer splits (e.g. one
+  # costly arm on split 0) can share the backbone of a run of more.
+  c.data.backbone_splits = ""
   # Your own data (jbat.data.splits): a task given as files instead of a labelled corpus. A spec
   # is comma-separated files, globs or folders: JSONL, JSONL.gz, Parquet, a folder of .txt.
   c.data.adapt = ""  # The task's training examples (a spec); empty: the labelled corpus above.
@@ -339,14 +344,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < config.data.backbone_keep <= 1.0:
     raise JbatError(f"config: data.backbone_keep must be in (0, 1], got "
                     f"{config.data.backbone_keep}")
-  for key in ("seeds", "split_seeds", "draw_seeds"):
+  for key, value in (("seeds", config.seeds), ("split_seeds", config.split_seeds),
+                     ("draw_seeds", config.draw_seeds),
+                     ("data.backbone_splits", config.data.backbone_splits)):
     try:
-      seeds = _int_list(config[key])
+      seeds = _int_list(value)
     except ValueError:
       raise JbatError(
-          f"config: {key} must be comma-separated integers, got {config[key]!r}") from None
+          f"config: {key} must be comma-separated integers, got {value!r}") from None
     if (key == "seeds" and not seeds) or len(set(seeds)) != len(seeds):
-      raise JbatError(f"config: {key} must be distinct integers, got {config[key]!r}")
+      raise JbatError(f"config: {key} must be distinct integers, got {value!r}")
   if not 0.0 <= config.data.near_dup <= 1.0:
     raise JbatError(f"config: data.near_dup must be in [0, 1] (0: off), got "
                     f"{config.data.near_dup}")
@@ -446,6 +453,11 @@ def seed_list(config: ml_collections.ConfigDict) -> list[int]:
 def split_seed_list(config: ml_collections.ConfigDict) -> list[int]:
   """The target-split seeds (config.split_seeds; empty: [config.seed])."""
   return _int_list(config.split_seeds) or [config.seed]
+
+
+def backbone_split_list(config: ml_collections.ConfigDict) -> list[int]:
+  """The split seeds the backbone excludes (data.backbone_splits; empty: split_seed_list)."""
+  return _int_list(config.data.backbone_splits) or split_seed_list(config)
 
 
 def draw_seed_list(config: ml_collections.ConfigDict) -> list[int]:

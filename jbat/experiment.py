@@ -737,12 +737,12 @@ def shared_pretrain_pool(config: ml_collections.ConfigDict, docs: Sequence[sourc
 
 
 def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Path, mesh,
-               prepare: Callable[[], None], split_seeds: Sequence[int] = ()) -> Replicate:
+               prepare: Callable[[], None]) -> Replicate:
   """Loads the task for target-split seed `split` (labelled corpus or the user's files), drops
   the pool's near-duplicates of the target's documents, gets the backbone and encodes the
   splits. `prepare` runs once the data is known to be good (creates the workdir). With more
-  than one of `split_seeds` (the run's), a labelled corpus's splits share one backbone
-  (`shared_pretrain_pool`)."""
+  than one backbone split seed (config_lib.backbone_split_list), a labelled corpus's splits
+  share one backbone (`shared_pretrain_pool`)."""
   own, own_recs, test_docs = None, None, []
   if own_data(config):
     log(f"data: reading your task (data.adapt={config.data.adapt}) and pool (split {split})")
@@ -764,8 +764,8 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
         f"backbone pool {len(task.pool)} documents ({len(pretrain_pool)} used for pretraining)")
   task, index, pretrain_pool, near = filter_near_duplicates(
       config, task, test_docs, own_recs, pretrain_pool)
-  if own_recs is None and len(split_seeds) > 1:
-    pretrain_pool = shared_pretrain_pool(config, docs, split_seeds)
+  if own_recs is None and len(config_lib.backbone_split_list(config)) > 1:
+    pretrain_pool = shared_pretrain_pool(config, docs, config_lib.backbone_split_list(config))
   prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -960,7 +960,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
   hint = ""
   for split in split_seeds:
-    rep = load_split(config, split, cache, mesh, prepare, split_seeds)
+    rep = load_split(config, split, cache, mesh, prepare)
     workdir = holder["workdir"]
     first = first or rep
     if config.stop_after == "select":

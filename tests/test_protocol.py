@@ -133,6 +133,13 @@ def test_split_and_draw_seeds_pair_arms_over_all_replicates(tmp_path):
     target |= {d.id for d in (*task.adapt, *task.heldout, *test)}
   assert not target & {d.id for d in shared}
   assert 16 < len(target) <= 48 and res["n_pretrain_pool"] == len(shared)
+  # A run of split 0 alone, told to exclude both splits, loads that backbone from the cache
+  # and gets split 0's `none` numbers bitwise.
+  c.arms, c.split_seeds, c.draw_seeds, c.data.backbone_splits = "none", "0", "", "0,1"
+  c.workdir = str(tmp_path / "run_split0")
+  one = experiment.run(c)
+  assert one["backbone_cached"] and one["backbone_dir"] == res["backbone_dir"]
+  assert one["arms"]["none"]["test_nll_best"] == none["test_nll_best"][:1]
   for split in (0, 1):
     for draw in (3, 4):
       assert (tmp_path / "run" / f"split_{split}" / f"draw_{draw}" / "arms" / "random"
