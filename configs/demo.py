@@ -1,6 +1,8 @@
 """The built-in demo: ALBAT on per-account health-news tweets, every arm, 3 paired seeds.
 
   python -m jbat.train --config configs/demo.py          # ~14 min cold on a 2-core CPU
+  python -m jbat.train --config configs/demo.py:full     # docs/results.md: 3 target splits
+  python -m jbat.train --config configs/demo.py:less     # the LESS baseline, split 0 only
   python -m jbat.train --config configs/demo.py:tiny     # toy size, for smoke tests
 
 Task: adapt a small LM to the tweets of one news account (`bbchealth`: short headlines,
@@ -20,7 +22,7 @@ warm-up checkpoints and projected per-example gradients: many forwards' worth pe
 `--config.arms=none,random,oracle,albat,dsir` or `benchmarks/selection_quality.py`.
 """
 
-from jbat.config import base_config
+from jbat.config import base_config, results_variant
 
 
 def get_config(arg: str | None = None):
@@ -77,6 +79,7 @@ def get_config(arg: str | None = None):
   c.arms = "none,random,oracle,albat"
   c.seeds = "0,1,2"
 
+  results_variant(c, arg)
   if arg == "tiny":  # Toy size for smoke tests: well under a minute on a CPU.
     c.name = "demo_tiny"
     c.data.n_heldout = 16  # 8 validate, 8 test.
@@ -98,4 +101,7 @@ def get_config(arg: str | None = None):
     c.bat.reselect_every = 0  # Tests of re-selection set it (tests/test_reselect.py).
     c.arms = "none,albat"
     c.seeds = "0,1"
+  elif arg not in (None, "", "full", "less"):
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: full, less, tiny)")
   return c
+

@@ -11,7 +11,7 @@ pretrain the backbone (a 4-layer, d=128 GPT-2-style LM, ~0.9M parameters, cached
 selection draws from the full pool.
 """
 
-from jbat.config import base_config
+from jbat.config import base_config, results_variant
 
 
 def get_config(arg: str | None = None):
@@ -60,6 +60,7 @@ def get_config(arg: str | None = None):
   c.arms = "none,random,oracle,albat"
   c.seeds = "0,1,2"
 
+  results_variant(c, arg)
   if arg == "tiny":  # Toy size for smoke tests: seconds on a CPU.
     c.name = "demo_fortunes_tiny"
     c.data.n_heldout = 16  # 8 validate, 8 test.
@@ -81,4 +82,7 @@ def get_config(arg: str | None = None):
     c.bat.reselect_every = 0
     c.arms = "none,random"
     c.seeds = "0"
+  elif arg not in (None, "", "full", "less"):
+    raise ValueError(f"configs/demo_fortunes.py: unknown variant {arg!r} (known: full, less, "
+                     "tiny)")
   return c

@@ -16,6 +16,6 @@ from jbat.config import load_config_file
 
 def get_config(arg: str | None = None):
   c = load_config_file(pathlib.Path(__file__).with_name("demo.py"), arg)
-  c.name = "demo_goodhealth" + ("_tiny" if arg == "tiny" else "")
+  c.name = "demo_goodhealth" + (f"_{arg}" if arg else "")
   c.data.domain = "goodhealth"
   return c

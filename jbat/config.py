@@ -230,6 +230,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def results_variant(c: ml_collections.ConfigDict, arg: str | None) -> None:
+  """The variants of the text demos (configs/demo*.py) behind docs/results.md.
+
+  full: 3 target splits (one backbone, pretrained without any split's target documents),
+    arms none / random / oracle / albat / dsir; the variance over splits is in every interval.
+  less: LESS as its authors run it (a warm-up LoRA, gradients at 4 checkpoints of every pool
+    document: ~4 backward passes and an 8192-dim projection per document) is too costly for 3
+    splits on a CPU, so it runs on split 0 only, with the backbone of `full`
+    (data.backbone_splits) and the arms it is compared with, paired by seed.
+  """
+  if arg == "full":
+    c.name += "_full"
+    c.split_seeds = "0,1,2"
+    c.arms = "none,random,oracle,albat,dsir"
+  elif arg == "less":
+    c.name += "_less"
+    c.split_seeds = "0"
+    c.data.backbone_splits = "0,1,2"
+    c.arms = "none,random,albat,less"
+
+
 def flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   """{"section.key": value} of a (nested) ConfigDict."""
   out = {}
