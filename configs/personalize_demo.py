@@ -1,6 +1,7 @@
 """DreamBooth-style personalization of a small diffusion model, with ALBAT-selected backbone data.
 
-  python -m jbat.train --config configs/personalize_demo.py        # 6 subjects x 4 arms x 2 seeds
+  python -m jbat.train --config configs/personalize_demo.py        # 6 subjects x 4 arms, 1 seed
+  python -m jbat.train --config configs/personalize_demo.py:full   # 2 seeds, 50 samples (docs)
   python -m jbat.train --config configs/personalize_demo.py:tiny   # digits, toy size (tests)
 
 Task: Fashion-MNIST (Debian `dataset-fashion-mnist`, fetched into the cache). The backbone is
@@ -23,9 +24,20 @@ def get_config(arg: str | None = None):
   c.name = "personalize_demo"
   c.data.dataset = "fashion_mnist"
   c.data.subject_classes = "0,7,8"  # t-shirt, sneaker, bag: 2 subjects each
-  c.seeds = "0,1"
+  # The demo: one seed, 32 samples per metric at 20 DDIM steps, a checkpoint only at the end
+  # of each 100-step adapter run, so it fits 15 min cold / 5 min warm on a 2-core CPU.
+  c.seeds = "0"
+  c.eval.n_samples = 32
+  c.eval.sample_steps = 20
+  c.train.ckpt_every = 0
 
-  if arg == "tiny":  # scikit-learn digits (8x8, no download), seconds on a CPU.
+  if arg == "full":  # docs/results.md: 2 seeds (12 subject-seed units), 50 samples, 25 steps.
+    c.name = "personalize_demo_full"
+    c.seeds = "0,1"
+    c.eval.n_samples = 50
+    c.eval.sample_steps = 25
+    c.train.ckpt_every = 50
+  elif arg == "tiny":  # scikit-learn digits (8x8, no download), seconds on a CPU.
     c.name = "personalize_tiny"
     c.progress = False
     c.seeds = "0,1"
@@ -70,5 +82,5 @@ def get_config(arg: str | None = None):
     c.eval.sample_steps = 3
     c.eval.gen_batch = 8
   elif arg:
-    raise ValueError(f"configs/personalize_demo.py: unknown variant {arg!r} (known: tiny)")
+    raise ValueError(f"configs/personalize_demo.py: unknown variant {arg!r} (known: full, tiny)")
   return c

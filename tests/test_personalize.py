@@ -248,3 +248,24 @@ def test_make_task_splits_are_disjoint_and_consistent():
     assert int(np.sum(data.train_y[thin.pretrain_ids] == cls)) == round(0.5 * n_cls)
   other = ~np.isin(data.train_y, [7, 3])
   assert int(np.sum(other[thin.pretrain_ids])) == int(np.sum(other))
+
+
+def test_fresh_workdir_with_a_warm_cache_reuses_the_backbones_evaluations(tiny_run, monkeypatch):
+  """A new workdir on the same cache: the backbone's per-class table, its evaluation on each
+  subject and the prior images come from the cache (no sampling from the backbone: the only
+  generate calls are the adapted models', 2 per run), bitwise equal to the first run's."""
+  tmp, wd, res = tiny_run
+  calls = []
+  real = personalize.generate
+  monkeypatch.setattr(personalize, "generate",
+                      lambda model, n, cls, ident, seed, config: calls.append(seed) or real(
+                          model, n, cls, ident, seed, config))
+  assert _main(_args(tmp, f"--config.workdir={tmp / 'wd2'}")) == 0
+  again = json.loads((tmp / "wd2" / "results.json").read_text())
+  n_runs = len(res["units"]) * len(res["arms"])
+  assert len(calls) == 2 * n_runs
+  assert again["backbone"]["class_accuracy"] == res["backbone"]["class_accuracy"]
+  assert again["backbone_runs"] == res["backbone_runs"]
+  assert again["summary"] == res["summary"]
+  for name in ("backbone.png", "7-0.png"):
+    assert (tmp / "wd2" / "grids" / name).read_bytes() == (wd / "grids" / name).read_bytes()

@@ -69,7 +69,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -91,8 +91,8 @@ from jbat.diffusion.schema import (  # noqa: F401
     ARMS, METRICS, SCORES, SUBJECT_IDENT, TRAIN_KEYS, base_config, select_tau, subject_classes,
     validate)
 from jbat.diffusion.task import (  # noqa: F401
-    Subject, SubjectTask, data_mesh, load_or_pretrain_backbone, load_or_train_classifier,
-    make_task, with_lora)
+    Subject, SubjectTask, _digest, _key, data_mesh, load_or_pretrain_backbone,
+    load_or_train_classifier, make_task, with_lora)
 from jbat.errors import Diverged
 from jbat.scoring import stream
 from jbat.training import loop
@@ -146,6 +146,29 @@ def pool_scores(config: ml_collections.ConfigDict, backbone: Denoiser, subject: 
   return stream.score_pool([s.name], sur, image_examples(pool_x, label, ident, pool_ids),
                            folder / "scores", batches, mesh=data_mesh(), seed=seed,
                            progress=config.progress, cache_dir=cache / "diffusion" / "scores")
+
+
+def backbone_cached(bb_folder: pathlib.Path, workdir_path: pathlib.Path, name: str,
+                    key_parts: tuple, compute: Callable[[], Any]) -> Any:
+  """What the backbone alone gives (its per-class table, its evaluation on a subject, its
+  prior images): read from the workdir when there, else from the backbone's cache folder by
+  content (`name` + a key of everything it depends on), else computed and written to both,
+  atomically. So a fresh workdir with a warm cache recomputes none of it. JSON for dicts,
+  .npy for arrays (by `workdir_path`'s suffix)."""
+  is_npy = workdir_path.suffix == ".npy"
+  read = np.load if is_npy else (lambda p: json.loads(p.read_text()))
+  if workdir_path.exists():
+    return read(workdir_path)
+  cached = bb_folder / "evals" / f"{name}-{_key(*key_parts)}{workdir_path.suffix}"
+  if cached.exists():
+    value = read(cached)
+  else:
+    value = compute()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    save_npy(cached, value) if is_npy else io.write_json_atomic(cached, value)
+  workdir_path.parent.mkdir(parents=True, exist_ok=True)
+  save_npy(workdir_path, value) if is_npy else io.write_json_atomic(workdir_path, value)
+  return value
 
 
 def train_adapter(backbone: Denoiser, config: ml_collections.ConfigDict, sources,
@@ -229,14 +252,24 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   t0 = lap("classifier", t0)
 
   base = with_lora(backbone, config, config.seed)  # equals the backbone (B = 0, ident = 0)
-  table_path = wd / "backbone_classes.json"
-  if table_path.exists():  # (JSON keys are sorted: back to class order)
-    stored = json.loads(table_path.read_text())
-    per_class = {name: stored[name] for name in data.class_names}
-  else:
-    per_class, bb_grid = backbone_table(base, config, clf, data.class_names)
-    save_grid(wd / "grids" / "backbone.png", bb_grid, 10)
-    io.write_json_atomic(table_path, per_class)
+  # The backbone's own evaluations depend on it, the classifier, the evaluation settings and
+  # the seed only: cached with it (`backbone_cached`).
+  eval_key = (config.eval.to_dict(), config.classifier.to_dict(), config.seed)
+
+  memo: list = []
+
+  def table_and_grid() -> tuple[dict[str, float], np.ndarray]:
+    if not memo:
+      memo.append(backbone_table(base, config, clf, data.class_names))
+    return memo[0]
+
+  stored = backbone_cached(bb_folder, wd / "backbone_classes.json", "classes", eval_key,
+                           lambda: table_and_grid()[0])
+  per_class = {name: stored[name] for name in data.class_names}  # (JSON keys are sorted)
+  grid = backbone_cached(bb_folder, wd / "grids" / "backbone.npy", "classes-grid", eval_key,
+                         lambda: table_and_grid()[1])
+  if not (wd / "grids" / "backbone.png").exists():
+    save_grid(wd / "grids" / "backbone.png", grid, 10)
   t0 = lap("backbone_table", t0)
 
   arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)
@@ -246,11 +279,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   prior: dict[int, np.ndarray] = {}
   if "prior" in arms:
     for cls in subject_classes(config):
-      path = wd / "prior" / f"class_{cls}.npy"
-      if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_npy(path, generate(base, k, cls, 0, config.seed + 20_000 + cls, config))
-      prior[cls] = np.load(path)
+      prior[cls] = backbone_cached(
+          bb_folder, wd / "prior" / f"class_{cls}.npy", f"prior{cls}", (*eval_key, k),
+          lambda: generate(base, k, cls, 0, config.seed + 20_000 + cls, config))
     t0 = lap("prior_images", t0)
 
   def aug_source(arm: str, seed: int, cls: int, table) -> tuple[images.Source | None,
@@ -286,12 +317,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     cls = sub.cls
     emb = {"test": clf_lib.predict(clf, sub.test_x)[1], "val": clf_lib.predict(clf, sub.val_x)[1],
            "real": clf_lib.predict(clf, data.test_x[data.test_y == cls])[1]}
-    before_path = sdir / "backbone.json"
-    if before_path.exists():
-      before = json.loads(before_path.read_text())
-    else:
-      before, _, _ = evaluate_model(base, config, sub, clf, emb, config.seed, ident=0)
-      io.write_json_atomic(before_path, before)
+    before = backbone_cached(
+        bb_folder, sdir / "backbone.json", f"subject-{sub.name}",
+        (*eval_key, _digest(sub.test_x, sub.val_x, sub.drift_x)),
+        lambda: evaluate_model(base, config, sub, clf, emb, config.seed, ident=0)[0])
     backbone_runs[sub.name] = before
     t0 = lap("baseline_eval", t0)
     subject = images.Source(sub.adapt_x, np.full(len(sub.adapt_x), cls, np.int32),
