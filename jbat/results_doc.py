@@ -134,6 +134,32 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def personalization_section(res: dict[str, Any], shown: str) -> str:
+  """A personalization run's section (jbat.diffusion: its results.json has `units`): the
+  task, the backbone's class accuracy, the metric tables and whether albat met its goal."""
+  from jbat.diffusion import report as diffusion_report  # Only for such runs.
+  b, t = res["backbone"], res["timings_s"]
+  lines = [f"## Personalization: {res['task']['description']}", "",
+           f"From `{shown}`. Seeds {', '.join(map(str, res['seeds']))}; {len(res['units'])} "
+           f"(subject, seed) units, paired across arms; every arm ran {res['train_steps']} "
+           f"steps. Backbone: {b['note']}; its class-prompted samples are classified as their "
+           f"class {100 * b['mean_class_accuracy']:.1f}% of the time (mean over the 10 "
+           f"classes; classifier test accuracy {100 * res['classifier']['test_accuracy']:.1f}%)."
+           f" Wall time {t['total'] / 60:.1f} min.", "",
+           f"Machine: {machine_text(res.get('machine'))}.", "",
+           "The backbone's class-prompted samples classified as their class, per class:", "",
+           "| " + " | ".join(b["class_accuracy"]) + " | mean |",
+           "|" + "---|" * (len(b["class_accuracy"]) + 1),
+           "| " + " | ".join(f"{v:.2f}" for v in b["class_accuracy"].values())
+           + f" | {b['mean_class_accuracy']:.3f} |", "",
+           *diffusion_report.metric_tables(res)]
+  goal = diffusion_report.goal_verdict(res)
+  if goal:
+    lines += ["", "Goal: beat none and random on subject fidelity, lose less class preservation "
+              "than none. " + goal]
+  return "\n".join(lines) + "\n"
+
+
 def render(paths: Sequence[str | os.PathLike], root: pathlib.Path | None = None) -> str:
   """docs/results.md's text for the runs at `paths` (shown relative to `root`)."""
   if not paths:
@@ -154,8 +180,9 @@ def render(paths: Sequence[str | os.PathLike], root: pathlib.Path | None = None)
           "oracle). Distinct docs: backbone documents an adapter saw over all its "
           "(re-)selections (the oracle re-draws at albat's re-selection steps).", "",
           REPRODUCIBILITY, ""]
-  return "\n".join(head) + "\n".join(run_section(p, res, s) + "\n"
-                                     for (p, res), s in zip(loaded, shown)).rstrip() + "\n"
+  sections = [(personalization_section(res, s) if "units" in res else run_section(p, res, s))
+              for (p, res), s in zip(loaded, shown)]
+  return "\n".join(head) + "\n".join(x + "\n" for x in sections).rstrip() + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -269,3 +269,19 @@ def test_fresh_workdir_with_a_warm_cache_reuses_the_backbones_evaluations(tiny_r
   assert again["summary"] == res["summary"]
   for name in ("backbone.png", "7-0.png"):
     assert (tmp / "wd2" / "grids" / name).read_bytes() == (wd / "grids" / name).read_bytes()
+
+
+def test_results_doc_renders_the_run_with_report_mds_numbers(tiny_run):
+  """docs/results.md's personalization section is generated from results.json: its metric
+  rows are exactly report.md's, and it says whether albat met its goal, per reference."""
+  from jbat import results_doc
+  tmp, wd, res = tiny_run
+  text = results_doc.render([wd])
+  rows = [line for line in (wd / "report.md").read_text().splitlines()
+          if line.startswith("| ") and ("| albat |" in line or "| none |" in line)]
+  assert rows and all(row in text.splitlines() for row in rows)
+  goal = next(line for line in text.splitlines() if line.startswith("Goal:"))
+  st = res["summary"]["paired"]["albat"]["none"]["subject_fid"]
+  want = "better" if st["lo"] > 0 else "worse" if st["hi"] < 0 else "a tie"
+  assert f"subject fidelity vs none: {want}" in goal and "class preservation vs" in goal
+  assert res["machine"]["cpu_count"] >= 1

@@ -77,7 +77,7 @@ import numpy as np
 from flax import nnx
 
 from jbat import config as config_lib
-from jbat import io, layout, selection
+from jbat import io, layout, results_doc, selection
 from jbat import surrogate as surrogate_lib
 from jbat.data import images
 from jbat.diffusion import classifier as clf_lib
@@ -417,6 +417,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  "top_n": config.select.top_n, "k": k, "pool_size": len(task.pool_ids),
                  "subjects": albat_info} if albat_info else None),
       "timings_s": {**timings, "total": time.perf_counter() - t_start},
+      "machine": results_doc.machine(),
   }
   io.write_json_atomic(wd / layout.RESULTS_FILE, results, finite=True)
   io.write_text_atomic(wd / layout.REPORT_FILE, render_report(results))

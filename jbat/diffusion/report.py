@@ -69,23 +69,11 @@ def summarize(per_run: dict[str, dict[str, dict[str, Any]]], units: list[str],
   return {"arms": arms, "backbone": bb, "paired": paired}
 
 
-def render_report(results: dict[str, Any]) -> str:
-  """report.md from results.json's numbers (so the two always agree)."""
+def metric_tables(results: dict[str, Any]) -> list[str]:
+  """The metric definitions, the per-arm table (mean ± sd over units) and the paired
+  differences (report.md and docs/results.md, from results.json's summary)."""
   s = results["summary"]
-  b = results["backbone"]
-  n_units = len(results["units"])
-  lines = [f"# Personalization: {results['task']['description']}", "",
-           (f"Seeds {results['seeds']}; {n_units} (subject, seed) units, paired across arms; "
-            f"every arm ran {results['train_steps']} steps. Backbone: {b['note']}. "
-            f"Classifier test accuracy {fmt(results['classifier']['test_accuracy'])}."), "",
-           "## Backbone: class-prompted samples classified as their class", "",
-           "| " + " | ".join(b["class_accuracy"]) + " | mean |",
-           "|" + "---|" * (len(b["class_accuracy"]) + 1),
-           "| " + " | ".join(f"{v:.2f}" for v in b["class_accuracy"].values())
-           + f" | {b['mean_class_accuracy']:.3f} |", "",
-           "![backbone](grids/backbone.png)", "",
-           "## Metrics per arm (mean ± sd over units)", "",
-           ("Embeddings: the held-out classifier's (L2-normalised penultimate layer). subject "
+  lines = [("Embeddings: the held-out classifier's (L2-normalised penultimate layer). subject "
             "fidelity = mean cosine of \"[V] <class>\" samples to the subject's test images "
             "(higher better); prompt fidelity = fraction of those samples classified as the "
             "class; class preservation = fraction of \"<class>\" samples classified as the "
@@ -107,6 +95,51 @@ def render_report(results: dict[str, Any]) -> str:
     for ref, st in refs.items():
       cells = " | ".join(report_lib.interval(st[k]) for k in METRICS)
       lines.append(f"| {arm} | {ref} | {cells} |")
+  return lines
+
+
+def goal_verdict(results: dict[str, Any], arm: str = "albat") -> str:
+  """Whether `arm` met the personalization goal, from the paired intervals: beat none and
+  random on subject fidelity (interval above 0), and lose less class preservation than none
+  (interval above 0); and how it compares with prior preservation on both."""
+  paired = results["summary"]["paired"].get(arm)
+  if not paired:
+    return ""
+
+  def word(ref: str, metric: str) -> str:
+    st = paired.get(ref, {}).get(metric)
+    if st is None:
+      return ""
+    if st.get("hi") is None:
+      return f"{ref}: one unit ({st['mean']:+.4f})"
+    how = "better" if st["lo"] > 0 else "worse" if st["hi"] < 0 else "a tie"
+    return f"{ref}: {how} ({report_lib.interval(st)})"
+
+  parts = []
+  for metric, refs in (("subject_fid", ("none", "random", "prior")),
+                       ("class_pres", ("none", "random", "prior"))):
+    cells = [w for w in (word(r, metric) for r in refs) if w]
+    if cells:
+      parts.append(f"{METRIC_NAMES[metric]} vs " + "; ".join(cells))
+  return f"`{arm}` (higher is better on both): " + ". ".join(parts) + "." if parts else ""
+
+
+def render_report(results: dict[str, Any]) -> str:
+  """report.md from results.json's numbers (so the two always agree)."""
+  s = results["summary"]
+  b = results["backbone"]
+  n_units = len(results["units"])
+  lines = [f"# Personalization: {results['task']['description']}", "",
+           (f"Seeds {results['seeds']}; {n_units} (subject, seed) units, paired across arms; "
+            f"every arm ran {results['train_steps']} steps. Backbone: {b['note']}. "
+            f"Classifier test accuracy {fmt(results['classifier']['test_accuracy'])}."), "",
+           "## Backbone: class-prompted samples classified as their class", "",
+           "| " + " | ".join(b["class_accuracy"]) + " | mean |",
+           "|" + "---|" * (len(b["class_accuracy"]) + 1),
+           "| " + " | ".join(f"{v:.2f}" for v in b["class_accuracy"].values())
+           + f" | {b['mean_class_accuracy']:.3f} |", "",
+           "![backbone](grids/backbone.png)", "",
+           "## Metrics per arm (mean ± sd over units)", "", *metric_tables(results)]
   al = results.get("albat")
   if al:
     lines += ["", f"ALBAT: score `{al['score']}` ({al['cond']} prompt), rule `{al['rule']}` "
