@@ -1,13 +1,13 @@
 """DreamBooth-style personalization of a small diffusion model, with ALBAT-selected backbone data.
 
-  python -m jbat.train --config configs/personalize_demo.py        # 6 subjects x 4 arms, 1 seed
-  python -m jbat.train --config configs/personalize_demo.py:full   # 2 seeds, 50 samples (docs)
+  python -m jbat.train --config configs/personalize_demo.py        # 3 subjects x 4 arms, 1 seed
+  python -m jbat.train --config configs/personalize_demo.py:full   # 6 subjects x 2 seeds (docs)
   python -m jbat.train --config configs/personalize_demo.py:tiny   # digits, toy size (tests)
 
 Task: Fashion-MNIST (Debian `dataset-fashion-mnist`, fetched into the cache). The backbone is
 a class-conditional U-Net (2x2 stem, 32/64 channels, attention at 7x7, v-prediction, cosine
 schedule, EMA weights, DDIM + classifier-free guidance) pretrained on the train split and
-cached. Subjects: the 2 largest k-means clusters (pixel space) of the test images of each of
+cached. Subjects: the largest k-means cluster (2 with :full; pixel space) of the test images of each of
 t-shirt, sneaker and bag, each split 5 adaptation / 10 validation / up to 100 test images.
 Arms (same steps, seeds, rows per batch): none, prior (DreamBooth prior preservation with
 backbone-generated class images, weight 1.0), random (random pool images) and albat
@@ -24,15 +24,18 @@ def get_config(arg: str | None = None):
   c.name = "personalize_demo"
   c.data.dataset = "fashion_mnist"
   c.data.subject_classes = "0,7,8"  # t-shirt, sneaker, bag: 2 subjects each
-  # The demo: one seed, 32 samples per metric at 20 DDIM steps, a checkpoint only at the end
-  # of each 100-step adapter run, so it fits 15 min cold / 5 min warm on a 2-core CPU.
+  # The demo: 3 subjects (the largest cluster of each class), one seed, 32 samples per metric
+  # at 20 DDIM steps, a checkpoint only at the end of each 100-step adapter run, so it fits
+  # 15 min cold / 5 min warm on a 2-core CPU (docs/personalization.md, "Time").
+  c.data.subjects_per_class = 1
   c.seeds = "0"
   c.eval.n_samples = 32
   c.eval.sample_steps = 20
   c.train.ckpt_every = 0
 
-  if arg == "full":  # docs/results.md: 2 seeds (12 subject-seed units), 50 samples, 25 steps.
+  if arg == "full":  # docs/results.md: 6 subjects x 2 seeds (12 units), 50 samples, 25 steps.
     c.name = "personalize_demo_full"
+    c.data.subjects_per_class = 2
     c.seeds = "0,1"
     c.eval.n_samples = 50
     c.eval.sample_steps = 25
