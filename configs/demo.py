@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   c.lora.rank = 8
   c.lora.alpha = 16.0
 
-  # Learning rates >= 1e-3 overfit 32 examples within 15-30 steps (docs/results.md, "Early measurements").
+  # Learning rates >= 1e-3 overfit 32 examples within 15-30 steps (docs/results_old_protocol.md, "Early measurements").
   c.train.steps = 120
   c.train.batch_size = 8
   c.train.lr = 2e-4

@@ -182,7 +182,7 @@ def render(paths: Sequence[str | os.PathLike], root: pathlib.Path | None = None)
           REPRODUCIBILITY, ""]
   sections = [(personalization_section(res, s) if "units" in res else run_section(p, res, s))
               for (p, res), s in zip(loaded, shown)]
-  return "\n".join(head) + "\n".join(x + "\n" for x in sections).rstrip() + "\n"
+  return "\n".join(head) + "\n" + "\n".join(x + "\n" for x in sections).rstrip() + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
