@@ -739,12 +739,12 @@ def shared_pretrain_pool(config: ml_collections.ConfigDict, docs: Sequence[sourc
 
 
 def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Path, mesh,
-               prepare: Callable[[], None]) -> Replicate:
+               prepare: Callable[[], None], shared: dict[str, Any] | None = None) -> Replicate:
   """Loads the task for target-split seed `split` (labelled corpus or the user's files), drops
   the pool's near-duplicates of the target's documents, gets the backbone and encodes the
   splits. `prepare` runs once the data is known to be good (creates the workdir). With more
   than one backbone split seed (config_lib.backbone_split_list), a labelled corpus's splits
-  share one backbone (`shared_pretrain_pool`)."""
+  share one backbone (`shared_pretrain_pool`), computed once per run and kept in `shared`."""
   own, own_recs, test_docs = None, None, []
   if own_data(config):
     log(f"data: reading your task (data.adapt={config.data.adapt}) and pool (split {split})")
@@ -767,7 +767,11 @@ def load_split(config: ml_collections.ConfigDict, split: int, cache: pathlib.Pat
   task, index, pretrain_pool, near = filter_near_duplicates(
       config, task, test_docs, own_recs, pretrain_pool)
   if own_recs is None and len(config_lib.backbone_split_list(config)) > 1:
-    pretrain_pool = shared_pretrain_pool(config, docs, config_lib.backbone_split_list(config))
+    shared = {} if shared is None else shared
+    if "pretrain_pool" not in shared:  # The same for every split: one near-duplicate pass.
+      shared["pretrain_pool"] = shared_pretrain_pool(config, docs,
+                                                     config_lib.backbone_split_list(config))
+    pretrain_pool = shared["pretrain_pool"]
   prepare()
   base, tok, folder, cached = get_backbone(config, pretrain_pool, cache, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -948,6 +952,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if own_data(config):
     check_own_config(config)
   holder: dict[str, pathlib.Path] = {}
+  shared: dict[str, Any] = {}  # What all splits share (load_split).
 
   def prepare() -> None:
     if "workdir" not in holder:
@@ -962,7 +967,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   diverged: dict[str, dict[str, Any]] = {}  # Arms stopped by a divergence (see Diverged).
   hint = ""
   for split in split_seeds:
-    rep = load_split(config, split, cache, mesh, prepare)
+    rep = load_split(config, split, cache, mesh, prepare, shared)
     workdir = holder["workdir"]
     first = first or rep
     if config.stop_after == "select":
