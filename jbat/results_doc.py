@@ -131,6 +131,12 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
   verdicts = [v for v in verdicts if v]
   if verdicts:
     lines += ["", *verdicts]
+  if any("test_rouge_l_best" in a for a in arms.values()):  # Generated answers (eval.generate).
+    lines += ["", "Greedy test answers at the best validation step (ROUGE-L F and exact match "
+              "against the reference; differences paired by seed):", "",
+              report.task_table(res, "best"), "",
+              "The first seed's first answers per arm, beside the reference:", "",
+              report.answer_samples(res, "best").rstrip()]
   return "\n".join(lines) + "\n"
 
 

@@ -59,3 +59,23 @@ def test_generated_table_from_synthetic_results(tmp_path):
 def test_missing_results_is_a_clean_error(tmp_path, capsys):
   assert results_doc.main([str(tmp_path / "nothing"), "-o", str(tmp_path / "r.md")]) == 2
   assert capsys.readouterr().err.startswith("jbat: error: results_doc: cannot read")
+
+
+def test_generation_metrics_and_answers_are_rendered(tmp_path):
+  res = synthetic_results()
+  for name, rouge in (("none", [0.10, 0.12, 0.11]), ("random", [0.12, 0.12, 0.13]),
+                      ("oracle", [0.2, 0.2, 0.2]), ("albat", [0.15, 0.16, 0.17])):
+    res["arms"][name]["test_rouge_l_best"] = rouge
+    res["arms"][name]["test_exact_match_best"] = [0.0, 0.0, 0.0]
+  res["arms"]["albat"]["answers_best"] = [
+      {"reference": "a hack | kludge", "answer": "a kludge", "rouge_l": 0.5}]
+  res["task_stats"] = report.task_stats(res["arms"])
+  run = tmp_path / "gen"
+  run.mkdir()
+  (run / "results.json").write_text(json.dumps(res))
+  out = tmp_path / "results.md"
+  assert results_doc.main([str(run), "-o", str(out)]) == 0
+  text = out.read_text()
+  # albat - none ROUGE-L by pair: +0.05, +0.04, +0.06.
+  assert "| albat | 2.8567 ± 0.1365 |" in text and "| 0.1600 ± 0.0100 | +0.0500 [" in text
+  assert "| a hack \\| kludge | a kludge | 0.500 |" in text
