@@ -352,6 +352,7 @@ def albat_docs(config: ml_collections.ConfigDict, task: sources.Task, base, tok,
       surrogate_cache=config_lib.cache_dir(config) / "surrogates",
       adapt_examples=None if own is None else own.adapt,
       pool_examples=(None if own is None else own.pool if candidates is None else candidates))
+  io.release_host_memory()  # The scoring's host buffers, before an adapter trains.
   if own is not None:
     if candidates is None and own.pool is not None:  # The usable pool rows it scored.
       n_scored = json.loads(layout.summary(folder).read_text()).get("n_pool")
@@ -1066,6 +1067,7 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
     except Diverged as e:  # Raised before adapter.safetensors is written.
       stage = "adapter training" if e.stage.startswith("adapt [") else e.stage  # or reselection
       raise e.within(f"arm {arm} seed {seed}", "train.lr", seed=seed, stage=stage) from None
+    io.release_host_memory()  # Training's and generation's host buffers.
     log(f"arm {arm} seed {seed}: valid NLL backbone {r['backbone_nll']:.4f} -> best "
         f"{r['best_nll']:.4f} (step {r['best_step']}), final {r['final_nll']:.4f}"
         + (f"; test NLL at that step {r['test_nll_best']:.4f}" if "test_nll_best" in r else ""))

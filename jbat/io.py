@@ -58,6 +58,23 @@ def file_lock(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def release_host_memory() -> None:
+  """Hands freed host memory back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+  glibc keeps freed blocks in its heap, and after a large block is freed it raises its mmap
+  threshold, so later large temporaries (de-quantizing a GGUF tensor, a scoring chunk's host
+  copies) also land in the heap and stay resident after they are freed: a whole-run peak RSS
+  then holds every phase's garbage. Called between phases (after loading a model, after an
+  arm); costs a few milliseconds."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import gc  # pylint: disable=import-outside-toplevel
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to do.
+    pass
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   with atomic_path(path) as tmp:
     tmp.write_text(text)

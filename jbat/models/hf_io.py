@@ -395,8 +395,10 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
   root = pathlib.Path(path)
   if root.suffix == ".gguf":
     from jbat.models import gguf_io  # pylint: disable=import-outside-toplevel
-    return gguf_io.load_gguf(root, dtype, mesh=mesh, sharding=sharding,
-                             param_dtype=param_dtype)
+    loaded = gguf_io.load_gguf(root, dtype, mesh=mesh, sharding=sharding,
+                               param_dtype=param_dtype)
+    io.release_host_memory()  # The de-quantization's temporaries.
+    return loaded
   config_file = root / "config.json"
   if not config_file.is_file():
     raise JbatError(f"{root}: no config.json (expected a Hugging Face model folder)")
@@ -415,6 +417,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
 
   model = weights.assemble(cfg, iter_params(root, cfg, model_type), store=store, mesh=mesh,
                            sharding=sharding, where=str(root))
+  io.release_host_memory()  # The host copies of the tensors.
   return model, tokenizer
 
 
