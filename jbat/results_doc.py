@@ -99,7 +99,9 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
             "validation NLL (this run has no test split)")
   pairs = res.get("pairs") or [[None, None, s] for s in res["seeds"]]
   nd = res.get("near_dup")
-  lines = [f"## {res['config']}: target `{res['domain']}`", "",
+  target = ("your task files (`data.adapt`)" if res["domain"] == "data.adapt" else
+            f"target `{res['domain']}`")
+  lines = [f"## {res['config']}: {target}", "",
            f"From `{shown}`. Pairs: {len(pairs)} (split seeds "
            f"{', '.join(map(str, res.get('split_seeds', []))) or '-'}; draw seeds "
            f"{', '.join(map(str, res.get('draw_seeds', []))) or '-'}; training seeds "
