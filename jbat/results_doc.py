@@ -1,6 +1,7 @@
 """docs/results.md, generated from the results.json files of the runs it lists (never typed in).
 
   python -m jbat.results_doc runs/demo runs/demo_goodhealth ... [-o docs/results.md]
+  python -m jbat.results_doc --readme README.md   # refresh the README's marked tables
 
 Each RUN is a workdir (or its results.json). Per run: the command's config, the pairs (split,
 draw and training seeds), the split sizes and near-duplicates dropped, the machine it ran on,
@@ -8,6 +9,8 @@ and one table: test NLL at the best validation step per arm, paired differences 
 random / oracle with 95% t-intervals over all pairs, gap closed, distinct backbone documents
 seen, validation NLL; then one sentence per selecting arm saying whether it beats none, random
 and the oracle (an interval entirely below zero). Numbers are exactly those of results.json.
+`--readme FILE` rewrites the compact tables between `<!-- results_doc: RUN -->` and
+`<!-- /results_doc -->` in FILE from RUN's results.json (`brief_table`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -168,6 +172,38 @@ def personalization_section(res: dict[str, Any], shown: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+BLOCK = re.compile(r"(<!-- results_doc: (?P<run>\S+) -->\n)(?P<body>.*?)(<!-- /results_doc -->)",
+                   re.DOTALL)
+
+
+def brief_table(res: dict[str, Any]) -> str:
+  """A compact table of one run for the README: test NLL at the best validation step and its
+  paired difference vs none and random per arm; ROUGE-L and its difference vs none when the
+  run generated answers."""
+  arms, st, ts = res["arms"], res["stats"], res.get("task_stats", {})
+  gen = all("test_rouge_l_best" in a for a in arms.values())
+  head = ["arm", "test NLL", "vs none [95% CI]", "vs random [95% CI]"]
+  head += ["ROUGE-L", "vs none [95% CI]"] if gen else []
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, a in arms.items():
+    cells = [name, f"{np.mean(a['test_nll_best']):.4f}",
+             report.interval(st.get(name, {}).get("test_nll_best_vs_none")),
+             report.interval(st.get(name, {}).get("test_nll_best_vs_random"))]
+    if gen:
+      cells += [f"{np.mean(a['test_rouge_l_best']):.4f}",
+                report.interval(ts.get(name, {}).get("test_rouge_l_best_vs_none"))]
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows) + "\n"
+
+
+def update_blocks(text: str, root: pathlib.Path) -> tuple[str, int]:
+  """`text` with every block between `<!-- results_doc: RUN -->` and `<!-- /results_doc -->`
+  replaced by `brief_table` of RUN (relative to `root`); and the number of blocks."""
+  found = list(BLOCK.finditer(text))
+  tables = {m["run"]: brief_table(load(root / m["run"])[1]) for m in found}
+  return BLOCK.sub(lambda m: m.group(1) + tables[m["run"]] + m.group(4), text), len(found)
+
+
 def render(paths: Sequence[str | os.PathLike], root: pathlib.Path | None = None) -> str:
   """docs/results.md's text for the runs at `paths` (shown relative to `root`)."""
   if not paths:
@@ -196,10 +232,18 @@ def render(paths: Sequence[str | os.PathLike], root: pathlib.Path | None = None)
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jbat.results_doc", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("runs", nargs="+", help="workdirs or results.json files")
+  parser.add_argument("runs", nargs="*", help="workdirs or results.json files")
   parser.add_argument("-o", "--output", default="docs/results.md")
+  parser.add_argument("--readme", default=None, help="instead: refresh the tables between "
+                      "`<!-- results_doc: RUN -->` and `<!-- /results_doc -->` in this file")
   args = parser.parse_args(argv)
   try:
+    if args.readme:
+      path = pathlib.Path(args.readme)
+      text, n = update_blocks(path.read_text(), pathlib.Path.cwd())
+      io.write_text_atomic(path, text)
+      print(f"refreshed {n} table(s) in {path}")
+      return 0
     out = pathlib.Path(args.output)
     text = render(args.runs, root=pathlib.Path.cwd())
     io.write_text_atomic(out, text)

@@ -79,3 +79,19 @@ def test_generation_metrics_and_answers_are_rendered(tmp_path):
   # albat - none ROUGE-L by pair: +0.05, +0.04, +0.06.
   assert "| albat | 2.8567 ± 0.1365 |" in text and "| 0.1600 ± 0.0100 | +0.0500 [" in text
   assert "| a hack \\| kludge | a kludge | 0.500 |" in text
+
+
+def test_readme_blocks_are_regenerated_from_results(tmp_path, monkeypatch):
+  run = tmp_path / "runs" / "toy"
+  run.mkdir(parents=True)
+  (run / "results.json").write_text(json.dumps(synthetic_results()))
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- results_doc: runs/toy -->\n| stale | typed in |\n"
+                    "<!-- /results_doc -->\nafter\n")
+  monkeypatch.chdir(tmp_path)
+  assert results_doc.main(["--readme", "README.md"]) == 0
+  text = readme.read_text()
+  assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
+  assert ("| albat | 2.8567 | -0.2433 [-0.4457, -0.0410] | -0.3433 [-0.5457, -0.1410] |"
+          in text)
+  assert results_doc.main(["--readme", "README.md"]) == 0 and readme.read_text() == text
