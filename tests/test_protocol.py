@@ -206,3 +206,24 @@ def test_own_path_pool_records_near_duplicates_dropped_as_the_pool_streams(tmp_p
   counts = pool_stream.PoolCounts()
   assert [ex["text"] for ex in own.pool.local_examples(counts=counts)] == [pool[2], pool[4]]
   assert counts.near_duplicate == 3 and counts.read == 5
+
+
+def test_dropping_compiled_programs_between_arms_changes_no_number(matched_run, monkeypatch):
+  """A big backbone drops jax's compiled programs after each arm (experiment.release_compiled,
+  to bound a real model's memory); forced on for the tiny model here, the rerun of the matched
+  run gives bitwise the same numbers for every arm."""
+  import jax
+  res, _, path, _ = matched_run
+  calls = []
+  clear = jax.clear_caches
+  monkeypatch.setattr(jax, "clear_caches", lambda: (calls.append(1), clear()))
+  monkeypatch.setattr(experiment, "RELEASE_COMPILED_MIN_PARAMS", 0)
+  d = path.parent
+  c = corpus_config(path, d)
+  c.arms, c.seeds, c.workdir = "none,oracle,albat", "0,1", str(d / "run_release")
+  c.bat.reselect_every = 5
+  again = experiment.run(c)
+  assert len(calls) == 3  # Once after each arm.
+  for arm in ("none", "oracle", "albat"):
+    for key in ("best_nll", "test_nll_best", "best_step"):
+      assert again["arms"][arm][key] == res["arms"][arm][key], (arm, key)
