@@ -31,10 +31,10 @@ import numpy as np
 from jbat import io, report
 from jbat.errors import JbatError
 
-# Keys that differ between runs without changing what is compared (names, places, sizes of
-# the sweep itself).
+# Keys that differ between runs without changing what is compared: names and places, and the
+# arms and seeds (the pairs are matched by seed).
 IGNORED = ("name", "workdir", "cache_dir", "progress", "arms", "seeds", "split_seeds",
-           "draw_seeds", "data.backbone_splits")
+           "draw_seeds")
 
 
 def load_run(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Any]]:
