@@ -240,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.readme:
       path = pathlib.Path(args.readme)
-      text, n = update_blocks(path.read_text(), pathlib.Path.cwd())
+      try:
+        original = path.read_text()
+      except OSError as e:
+        raise JbatError(f"results_doc: cannot read --readme {path}: {e.strerror}") from None
+      text, n = update_blocks(original, pathlib.Path.cwd())
       io.write_text_atomic(path, text)
       print(f"refreshed {n} table(s) in {path}")
       return 0

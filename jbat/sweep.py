@@ -26,8 +26,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
+from jbat import config as config_lib
 from jbat import io, report
 from jbat.errors import JbatError
 
@@ -46,17 +48,7 @@ def load_run(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, An
   except (OSError, json.JSONDecodeError, KeyError) as e:
     raise JbatError(f"sweep: {d} is not a finished run (results.json and config.json): {e}"
                     ) from None
-  return str(path), res, flat(cfg)
-
-
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+  return str(path), res, config_lib.flatten(ml_collections.ConfigDict(cfg))
 
 
 def changed(ref: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:

@@ -95,3 +95,9 @@ def test_readme_blocks_are_regenerated_from_results(tmp_path, monkeypatch):
   assert ("| albat | 2.8567 | -0.2433 [-0.4457, -0.0410] | -0.3433 [-0.5457, -0.1410] |"
           in text)
   assert results_doc.main(["--readme", "README.md"]) == 0 and readme.read_text() == text
+
+
+def test_missing_readme_is_a_clean_error(tmp_path, capsys):
+  assert results_doc.main(["--readme", str(tmp_path / "NOPE.md")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jbat: error: results_doc: cannot read --readme") and "Traceback" not in err
