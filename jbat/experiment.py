@@ -385,8 +385,8 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
   if arm == "oracle":
     return oracle_redrawer(config, task, draw, matched, first) if matched else None
   score = registry.score_for(arm, config)
-  if not config.bat.reselect_every or not registry.reselects(score):
-    return None  # No selection, or dsir / random: nothing about the adapter to re-score around.
+  if not config.bat.reselect_every or not registry.arm_reselects(arm, config):
+    return None  # No selection, nothing about the adapter to re-score around, or a peer.
   pool, cand_examples = task.pool, None
   if own is not None and config.bat.reselect_top:  # The candidates, read again by location.
     cand_examples = albat.top_pool_examples(layout.select_dir(workdir, score), score,
@@ -421,13 +421,12 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
 
 
 def matched_arm(config: ml_collections.ConfigDict, arms: Sequence[str]) -> str | None:
-  """The arm the oracle's re-draws match: albat, else the first model-score arm that re-selects
-  (None when no arm re-selects)."""
+  """The arm the oracle's re-draws match: albat, else the first arm that re-selects (None when
+  no arm re-selects)."""
   if not config.bat.reselect_every:
     return None
   for arm in sorted(arms, key=lambda a: a != "albat"):
-    score = registry.score_for(arm, config)
-    if score is not None and registry.reselects(score):
+    if registry.arm_reselects(arm, config):
       return arm
   return None
 

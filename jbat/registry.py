@@ -35,6 +35,9 @@ RULES = ("topk", "threshold_uniform", "threshold_proportional", "cluster", "roun
 FEATURE_RULES = ("cluster", "round_robin")  # Need gradient features of the candidates.
 BASE_ARMS = ("none", "random", "oracle", "albat")  # Besides these, any score name is an arm.
 SELECTING_ARMS = ("albat",)  # Base arms whose documents come from a scored selection.
+# Peers run as their authors run them: one selection before training, never re-selected
+# around the adapter (as arms; albat with select.score = "less" still re-selects).
+PEER_ARMS = ("less", "dsir")
 
 
 def check_choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
@@ -65,6 +68,12 @@ def reselects(score: str | None) -> bool:
   """Whether re-selection around the current adapter means anything for this score (it
   depends on a surrogate adapter; dsir and random do not)."""
   return score in MODEL_SCORES
+
+
+def arm_reselects(arm: str, config: Any) -> bool:
+  """Whether `arm` re-selects around its adapter when bat.reselect_every > 0: arms whose
+  score depends on an adapter, except the peers (`PEER_ARMS`), which select once."""
+  return arm not in PEER_ARMS and reselects(score_for(arm, config))
 
 
 def parse_tau(text: Any) -> float | None | str:

@@ -24,6 +24,11 @@ def test_score_for_and_reselects():
   assert [registry.score_for(a, c) for a in ("none", "random", "oracle")] == [None] * 3
   assert registry.reselects("contrast") and not registry.reselects("dsir")
   assert not registry.reselects(None)
+  # The peers select once, as their authors run them; albat re-selects whatever its score.
+  assert [registry.arm_reselects(a, c) for a in ("albat", "align", "less", "dsir", "none")] == [
+      True, True, False, False, False]
+  c.select.score = "less"
+  assert registry.arm_reselects("albat", c) and not registry.arm_reselects("less", c)
 
 
 def test_tau_and_k():
