@@ -937,6 +937,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   adapter per training seed; results.json's per-seed lists run over the pairs (split, draw,
   seed) in `summary["pairs"]` order, the same for every arm (so differences are paired)."""
   t0 = time.perf_counter()
+  # A rerun that continues a stopped run: its wall time counts only this invocation.
+  resumed = (config_lib.workdir(config) / layout.CONFIG_FILE).exists()
   cache = config_lib.cache_dir(config)
   if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.
     jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
@@ -1021,6 +1023,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     summary["diverged"] = diverged
   summary["stats"] = report.paired_stats(results)
   summary["seconds"] = time.perf_counter() - t0
+  summary["resumed"] = resumed
   if distributed.is_main():
     io.write_json_atomic(workdir / layout.RESULTS_FILE, summary, finite=True)
     report.write_report(workdir, summary)

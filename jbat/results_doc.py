@@ -56,6 +56,14 @@ def machine() -> dict[str, Any]:
           "device_kind": devices[0].device_kind if devices else ""}
 
 
+def wall_text(res: dict[str, Any]) -> str:
+  """"Wall time N min." of a run; a resumed run's time is that of its last invocation only."""
+  text = f"Wall time {res.get('seconds', 0) / 60:.1f} min"
+  if res.get("resumed"):
+    text += " (its last invocation only: it resumed a run stopped earlier)"
+  return text + "."
+
+
 def machine_text(m: dict[str, Any] | None) -> str:
   if not m:
     return "not recorded in results.json"
@@ -114,7 +122,7 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
            f"backbone pool {res['n_pool']:,}"
            + (f" ({dropped_text(res)} near-duplicates of the target's documents dropped)"
               if nd else "")
-           + f". Wall time {res.get('seconds', 0) / 60:.1f} min.", "",
+           + f". {wall_text(res)}", "",
            f"Machine: {machine_text(res.get('machine'))}.", "",
            f"Headline metric: {metric}, mean ± sd over pairs; differences paired over pairs "
            "with 95% t-intervals (negative = the arm is better).", "",

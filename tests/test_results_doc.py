@@ -37,6 +37,7 @@ def test_generated_table_from_synthetic_results(tmp_path):
   assert "Machine: Toy CPU (2 cores), Linux, python 3.11.0, jax 0.0.1 on 1 cpu device(s)" in text
   assert "Pairs: 3 (split seeds 0, 1, 2; draw seeds 0; training seeds 0)" in text
   assert "backbone pool 1,234 (3, 4, 2 near-duplicates of the target's documents dropped)" in text
+  assert "Wall time 1.5 min." in text
   table = [line for line in text.splitlines() if line.startswith("| ")]
   assert table == [
       "| arm | test NLL (best valid step) | vs none [95% CI] | vs random [95% CI] | "
@@ -101,3 +102,13 @@ def test_missing_readme_is_a_clean_error(tmp_path, capsys):
   assert results_doc.main(["--readme", str(tmp_path / "NOPE.md")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("jbat: error: results_doc: cannot read --readme") and "Traceback" not in err
+
+
+def test_resumed_run_says_its_wall_time_is_the_last_invocation(tmp_path):
+  run = tmp_path / "runs" / "toy"
+  run.mkdir(parents=True)
+  (run / "results.json").write_text(json.dumps({**synthetic_results(), "resumed": True}))
+  out = tmp_path / "results.md"
+  assert results_doc.main([str(run), "-o", str(out)]) == 0
+  assert ("Wall time 1.5 min (its last invocation only: it resumed a run stopped earlier)."
+          in out.read_text())
