@@ -411,11 +411,14 @@ def make_reselector(arm: str, config: ml_collections.ConfigDict, task: sources.T
         f"({n_candidates} candidates)")
     select_seed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
     if not from_adapter:  # The stage-1 surrogate again (its seed), a new sample.
-      return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=draw,
+      docs = albat_docs(config, candidates, base, tok, score, folder, mesh, seed=draw,
                         select_seed=select_seed, own=own, candidates=cand_examples)
-    return albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
-                      select_seed=select_seed, init_adapter=adapter, own=own,
-                      candidates=cand_examples)
+    else:
+      docs = albat_docs(config, candidates, base, tok, score, folder, mesh, seed=seed,
+                        select_seed=select_seed, init_adapter=adapter, own=own,
+                        candidates=cand_examples)
+    release_compiled(base)
+    return docs
 
   return reselect
 
@@ -1043,10 +1046,12 @@ RELEASE_COMPILED_MIN_PARAMS = 20_000_000
 
 
 def release_compiled(base: CausalLM) -> None:
-  """Between arms, for a big backbone: drops jax's in-memory compiled programs and hands the
-  freed heap back to the OS. Each arm compiles its own training, evaluation, scoring and
-  generation programs (for SmolLM2-135M on a CPU, ~450 MB of them after one arm), and holding
-  every arm's at once set the run's peak memory; the next arm loads what it needs from the
+  """Between stages, for a big backbone: drops jax's in-memory compiled programs and hands the
+  freed heap back to the OS. Called after each arm and after each (re-)selection: an arm
+  compiles its own training, evaluation and generation programs, a selection its surrogate and
+  scoring ones (on a CPU each program of SmolLM2-135M's 30 unrolled layers holds ~80-100 MB:
+  ~450 MB after one arm, ~400 MB after a selection), and holding one stage's programs while the
+  next one trains set the run's peak memory. The next stage loads what it needs from the
   persistent compilation cache (<cache>/xla) instead. The same programs give the same numbers.
   Small backbones skip it: their programs are small and recompiling costs more than it saves."""
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
@@ -1071,6 +1076,7 @@ def run_arm(arm: str, seeds: Sequence[int], config: ml_collections.ConfigDict,
                                     draw=draw)
   except Diverged as e:  # The surrogate (stage 1) of a selecting arm.
     raise e.within(f"arm {arm}", "train.lr", stage="surrogate training") from None
+  release_compiled(base)  # The selection's surrogate and scoring programs.
   if arm != "none":
     log(f"arm {arm}: {len(chosen)} backbone documents selected"
         + (f", precision {facts['precision']:.2f}" if facts["precision"] is not None else ""))

@@ -209,9 +209,9 @@ def test_own_path_pool_records_near_duplicates_dropped_as_the_pool_streams(tmp_p
 
 
 def test_dropping_compiled_programs_between_arms_changes_no_number(matched_run, monkeypatch):
-  """A big backbone drops jax's compiled programs after each arm (experiment.release_compiled,
-  to bound a real model's memory); forced on for the tiny model here, the rerun of the matched
-  run gives bitwise the same numbers for every arm."""
+  """A big backbone drops jax's compiled programs after each selection, re-selection and arm
+  (experiment.release_compiled, to bound a real model's memory); forced on for the tiny model
+  here, the rerun of the matched run gives bitwise the same numbers for every arm."""
   import jax
   res, _, path, _ = matched_run
   calls = []
@@ -223,7 +223,9 @@ def test_dropping_compiled_programs_between_arms_changes_no_number(matched_run, 
   c.arms, c.seeds, c.workdir = "none,oracle,albat", "0,1", str(d / "run_release")
   c.bat.reselect_every = 5
   again = experiment.run(c)
-  assert len(calls) == 3  # Once after each arm.
+  # After each arm's selection and each arm (3 + 3), and after albat's re-selection at step 5
+  # of each of its 2 seeds.
+  assert len(calls) == 3 + 3 + 2
   for arm in ("none", "oracle", "albat"):
     for key in ("best_nll", "test_nll_best", "best_step"):
       assert again["arms"][arm][key] == res["arms"][arm][key], (arm, key)
