@@ -940,7 +940,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   adapter per training seed; results.json's per-seed lists run over the pairs (split, draw,
   seed) in `summary["pairs"]` order, the same for every arm (so differences are paired)."""
   t0 = time.perf_counter()
-  # A rerun that continues a stopped run: its wall time counts only this invocation.
+  # A rerun in a workdir that holds a run (stopped or finished): its wall time counts only
+  # this invocation.
   resumed = (config_lib.workdir(config) / layout.CONFIG_FILE).exists()
   cache = config_lib.cache_dir(config)
   if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.

@@ -326,6 +326,6 @@ adapter saw over all its (re-)selections. Validation NLL of the backbone (before
   for h in hists:
     text += f"\n![score histogram {h.parts[1]}]({h})\n"
   text += f"\nWall time: {summary['seconds']:.0f} s" + (
-      " (this invocation only: it resumed a run stopped earlier).\n" if summary.get("resumed")
+      " (this invocation only: it continued a run started earlier).\n" if summary.get("resumed")
       else ".\n")
   io.write_text_atomic(workdir / layout.REPORT_FILE, text)

@@ -60,7 +60,7 @@ def wall_text(res: dict[str, Any]) -> str:
   """"Wall time N min." of a run; a resumed run's time is that of its last invocation only."""
   text = f"Wall time {res.get('seconds', 0) / 60:.1f} min"
   if res.get("resumed"):
-    text += " (its last invocation only: it resumed a run stopped earlier)"
+    text += " (its last invocation only: it continued a run started earlier)"
   return text + "."
 
 

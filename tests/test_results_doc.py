@@ -110,5 +110,5 @@ def test_resumed_run_says_its_wall_time_is_the_last_invocation(tmp_path):
   (run / "results.json").write_text(json.dumps({**synthetic_results(), "resumed": True}))
   out = tmp_path / "results.md"
   assert results_doc.main([str(run), "-o", str(out)]) == 0
-  assert ("Wall time 1.5 min (its last invocation only: it resumed a run stopped earlier)."
+  assert ("Wall time 1.5 min (its last invocation only: it continued a run started earlier)."
           in out.read_text())
