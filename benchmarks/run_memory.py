@@ -46,8 +46,9 @@ def rss_mb() -> int:
 
 
 class Sampler:
-  """The running peak of VmRSS, sampled every `every` seconds on a daemon thread; `window()`
-  starts a new window (returns the enclosing one's peak so far) for nested stages."""
+  """The running peak of VmRSS, sampled every `every` seconds on a daemon thread: `peak` over
+  the whole run, `window_peak` since a stage began (`wrap` saves and restores it around each
+  stage, so nested stages each get their own)."""
 
   def __init__(self, every: float = 0.1):
     self.peak = self.window_peak = rss_mb()
