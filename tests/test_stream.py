@@ -346,6 +346,25 @@ def test_projected_less_equals_kernel_with_and_without_stored_matrix(setup, tmp_
     stream.score_pool(["less_1ckpt"], sur, pool, tmp_path / "w", **{**kw, "less_proj_dim": 32})
 
 
+def test_less_warmup_scores_are_bitwise_the_same_with_the_stored_matrix(setup, tmp_path,
+                                                                       monkeypatch):
+  """less: the packed matrix made once per run gives exactly the per-batch regenerated one."""
+  sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
+  made = []
+  monkeypatch.setattr(stream, "_projection_words",
+                      lambda *a, _f=stream._projection_words: made.append(_f(*a)) or made[-1])
+  kw = dict(batches=stream.Batches(8, MAX_LEN, tok.pad_token_id, chunk_batches=2),
+            adapt_examples=setup["adapt"], seed=3, progress=False,
+            less_warmup=less_lib.LessWarmup(proj_dim=64, epochs=2))
+  stored = stream.score_pool(["less"], sur, pool, tmp_path / "w", **kw).scores["less"]
+  assert made and made[-1] is not None  # The stored matrix was used.
+  monkeypatch.setattr(stream, "MAX_PROJECTION_WORDS_BYTES", 0)  # Regenerate per batch instead.
+  fresh = stream.score_pool(["less"], sur, pool, tmp_path / "k", **kw).scores["less"]
+  assert made[-1] is None
+  np.testing.assert_array_equal(stored, fresh)
+  assert np.all(np.isfinite(stored)) and np.ptp(stored) > 0
+
+
 def test_shared_score_cache_is_reused_by_a_new_out_dir(setup, tmp_path):
   """cache_dir: a second run with the same inputs (a fresh workdir) reads the cached chunks."""
   kw = dict(batches=stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id, chunk_batches=2),

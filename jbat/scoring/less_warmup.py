@@ -116,18 +116,20 @@ def _unit_rows(x: jax.Array) -> jax.Array:
 
 def features(loss_fn: LossFn, ckpt_phi: PyTree, batch: Batch, key: jax.Array, proj_dim: int,
              moments: tuple[PyTree, PyTree] | None = None, *, beta1: float = 0.9,
-             beta2: float = 0.999, eps: float = 1e-8) -> jax.Array:
+             beta2: float = 0.999, eps: float = 1e-8, words: jax.Array | None = None
+             ) -> jax.Array:
   """f32[B, d]: unit-norm projected gradient features at one checkpoint (0 on invalid rows).
 
   With `moments` = (m, v) the Adam direction (`adam_direction`) of each gradient (pool
-  examples); without, the plain gradient (adaptation examples).
+  examples); without, the plain gradient (adaptation examples). `words`: the packed matrix of
+  `key` (`kernels.rademacher_words`), made once, so no signs are drawn per call; same result.
   """
   valid = kernels._valid(batch)  # pylint: disable=protected-access
   g = kernels.flatten_batched(kernels.per_example_grads(loss_fn, ckpt_phi, batch))
   if moments is not None:
     m, v = (kernels.flatten_batched(jax.tree.map(lambda x: x[None], t))[0] for t in moments)
     g = adam_direction(g, m, v, beta1, beta2, eps)
-  f = _unit_rows(kernels.project_flat(g, key, proj_dim))
+  f = _unit_rows(kernels.project_flat(g, key, proj_dim, words=words))
   return jnp.where(valid[:, None], f, 0.0)
 
 
@@ -155,21 +157,21 @@ def stack_checkpoints(ckpts: Sequence[Checkpoint]) -> dict[str, Any]:
 
 
 def adapt_features(loss_fn: LossFn, stacked: dict[str, Any], batch: Batch, key: jax.Array,
-                   spec: LessWarmup) -> jax.Array:
+                   spec: LessWarmup, words: jax.Array | None = None) -> jax.Array:
   """f32[C, K, d]: plain-gradient features of one batch of adaptation examples per checkpoint
   (a `lax.map` over checkpoints, so one compiled body)."""
-  return jax.lax.map(lambda phi: features(loss_fn, phi, batch, key, spec.proj_dim),
+  return jax.lax.map(lambda phi: features(loss_fn, phi, batch, key, spec.proj_dim, words=words),
                      stacked["phi"])
 
 
 def score_batch(loss_fn: LossFn, stacked: dict[str, Any], adapt_feats: jax.Array,
                 adapt_valid: jax.Array, batch: Batch, key: jax.Array,
-                spec: LessWarmup) -> jax.Array:
+                spec: LessWarmup, words: jax.Array | None = None) -> jax.Array:
   """f32[B]: the LESS score of one pool batch (module docstring, steps 2-3); invalid rows 0."""
   def one(c):
     phi, m, v = c
     return features(loss_fn, phi, batch, key, spec.proj_dim, (m, v), beta1=spec.beta1,
-                    beta2=spec.beta2, eps=spec.eps)
+                    beta2=spec.beta2, eps=spec.eps, words=words)
   pool_feats = jax.lax.map(one, (stacked["phi"], stacked["m"], stacked["v"]))
   out = combine(pool_feats, adapt_feats, adapt_valid, stacked["weights"])
   return jnp.where(kernels._valid(batch), out, 0.0)  # pylint: disable=protected-access

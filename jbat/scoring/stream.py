@@ -361,21 +361,23 @@ def _less_warmup_kernel(surrogate: surrogate_lib.Surrogate,
                                 -(-len(subset) // batch_size), spec)
   stacked = loop.replicate(less_lib.stack_checkpoints(ckpts), mesh)
   key = jax.random.key(seed)
-  feats_fn = jax.jit(lambda r, st, b: less_lib.adapt_features(loss(r), st, b, key, spec))
+  words = _projection_words(params["phi0"], key, spec.proj_dim, mesh)
+  feats_fn = jax.jit(lambda r, st, b, w: less_lib.adapt_features(loss(r), st, b, key, spec, w))
   feats, valid = [], []
   for _, ok, dev in global_batches(adapt_examples, batch_size, model, mesh):
-    feats.append(distributed.host_array(feats_fn(rest, stacked, dev)))
+    feats.append(distributed.host_array(feats_fn(rest, stacked, dev, words)))
     valid.append(ok)
   params["less"] = loop.replicate({"stacked": stacked,
                                    "adapt": jnp.asarray(np.concatenate(feats, axis=1)),
                                    "adapt_valid": jnp.asarray(np.concatenate(valid))}, mesh)
+  params["less"]["words"] = words  # Replicated already (None: regenerated per batch).
   if progress and distributed.is_main():
     print(f"less: warm-up on {len(subset)} pool examples, {spec.epochs} checkpoints, "
           f"{len(adapt_examples)} adaptation features in {time.perf_counter() - t0:.1f} s",
           flush=True)
   return jax.jit(lambda p, b: {"less": less_lib.score_batch(
       loss(p["rest"]), p["less"]["stacked"], p["less"]["adapt"], p["less"]["adapt_valid"], b,
-      key, spec)})
+      key, spec, p["less"]["words"])})
 
 
 def _projection_words(phi_s: Any, key: jax.Array, proj_dim: int,
