@@ -23,6 +23,7 @@ the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 
@@ -33,6 +34,7 @@ from jbat import distributed, layout, lora, registry, selection, surrogate as su
 from jbat.data import pipeline, pool_stream, sources
 from jbat.errors import JbatError
 from jbat.models.causal_lm import CausalLM
+from jbat.scoring import less_warmup as less_lib
 from jbat.scoring import stream
 from jbat.training import loop
 
@@ -111,8 +113,17 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                                             **sur_kw)
   batches = stream.Batches(batch_size=spec.batch_size, max_len=max_len, pad_id=pad_id,
                            chunk_batches=spec.chunk_batches)
+  less_warmup = None
+  if score == "less" and spec.less_batch_size:  # The pool pass in bigger batches.
+    less_warmup = less_lib.LessWarmup(
+        **({} if spec.less_proj_dim is None else {"proj_dim": spec.less_proj_dim}),
+        batch_size=spec.batch_size)
+    score_batches = dataclasses.replace(batches, batch_size=int(spec.less_batch_size))
+  else:
+    score_batches = batches
   table = stream.score_pool(
-      [score], sur, pool, layout.scores_dir(workdir), batches, mesh=mesh,
+      [score], sur, pool, layout.scores_dir(workdir), score_batches, mesh=mesh,
+      less_warmup=less_warmup,
       adapt_examples=adapt,
       texts=((None if streamed else [d.text for d in task.pool], [d.text for d in task.adapt])
              if score == "dsir" else None),

@@ -195,6 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.select.n_clusters = 8  # rule "cluster".
   c.select.batch_size = 32  # Scoring batch (global: split over all devices).
   c.select.chunk_batches = 64  # Scoring batches per chunk file / resume point.
+  # The `less` arm's pool pass in batches of this many (0: select.batch_size); its warm-up
+  # still trains at select.batch_size. Its per-example projection costs less per example in
+  # bigger batches (docs/method.md, "less").
+  c.select.less_batch_size = 0
 
   # Stage 4: BAT mixture. Backbone arms add rows so each batch keeps train.batch_size
   # adaptation rows and a fraction rho of backbone rows, their loss weighted by lam.
@@ -249,6 +253,7 @@ def results_variant(c: ml_collections.ConfigDict, arg: str | None) -> None:
     c.split_seeds = "0"
     c.data.backbone_splits = "0,1,2"
     c.arms = "none,random,albat,less"
+    c.select.less_batch_size = 256  # ~2x cheaper per example than 64 on a 2-core CPU.
 
 
 def flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -326,6 +331,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise JbatError(f"config: model.n_kv_heads must be >= 0, got {config.model.n_kv_heads}")
   if config.select.top_n < 0:
     raise JbatError(f"config: select.top_n must be >= 0, got {config.select.top_n}")
+  if config.select.less_batch_size < 0:
+    raise JbatError(f"config: select.less_batch_size must be >= 0 (0: select.batch_size), got "
+                    f"{config.select.less_batch_size}")
   if not isinstance(config.train.patience, int) or config.train.patience < 0:
     raise JbatError(f"config: train.patience must be an integer >= 0 (0: no early stopping), "
                     f"got {config.train.patience!r}")

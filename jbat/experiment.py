@@ -217,6 +217,8 @@ def check_batch_sizes(config: ml_collections.ConfigDict, n_devices: int) -> None
            "train.eval_batch_size": config.train.eval_batch_size,
            "backbone.batch_size": config.backbone.batch_size,
            "select.batch_size": config.select.batch_size}
+  if config.select.less_batch_size:
+    sizes["select.less_batch_size"] = config.select.less_batch_size
   if any(a != "none" for a in config_lib.arm_list(config)):
     sizes["train.batch_size / (1 - bat.rho)"] = bat_batch_size(config, "random")
   for key, size in sizes.items():

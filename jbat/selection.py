@@ -107,6 +107,7 @@ class SelectSpec:
   batch_size: int = 32  # Surrogate and scoring batches (global).
   chunk_batches: int = 64  # Scoring batches per chunk file / resume point.
   less_proj_dim: int | None = None  # `less`: project gradients to this many dims.
+  less_batch_size: int = 0  # `less`: the pool pass's batch (0: batch_size, which the warm-up uses).
 
   def __post_init__(self):
     registry.check_score(self.score, "selection.score")
@@ -137,7 +138,8 @@ class SelectSpec:
     return cls(score=s.score if score is None else score, k=registry.pool_k(s.k, n_pool),
                tau=registry.parse_tau(s.tau), rule=s.rule, top_n=s.top_n,
                n_clusters=s.n_clusters, seed=config.seed if seed is None else seed,
-               batch_size=s.batch_size, chunk_batches=s.chunk_batches)
+               batch_size=s.batch_size, chunk_batches=s.chunk_batches,
+               less_batch_size=s.get("less_batch_size", 0))
 
 
 def _hash_codes(ids: np.ndarray, ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None

@@ -32,6 +32,7 @@ def test_demo_configs_validate():
     ("data.source", "hub", "data.source must be one of"),
     ("arms", "none,magic", "unknown arm 'magic'"),
     ("lora.targets", "(", "lora.targets is not a valid regex"),
+    ("select.less_batch_size", -8, "select.less_batch_size must be >= 0"),
 ])
 def test_bad_values_name_the_field(key, value, needle):
   c = demo()

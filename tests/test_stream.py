@@ -365,6 +365,23 @@ def test_less_warmup_scores_are_bitwise_the_same_with_the_stored_matrix(setup, t
   assert np.all(np.isfinite(stored)) and np.ptp(stored) > 0
 
 
+def test_less_pool_pass_in_bigger_batches_keeps_the_warmup(setup, tmp_path):
+  """LessWarmup.batch_size: the pool scored in batches of 16 with the warm-up at 8 gives the
+  scores of batches of 8 throughout (up to float32 rounding); a warm-up at 16 does not."""
+  sur, pool, tok = setup["sur"], setup["pool"], setup["tok"]
+  kw = dict(adapt_examples=setup["adapt"], seed=3, progress=False)
+  spec = less_lib.LessWarmup(proj_dim=64, epochs=2)
+  at = lambda b, warm, name: stream.score_pool(
+      ["less"], sur, pool, tmp_path / name, stream.Batches(b, MAX_LEN, tok.pad_token_id),
+      less_warmup=dataclasses.replace(spec, batch_size=warm), **kw).scores["less"]
+  small = at(8, None, "s")
+  big = at(16, 8, "b")
+  np.testing.assert_allclose(big, small, rtol=1e-5, atol=1e-6)
+  assert np.abs(at(16, None, "w") - small).max() > 1e-3  # The warm-up batch matters.
+  with pytest.raises(JbatError, match="warm-up batch_size"):
+    less_lib.LessWarmup(batch_size=0)
+
+
 def test_shared_score_cache_is_reused_by_a_new_out_dir(setup, tmp_path):
   """cache_dir: a second run with the same inputs (a fresh workdir) reads the cached chunks."""
   kw = dict(batches=stream.Batches(8, MAX_LEN, setup["tok"].pad_token_id, chunk_batches=2),

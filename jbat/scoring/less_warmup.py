@@ -54,6 +54,10 @@ class LessWarmup:
   beta1: float = 0.9
   beta2: float = 0.999
   eps: float = 1e-8
+  # Warm-up training batch; None: the batch of the pool pass (stream.Batches.batch_size). Set
+  # it to score the pool at a larger batch (the per-example projection is cheaper per example
+  # in bigger batches) without changing the warm-up.
+  batch_size: int | None = None
 
   def __post_init__(self):
     if not 0.0 < float(self.fraction) <= 1.0:
@@ -64,11 +68,19 @@ class LessWarmup:
       raise JbatError(f"less: lr must be > 0 and warmup_ratio in [0, 1), got {self.lr!r}, "
                       f"{self.warmup_ratio!r}")
     kernels._check_dim(self.proj_dim, "less")  # pylint: disable=protected-access
+    if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                        or isinstance(self.batch_size, bool)
+                                        or self.batch_size < 1):
+      raise JbatError(f"less: warm-up batch_size must be an int >= 1 or None, got "
+                      f"{self.batch_size!r}")
 
   def record(self) -> dict[str, Any]:
-    """The settings as JSON values, with LESS_VERSION (for fingerprints)."""
-    return {**dataclasses.asdict(self), "version": LESS_VERSION,
-            "projection": kernels.PROJECTION_VERSION}
+    """The settings as JSON values, with LESS_VERSION (for fingerprints). batch_size None (the
+    pool pass's, which the fingerprint has anyway) is left out, as before it existed."""
+    record = dataclasses.asdict(self)
+    if record["batch_size"] is None:
+      del record["batch_size"]
+    return {**record, "version": LESS_VERSION, "projection": kernels.PROJECTION_VERSION}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -341,6 +341,7 @@ def _less_warmup_kernel(surrogate: surrogate_lib.Surrogate,
   graphdef = surrogate.graphdef
   loss = lambda rest: surrogate_lib.per_example_loss_fn(graphdef, rest, model.loss)
   rest = params["rest"]
+  batch_size = spec.batch_size or batch_size  # The warm-up's batch (the pool pass keeps its own).
   if hasattr(pool_examples, "local_examples"):  # A file pool: a seeded uniform draw from it.
     n_rows = int(sum(pool_examples.row_counts()))
     count = min(n_rows, max(batch_size, int(round(float(spec.fraction) * n_rows))))
