@@ -949,6 +949,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not jax.config.jax_compilation_cache_dir:  # Reruns skip XLA compilation.
     jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  io.release_memory_after_compiles()  # Each compile's host garbage, not stacked under peaks.
   mesh = distributed.make_mesh(config.mesh.model)
   check_batch_sizes(config, mesh.shape["data"])
   arms, seeds = config_lib.arm_list(config), config_lib.seed_list(config)

@@ -75,6 +75,37 @@ def release_host_memory() -> None:
     pass
 
 
+_TRIM_LISTENER: list = []  # The registered listener (one per process).
+
+
+def release_memory_after_compiles(min_seconds: float = 0.05) -> None:
+  """From now on, hands freed host memory back to the OS after each XLA compilation (or load
+  from the compilation cache) that took at least `min_seconds`. Idempotent.
+
+  Compiling a program of the 30 unrolled layers of a 135M model allocates a few hundred MB on
+  the host (LLVM, the HLO passes) and frees it at the end; glibc keeps most of it in its heap,
+  so each compile stacks its garbage under the next phase's peak. `malloc_trim` right after
+  it costs milliseconds (measured: a SmolLM2 train step's compile leaves 760 MB, 360 MB of it
+  given back). Short compiles (eager ops) are skipped."""
+  if _TRIM_LISTENER:
+    return
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import dispatch  # pylint: disable=import-outside-toplevel
+  try:
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to do.
+    return
+  event = getattr(dispatch, "BACKEND_COMPILE_EVENT", "/jax/core/compile/backend_compile_duration")
+
+  def listener(name: str, seconds: float, **_) -> None:
+    if name == event and seconds >= min_seconds:
+      trim(0)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  _TRIM_LISTENER.append(listener)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   with atomic_path(path) as tmp:
     tmp.write_text(text)
