@@ -35,6 +35,8 @@ def paired_interval(diffs: list[float]) -> dict[str, Any]:
 
 
 METRICS = ("best_nll", "final_nll", "test_nll_best", "test_nll_final")
+# Why a resumed run's wall time is not the whole run's (report.md and docs/results.md).
+RESUMED_CLAUSE = "it continued a run started earlier"
 
 
 def headline(arms: dict[str, dict[str, Any]]) -> str:
@@ -326,6 +328,5 @@ adapter saw over all its (re-)selections. Validation NLL of the backbone (before
   for h in hists:
     text += f"\n![score histogram {h.parts[1]}]({h})\n"
   text += f"\nWall time: {summary['seconds']:.0f} s" + (
-      " (this invocation only: it continued a run started earlier).\n" if summary.get("resumed")
-      else ".\n")
+      f" (this invocation only: {RESUMED_CLAUSE}).\n" if summary.get("resumed") else ".\n")
   io.write_text_atomic(workdir / layout.REPORT_FILE, text)

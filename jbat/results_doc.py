@@ -60,7 +60,7 @@ def wall_text(res: dict[str, Any]) -> str:
   """"Wall time N min." of a run; a resumed run's time is that of its last invocation only."""
   text = f"Wall time {res.get('seconds', 0) / 60:.1f} min"
   if res.get("resumed"):
-    text += " (its last invocation only: it continued a run started earlier)"
+    text += f" (its last invocation only: {report.RESUMED_CLAUSE})"
   return text + "."
 
 
