@@ -401,3 +401,35 @@ def test_shared_score_cache_is_reused_by_a_new_out_dir(setup, tmp_path):
   other = stream.score_pool(["align"], setup["sur"], setup["pool"], tmp_path / "c", **kw)
   assert len(list((tmp_path / "cache").iterdir())) == 2  # Other scores: another fingerprint.
   np.testing.assert_array_equal(other.scores["align"], first.scores["align"])
+
+
+@pytest.mark.parametrize("less_batch_size", [0, 16])
+def test_albat_passes_less_batch_size_to_the_pool_pass_only(tmp_path, monkeypatch,
+                                                            less_batch_size):
+  """select.less_batch_size: the `less` pool pass in its batches, the warm-up at batch_size."""
+  from jbat import albat, selection  # pylint: disable=import-outside-toplevel
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def score_pool(scores, sur, pool, out_dir, batches, **kw):
+    seen.update(scores=scores, batch=batches.batch_size, warmup=kw.get("less_warmup"))
+    raise Stop
+
+  monkeypatch.setattr(surrogate_lib, "train_surrogate", lambda *a, **k: None)
+  monkeypatch.setattr(stream, "score_pool", score_pool)
+  task = make_task()
+  spec = selection.SelectSpec(score="less", k=4, batch_size=8, less_batch_size=less_batch_size,
+                              less_proj_dim=32)
+  tok = type("Tok", (), {"pad_token_id": 0})()
+  with pytest.raises(Stop):
+    albat.select_backbone_data(None, LORA, task, tok, spec, surrogate_spec=SPEC,
+                               max_len=MAX_LEN, seed=0, workdir=tmp_path, progress=False,
+                               adapt_examples=[{}], pool_examples=[{}])
+  assert seen["scores"] == ["less"]
+  if less_batch_size:
+    assert seen["batch"] == 16
+    assert seen["warmup"] == less_lib.LessWarmup(proj_dim=32, batch_size=8)
+  else:
+    assert seen["batch"] == 8 and seen["warmup"] is None
