@@ -91,12 +91,14 @@ def release_memory_after_compiles(min_seconds: float = 0.05) -> None:
     return
   import ctypes  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import dispatch  # pylint: disable=import-outside-toplevel
   try:
     trim = ctypes.CDLL("libc.so.6").malloc_trim
   except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to do.
     return
-  event = getattr(dispatch, "BACKEND_COMPILE_EVENT", "/jax/core/compile/backend_compile_duration")
+  try:  # jax's name for the event (private); its value in jax 0.10 otherwise.
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT as event
+  except ImportError:
+    event = "/jax/core/compile/backend_compile_duration"
 
   def listener(name: str, seconds: float, **_) -> None:
     if name == event and seconds >= min_seconds:
