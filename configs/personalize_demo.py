@@ -1,7 +1,7 @@
 """DreamBooth-style personalization of a small diffusion model, with ALBAT-selected backbone data.
 
   python -m jbat.train --config configs/personalize_demo.py        # 3 subjects x 4 arms, 1 seed
-  python -m jbat.train --config configs/personalize_demo.py:full   # 6 subjects x 2 seeds (docs)
+  python -m jbat.train --config configs/personalize_demo.py:full   # 6 subjects x 2 seeds x 6 arms
   python -m jbat.train --config configs/personalize_demo.py:tiny   # digits, toy size (tests)
 
 Task: Fashion-MNIST (Debian `dataset-fashion-mnist`, fetched into the cache). The backbone is
@@ -12,7 +12,8 @@ t-shirt, sneaker and bag, each split 5 adaptation / 10 validation / up to 100 te
 Arms (same steps, seeds, rows per batch): none, prior (DreamBooth prior preservation with
 backbone-generated class images, weight 1.0), random (random pool images) and albat
 (surrogate LoRA on the 5 images, loss_diff scores of the pool, threshold_uniform among the top
-200). See jbat/diffusion/personalize.py and docs/personalization.md. A rerun of a finished or
+200); `:full` adds oracle (the pool images of the subject's class nearest its cluster) and less (LESS's warm-up
+gradients, the same rule). See jbat/diffusion/personalize.py and docs/personalization.md. A rerun of a finished or
 interrupted workdir only runs what is missing.
 """
 
@@ -33,8 +34,9 @@ def get_config(arg: str | None = None):
   c.eval.sample_steps = 20
   c.train.ckpt_every = 0
 
-  if arg == "full":  # docs/results.md: 6 subjects x 2 seeds (12 units), 50 samples, 25 steps.
-    c.name = "personalize_demo_full"
+  if arg == "full":  # docs/results.md: 6 subjects x 2 seeds (12 units), 50 samples, 25 steps,
+    c.name = "personalize_demo_full"  # and the references oracle and less.
+    c.arms = "none,prior,random,oracle,albat,less"
     c.data.subjects_per_class = 2
     c.seeds = "0,1"
     c.eval.n_samples = 50

@@ -16,7 +16,7 @@ import os
 import pathlib
 import re
 import socket
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -610,12 +610,29 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
+def _differs_only_in(config: ml_collections.ConfigDict, old: dict[str, Any],
+                     keys: Sequence[str]) -> bool:
+  """Whether `config` with the stored run's values of the top-level `keys` has the stored
+  run's fingerprint (config.json: {"fingerprint", "config"})."""
+  stored = old.get("config")
+  if not keys or not isinstance(stored, dict) or any(k not in stored for k in keys):
+    return False
+  probe = ml_collections.ConfigDict(config.to_dict())
+  for k in keys:
+    probe[k] = stored[k]
+  return fingerprint(probe) == old.get("fingerprint")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict,
+                    extendable: Sequence[str] = ()) -> pathlib.Path:
   """Creates the workdir (or checks it belongs to this config), takes its lock (`lock_workdir`:
   a second run on the same workdir is refused) and saves config.json (process 0 writes it).
 
   A workdir that already holds a run of a different config (different fingerprint) is refused:
-  resuming its checkpoints would silently mix two experiments.
+  resuming its checkpoints would silently mix two experiments. Except in the top-level keys
+  `extendable` (a pipeline whose units do not depend on each other, e.g. ("arms", "seeds")):
+  a config that differs from the stored one only there is accepted, so a rerun adds the arms
+  or seeds that are missing and reuses every finished unit.
   """
   check_dirs(config)  # Also for callers that skip the CLI (notebooks).
   wd = workdir(config)
@@ -627,7 +644,7 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
     except json.JSONDecodeError as e:
       raise JbatError(
           f"{cfg_path}: not valid JSON ({e}); remove the workdir to start over") from None
-    if old.get("fingerprint") != fp:
+    if old.get("fingerprint") != fp and not _differs_only_in(config, old, extendable):
       raise JbatError(
           f"workdir {str(wd)!r} holds a run of a different config (fingerprint "
           f"{old.get('fingerprint')} != {fp}); use another --config.workdir or delete it")

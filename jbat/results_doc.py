@@ -172,7 +172,7 @@ def personalization_section(res: dict[str, Any], shown: str) -> str:
            "|" + "---|" * (len(b["class_accuracy"]) + 1),
            "| " + " | ".join(f"{v:.2f}" for v in b["class_accuracy"].values())
            + f" | {b['mean_class_accuracy']:.3f} |", "",
-           *diffusion_report.metric_tables(res)]
+           *diffusion_report.metric_tables(res), *diffusion_report.pool_arm_lines(res)]
   goal = diffusion_report.goal_verdict(res)
   if goal:
     lines += ["", "Goal: beat none and random on subject fidelity, lose less class preservation "

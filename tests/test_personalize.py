@@ -191,7 +191,9 @@ def test_divergence_exits_2_naming_the_arm_seed_and_lr_key(tiny_run, capsys, key
 def test_bad_config_exits_2_and_names_the_field(tmp_path, capsys):
   assert _main(_args(tmp_path, "--config.train.steps=0")) == 2
   assert "train.steps" in capsys.readouterr().err
-  assert _main(_args(tmp_path, "--config.arms=none,oracle")) == 2
+  assert _main(_args(tmp_path, "--config.arms=none,dsir")) == 2
+  assert "arms: dsir" in capsys.readouterr().err
+  assert _main(_args(tmp_path, "--config.arms=none,bogus")) == 2
   assert "arms" in capsys.readouterr().err
   assert _main(_args(tmp_path, "--config.select.rule=best")) == 2
   assert "select.rule" in capsys.readouterr().err
@@ -285,3 +287,50 @@ def test_results_doc_renders_the_run_with_report_mds_numbers(tiny_run):
   want = "better" if st["lo"] > 0 else "worse" if st["hi"] < 0 else "a tie"
   assert f"subject fidelity vs none: {want}" in goal and "class preservation vs" in goal
   assert res["machine"]["cpu_count"] >= 1
+
+
+def test_oracle_and_less_arms_extend_a_finished_run(tiny_run):
+  """Adding arms to a finished workdir runs only the new units; the oracle draws the subject's
+  look-alikes (its class, nearest its own cluster centre); less selects by LESS's scores."""
+  import shutil
+  tmp, wd, res = tiny_run
+  ext = tmp / "wd_extended"
+  shutil.copytree(wd, ext)
+  finished = sorted(ext.glob("subjects/*/arms/*/seed_*/result.json"))
+  stamps = {p: p.stat().st_mtime_ns for p in finished}
+  argv = _args(tmp, "--config.arms=none,prior,random,oracle,albat,less")
+  argv[3] = f"--config.workdir={ext}"
+  assert _main(argv) == 0
+  assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # not run again
+  again = json.loads((ext / "results.json").read_text())
+  assert again["arms"] == ["none", "prior", "random", "oracle", "albat", "less"]
+  for arm in res["arms"]:  # The finished arms' numbers are the ones of the first run.
+    assert again["summary"]["arms"][arm] == res["summary"]["arms"][arm]
+  cfg = _tiny_config()
+  data = images.load_digits()
+  task = personalize.make_task(data, cfg)
+  pool = data.train_x[task.pool_ids].reshape(len(task.pool_ids), -1)
+  for sub in task.subjects:
+    # Brute force: the pool images of the class by distance to the subject's own centre.
+    own = sorted((float(((x - sub.centre) ** 2).sum()), int(i))
+                 for i, x, y in zip(task.pool_ids, pool, data.train_y[task.pool_ids])
+                 if y == sub.cls)
+    ranked = [i for _, i in own]
+    assert task.oracle_ids[sub.name].tolist() == ranked and ranked
+    table = stream.load_table(stream.scores_dir(ext / "subjects" / sub.name / "less" / "scores"),
+                              ["less"])
+    scores = table.scores["less"]
+    assert np.all(np.isfinite(scores)) and np.ptp(scores) > 0
+    top = set(task.pool_ids[np.argsort(-scores, kind="stable")[:cfg.select.top_n]].tolist())
+    for seed in res["seeds"]:
+      oracle = again["runs"]["oracle"][f"{sub.name}/{seed}"]
+      assert oracle["aug_ids"] == sorted(ranked[:cfg.aug.k])
+      assert oracle["aug_precision"] == 1.0
+      less = again["runs"]["less"][f"{sub.name}/{seed}"]
+      assert len(set(less["aug_ids"])) == cfg.aug.k and set(less["aug_ids"]) <= top
+  assert "oracle" in again["summary"]["paired"]["albat"]
+  assert "less" in again["summary"]["paired"]["albat"]
+  report = (ext / "report.md").read_text()
+  assert "- oracle ranks" in report and "- less: " in report
+  argv[3] = f"--config.workdir={ext}"  # A changed non-arm key is still refused.
+  assert _main(argv + ["--config.train.steps=7"]) == 2

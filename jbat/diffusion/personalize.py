@@ -35,7 +35,16 @@ The experiment, top to bottom (`run`):
                (score.name) with its own label's denoising loss at per-example seeded
                timesteps/noise (seed: pool id + 1,000,000); `aug.k` chosen by
                `jbat.selection.select` (select.rule, e.g. threshold_uniform: sample uniformly
-               among the top_n that pass tau) with the training seed.
+               among the top_n that pass tau) with the training seed;
+       oracle  the `aug.k` pool images of the subject's class nearest its own k-means
+               centre (`task.oracle_ids`: labels and held-out clusters no selecting arm may
+               use), the same for every seed;
+       less    LESS as its authors run it (`jbat.scoring.less_warmup`, settings `less_spec`):
+               a warm-up LoRA on 5% of the pool, Adam-preconditioned projected gradients at
+               4 checkpoints, cosine to the subject's images; `aug.k` chosen by the same rule.
+     (dsir weighs word n-grams of text: no image arm.) Only none / prior / random / albat
+     run unless `arms` lists more; adding arms or seeds to a finished workdir runs only the
+     new units (`config.prepare_workdir`'s `extendable`).
      Every augmented batch holds `train.subject_rows` subject rows (weight 1 in total) and
      `train.aug_rows` augmentation rows (weight `train.aug_weight` in total); `none` has the
      subject rows only.
@@ -52,7 +61,7 @@ The experiment, top to bottom (`run`):
                     before adaptation (> 0: the class prior moved).
      The backbone's values on each subject are the "before" row.
   7. report.md (mean ± sd over (subject, seed) units, paired differences vs none / random /
-     prior / backbone with 95% t-intervals), results.json (every number), grids/backbone.png
+     oracle / prior / less / backbone with 95% t-intervals), results.json (every number), grids/backbone.png
      (one row per class) and grids/<subject>.png (real images, then one row per arm).
 
 Resumable: pretraining checkpoints (pretrain.pretrain_ema), every arm's training through
@@ -93,12 +102,17 @@ from jbat.diffusion.schema import (  # noqa: F401
 from jbat.diffusion.task import (  # noqa: F401
     Subject, SubjectTask, _digest, _key, data_mesh, load_or_pretrain_backbone,
     load_or_train_classifier, make_task, with_lora)
-from jbat.errors import Diverged
+from jbat.errors import Diverged, JbatError
+from jbat.scoring import less_warmup as less_lib
 from jbat.scoring import stream
 from jbat.training import loop
 
 # Pool image i's scoring draws are seeded by its train-split id + this (ddpm.seeded_draws).
 POOL_SEED_OFFSET = 1_000_000
+
+# The arms that select by a score of the pool: arm -> its score name from the config.
+SCORED_ARMS: dict[str, Callable[[ml_collections.ConfigDict], str]] = {
+    "albat": lambda config: config.score.name, "less": lambda config: "less"}
 
 
 def train_spec(config: ml_collections.ConfigDict, seed: int, steps: int,
@@ -116,15 +130,27 @@ def image_examples(x: np.ndarray, label: np.ndarray, ident: np.ndarray,
           for i, xi, li, di in zip(ids, x, label, ident)]
 
 
+def less_spec(config: ml_collections.ConfigDict) -> less_lib.LessWarmup:
+  """The `less` arm's LESS settings: the paper's (5% of the pool, 4 epochs and checkpoints,
+  d = 8192), warmed up at the adapters' own batch (subject + augmentation rows) and learning
+  rate, as the text tasks' LESS warms up at jbat's LoRA rate."""
+  return less_lib.LessWarmup(lr=float(config.train.lr),
+                             batch_size=int(config.train.subject_rows + config.train.aug_rows))
+
+
 def pool_scores(config: ml_collections.ConfigDict, backbone: Denoiser, subject: images.Source,
                 cls: int, pool_x: np.ndarray, pool_y: np.ndarray, pool_ids: np.ndarray,
-                folder: pathlib.Path, cache: pathlib.Path) -> stream.ScoreTable:
+                folder: pathlib.Path, cache: pathlib.Path,
+                score: str | None = None) -> stream.ScoreTable:
   """ALBAT stages 1-2 on the image pool, through the shared core: the surrogate adapter
-  (surrogate.fit_surrogate, on the subject rows only) and the pool's `config.score.name`
-  (stream.score_pool with the denoiser's Scorable: resumable chunks, multi-process, kept in
-  <cache>/diffusion/scores by content). Each pool image is scored with its own label
-  (score.cond "own") or the subject prompt ("subject") at draws seeded by its id."""
+  (surrogate.fit_surrogate, on the subject rows only) and the pool's `score` (default
+  config.score.name; "less" for the less arm, which uses the adapter's initialisation and the
+  subject's images, not the surrogate) by stream.score_pool with the denoiser's Scorable
+  (resumable chunks, multi-process, kept in <cache>/diffusion/scores by content). Each pool
+  image is scored with its own label (score.cond "own") or the subject prompt ("subject") at
+  draws seeded by its id."""
   s, seed = config.score, config.seed
+  score = s.name if score is None else score
   n_subject = len(subject.x)
   spec = train_spec(config, seed, config.surrogate.steps, config.surrogate.lr)
   subject_ex = image_examples(subject.x, subject.label, subject.ident, np.arange(n_subject))
@@ -143,9 +169,11 @@ def pool_scores(config: ml_collections.ConfigDict, backbone: Denoiser, subject: 
     ident = np.full(n, SUBJECT_IDENT, np.int32)
   model = image_scorable(s.n_draws, pool_x.shape[1:], POOL_SEED_OFFSET)
   batches = stream.Batches(s.batch_size, model=model)
-  return stream.score_pool([s.name], sur, image_examples(pool_x, label, ident, pool_ids),
+  return stream.score_pool([score], sur, image_examples(pool_x, label, ident, pool_ids),
                            folder / "scores", batches, mesh=data_mesh(), seed=seed,
-                           progress=config.progress, cache_dir=cache / "diffusion" / "scores")
+                           progress=config.progress, cache_dir=cache / "diffusion" / "scores",
+                           adapt_examples=subject_ex if score == "less" else None,
+                           less_warmup=less_spec(config) if score == "less" else None)
 
 
 def backbone_cached(bb_folder: pathlib.Path, workdir_path: pathlib.Path, name: str,
@@ -233,7 +261,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
     return time.perf_counter()
 
-  wd = config_lib.prepare_workdir(config)
+  wd = config_lib.prepare_workdir(config, extendable=("arms", "seeds"))  # Units are independent.
   cache = config_lib.cache_dir(config)
   t0 = time.perf_counter()
   data = images.load(config.data.dataset, cache)
@@ -284,8 +312,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           lambda: generate(base, k, cls, 0, config.seed + 20_000 + cls, config))
     t0 = lap("prior_images", t0)
 
-  def aug_source(arm: str, seed: int, cls: int, table) -> tuple[images.Source | None,
-                                                                np.ndarray | None]:
+  def aug_source(arm: str, seed: int, cls: int, sub_name: str,
+                 table) -> tuple[images.Source | None, np.ndarray | None]:
     """The augmentation rows of an arm and, for pool arms, the chosen pool positions."""
     rows, w = config.train.aug_rows, config.train.aug_weight
     if arm == "none":
@@ -295,8 +323,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       return images.Source(prior[cls], y, np.zeros_like(y), rows=rows, weight=w), None
     if arm == "random":
       pos = np.sort(np.random.default_rng([seed, 5]).permutation(len(pool_x))[:k])
-    else:
-      spec = selection.SelectSpec(score=config.score.name, k=k, tau=select_tau(config),
+    elif arm == "oracle":  # The k look-alikes nearest the subject (task.oracle_ids).
+      ranked = task.oracle_ids[sub_name]
+      if not len(ranked):
+        raise JbatError(f"arm oracle: the pool has no image of subject {sub_name}'s class "
+                        f"(data.pool_size = {len(pool_x)}); drop the arm or enlarge the pool")
+      pos = np.sort(np.searchsorted(task.pool_ids, ranked[:k]))
+    else:  # albat or less: the rule on that arm's scores.
+      spec = selection.SelectSpec(score=SCORED_ARMS[arm](config), k=k, tau=select_tau(config),
                                   rule=config.select.rule, top_n=config.select.top_n,
                                   n_clusters=config.select.n_clusters, seed=seed,
                                   batch_size=config.score.batch_size)
@@ -326,15 +360,15 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     subject = images.Source(sub.adapt_x, np.full(len(sub.adapt_x), cls, np.int32),
                             np.full(len(sub.adapt_x), SUBJECT_IDENT, np.int32),
                             rows=config.train.subject_rows, weight=1.0)
-    table = None
-    if "albat" in arms:
+    tables = {}
+    for arm in (a for a in arms if a in SCORED_ARMS):
       try:
-        table = pool_scores(config, backbone, subject, cls, pool_x, pool_y, task.pool_ids,
-                            sdir / "albat", cache)
+        tables[arm] = pool_scores(config, backbone, subject, cls, pool_x, pool_y,
+                                  task.pool_ids, sdir / arm, cache, score=SCORED_ARMS[arm](config))
       except Diverged as e:
-        raise e.within(f"subject {sub.name} arm albat (surrogate seed {config.seed})",
+        raise e.within(f"subject {sub.name} arm {arm} (surrogate seed {config.seed})",
                        "surrogate.lr", seed=config.seed, stage="surrogate training") from None
-      t0 = lap("albat_score", t0)
+      t0 = lap(f"{arm}_score", t0)
     grid_rows = {}
     for arm in arms:
       for seed in seeds:
@@ -345,7 +379,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           per_run[arm][unit] = json.loads(result_path.read_text())
         else:
           t_arm = time.perf_counter()
-          aug, pos = aug_source(arm, seed, cls, table)
+          aug, pos = aug_source(arm, seed, cls, sub.name, tables.get(arm))
           sources = [subject] + ([aug] if aug is not None else [])
           try:
             model = train_adapter(backbone, config, sources, seed, config.train.steps,
@@ -398,7 +432,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                "test images each)"),
                "subjects": [{"name": s.name, "class": s.cls, "cluster_size": s.cluster_size,
                              "n_adapt": len(s.adapt_x), "n_val": len(s.val_x),
-                             "n_test": len(s.test_x), "n_drift": len(s.drift_x)}
+                             "n_test": len(s.test_x), "n_drift": len(s.drift_x),
+                             "n_oracle": len(task.oracle_ids[s.name])}
                             for s in task.subjects],
                "cluster_sizes": {data.class_names[c]: v for c, v in task.cluster_sizes.items()},
                "n_pretrain": len(task.pretrain_ids), "pool_size": len(task.pool_ids)},

@@ -50,18 +50,22 @@ METRIC_NAMES = {"subject_fid": "subject fidelity", "prompt_fid": "prompt fidelit
                 "frechet": "Frechet distance", "loss_fid": "subject loss", "drift": "drift"}
 
 
+# The references every arm is paired with (those the run has), in the tables' order.
+PAIRED_REFS = ("none", "random", "oracle", "prior", "less", "backbone")
+
+
 def summarize(per_run: dict[str, dict[str, dict[str, Any]]], units: list[str],
               backbone_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """Per arm: metric lists in unit order (unit = "<subject>/<seed>"), the backbone's values
-  for the same units (drift 0 by definition), and paired differences (over units) vs none /
-  random / prior / the backbone."""
+  for the same units (drift 0 by definition), and paired differences (over units) vs each
+  of PAIRED_REFS the run has."""
   arms = {a: {m: [per_run[a][u][m] for u in units] for m in METRICS} for a in per_run}
   bb = {m: [0.0 if m == "drift" else backbone_runs[u.rsplit("/", 1)[0]][m] for u in units]
         for m in METRICS}
   refs = {**arms, "backbone": bb}
   paired: dict[str, Any] = {}
   for a in arms:
-    for ref in ("none", "random", "prior", "backbone"):
+    for ref in PAIRED_REFS:
       if ref in refs and ref != a:
         paired.setdefault(a, {})[ref] = {
             m: report_lib.paired_interval([x - y for x, y in zip(arms[a][m], refs[ref][m])])
@@ -101,7 +105,8 @@ def metric_tables(results: dict[str, Any]) -> list[str]:
 def goal_verdict(results: dict[str, Any], arm: str = "albat") -> str:
   """Whether `arm` met the personalization goal, from the paired intervals: beat none and
   random on subject fidelity (interval above 0), and lose less class preservation than none
-  (interval above 0); and how it compares with prior preservation on both."""
+  (interval above 0); and how it compares with the other references the run has (oracle,
+  prior preservation, less) on both."""
   paired = results["summary"]["paired"].get(arm)
   if not paired:
     return ""
@@ -116,12 +121,36 @@ def goal_verdict(results: dict[str, Any], arm: str = "albat") -> str:
     return f"{ref}: {how} ({report_lib.interval(st)})"
 
   parts = []
-  for metric, refs in (("subject_fid", ("none", "random", "prior")),
-                       ("class_pres", ("none", "random", "prior"))):
+  refs = tuple(r for r in PAIRED_REFS if r != "backbone")
+  for metric in ("subject_fid", "class_pres"):
     cells = [w for w in (word(r, metric) for r in refs) if w]
     if cells:
       parts.append(f"{METRIC_NAMES[metric]} vs " + "; ".join(cells))
   return f"`{arm}` (higher is better on both): " + ". ".join(parts) + "." if parts else ""
+
+
+def pool_arm_lines(results: dict[str, Any]) -> list[str]:
+  """How many distinct pool images each pool arm trained on (first seed, per subject) and
+  their class precision; the oracle's candidates per subject (report.md, docs/results.md)."""
+  lines: list[str] = []
+  pool_arms = [a for a in ("random", "oracle", "albat", "less") if a in results["arms"]]
+  if pool_arms:
+    lines += ["", "Pool images each arm trained on (distinct, first seed) and their class "
+              "precision (share of the subject's class; mean over units):", ""]
+    first = results["seeds"][0]
+    for a in pool_arms:
+      runs = results["runs"][a]
+      counts = [f"{sub['name']} {len(runs[sub['name'] + '/' + str(first)]['aug_ids'])}"
+                for sub in results["task"]["subjects"]]
+      precision = np.mean([runs[u]["aug_precision"] for u in results["units"]])
+      lines.append(f"- {a}: " + ", ".join(counts) + f"; precision {fmt(float(precision))}")
+    if "oracle" in results["arms"]:
+      lines.append("- oracle ranks the pool's images of the subject's class by distance to "
+                   "the subject's k-means centre and takes the nearest; the class's images in "
+                   "the pool: "
+                   + ", ".join(f"{sub['name']} {sub.get('n_oracle')}"
+                               for sub in results["task"]["subjects"]))
+  return lines
 
 
 def render_report(results: dict[str, Any]) -> str:
@@ -149,6 +178,7 @@ def render_report(results: dict[str, Any]) -> str:
       lines.append(f"- {name}: " + ", ".join(fmt(p) for p in info["precision"])
                    + f" ({fmt(info['base_rate'])}); picks of the first seed by class: "
                    + ", ".join(f"{c} {n}" for c, n in info["picks_per_class"].items()))
+  lines += pool_arm_lines(results)
   lines += ["", "## Samples", "",
             ("Per subject: top row the subject's real images (adaptation set, then test "
              "images); below, one row of \"[V] <class>\" samples per arm ("

@@ -11,7 +11,10 @@ from jbat.diffusion.denoiser import DenoiserConfig
 from jbat.errors import JbatError
 
 
-ARMS = ("none", "prior", "random", "albat")
+ARMS = ("none", "prior", "random", "oracle", "albat", "less")
+# The arms a config runs unless it lists its own: oracle and less are the references of the
+# results runs (configs/personalize_demo.py:full); less scores the pool ~4 times over.
+DEFAULT_ARMS = ("none", "prior", "random", "albat")
 
 
 SCORES = ("align", "loss_diff", "rel_loss_diff")
@@ -41,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""  # Empty: $JBAT_CACHE or ~/.cache/jbat (data, backbone, classifier).
   c.seed = 0  # Data split, k-means, pool subset, surrogate, prior images.
   c.progress = True
-  c.arms = ",".join(ARMS)
+  c.arms = ",".join(DEFAULT_ARMS)
   c.seeds = "0,1,2"  # Training seeds; arms are paired by seed.
 
   c.data = ml_collections.ConfigDict()
@@ -178,6 +181,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"be < data.n_clusters ({config.data.n_clusters}): the other clusters "
                     "measure drift")
   arms = config_lib.arm_list(config)
+  if "dsir" in arms:
+    raise JbatError("config: arms: dsir weighs hashed word n-grams of text; the image task has "
+                    f"no dsir arm (arms: {list(ARMS)})")
   bad = [a for a in arms if a not in ARMS]
   if not arms or bad:
     raise JbatError(f"config: arms must be a comma-separated subset of {list(ARMS)}, got "

@@ -49,6 +49,7 @@ class Subject:
   test_x: np.ndarray  # test images of the subject (the headline metrics)
   drift_x: np.ndarray  # other images of the class (outside the cluster)
   cluster_size: int
+  centre: np.ndarray  # f64[H*W*C]: the cluster's mean (the oracle ranks pool images by it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,8 @@ class SubjectTask:
   pool_ids: np.ndarray  # int64[P]: indices into the train split
   pretrain_ids: np.ndarray  # int64: train-split indices the backbone is pretrained on
   cluster_sizes: dict[int, list[int]]  # class -> its k-means cluster sizes, largest first
+  # subject name -> the oracle arm's ranking of pool ids, best first (`oracle_ids`).
+  oracle_ids: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def make_subjects(data: images.ImageData, config: ml_collections.ConfigDict,
@@ -88,7 +91,8 @@ def make_subjects(data: images.ImageData, config: ml_collections.ConfigDict,
     out.append(Subject(name=f"{name}-{rank}", cls=cls, rank=rank,
                        adapt_x=data.test_x[members[:a]], val_x=data.test_x[members[a:v]],
                        test_x=data.test_x[members[v:v + d.n_heldout]],
-                       drift_x=data.test_x[others], cluster_size=int(len(members))))
+                       drift_x=data.test_x[others], cluster_size=int(len(members)),
+                       centre=x[labels == j].astype(np.float64).mean(axis=0)))
   return out, [int(sizes[j]) for j in order]
 
 
@@ -109,7 +113,24 @@ def make_task(data: images.ImageData, config: ml_collections.ConfigDict) -> Subj
         round(d.backbone_keep * len(in_cls)):]
     keep[drop] = False
   return SubjectTask(subjects=subjects, pool_ids=pool_ids,
-                     pretrain_ids=np.flatnonzero(keep).astype(np.int64), cluster_sizes=sizes)
+                     pretrain_ids=np.flatnonzero(keep).astype(np.int64), cluster_sizes=sizes,
+                     oracle_ids={s.name: oracle_ids(s, data.train_x[pool_ids],
+                                                    data.train_y[pool_ids], pool_ids)
+                                 for s in subjects})
+
+
+def oracle_ids(sub: Subject, pool_x: np.ndarray, pool_y: np.ndarray,
+               pool_ids: np.ndarray) -> np.ndarray:
+  """The oracle arm's ranking for a subject: the pool images of the subject's class, nearest
+  (pixel space) to the subject's k-means centre first (ties by id); int64 pool ids. The oracle
+  takes the first aug.k, as many distinct images as every other pool arm. The text tasks'
+  oracle draws the target's own documents from the pool; the nearest to that here are the
+  pool's images of the same kind of item, known from the labels and the held-out test
+  clusters, which no selecting arm may use."""
+  pos = np.flatnonzero(pool_y == sub.cls)
+  x = pool_x[pos].reshape(len(pos), -1).astype(np.float64)
+  d2 = ((x - sub.centre) ** 2).sum(-1)
+  return pool_ids[pos[np.lexsort((pool_ids[pos], d2))]].astype(np.int64)
 
 
 def data_mesh() -> jax.sharding.Mesh:
