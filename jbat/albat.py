@@ -113,14 +113,12 @@ def select_backbone_data(base: CausalLM, lora_cfg: lora.LoRAConfig, task: source
                                             **sur_kw)
   batches = stream.Batches(batch_size=spec.batch_size, max_len=max_len, pad_id=pad_id,
                            chunk_batches=spec.chunk_batches)
-  less_warmup = None
-  if score == "less" and spec.less_batch_size:  # The pool pass in bigger batches.
-    less_warmup = less_lib.LessWarmup(
-        **({} if spec.less_proj_dim is None else {"proj_dim": spec.less_proj_dim}),
-        batch_size=spec.batch_size)
-    score_batches = dataclasses.replace(batches, batch_size=int(spec.less_batch_size))
-  else:
-    score_batches = batches
+  less_warmup, score_batches = None, batches
+  if score == "less":  # With less_batch_size, the pool pass in bigger batches than the warm-up.
+    less_warmup = less_lib.LessWarmup.of(
+        spec.less_proj_dim, batch_size=spec.batch_size if spec.less_batch_size else None)
+    if spec.less_batch_size:
+      score_batches = dataclasses.replace(batches, batch_size=int(spec.less_batch_size))
   table = stream.score_pool(
       [score], sur, pool, layout.scores_dir(workdir), score_batches, mesh=mesh,
       less_warmup=less_warmup,

@@ -139,7 +139,7 @@ class SelectSpec:
                tau=registry.parse_tau(s.tau), rule=s.rule, top_n=s.top_n,
                n_clusters=s.n_clusters, seed=config.seed if seed is None else seed,
                batch_size=s.batch_size, chunk_batches=s.chunk_batches,
-               less_batch_size=s.get("less_batch_size", 0))
+               less_batch_size=s.less_batch_size)
 
 
 def _hash_codes(ids: np.ndarray, ids_to_hash: Mapping[int, str] | Sequence[str] | np.ndarray | None

@@ -431,5 +431,6 @@ def test_albat_passes_less_batch_size_to_the_pool_pass_only(tmp_path, monkeypatc
   if less_batch_size:
     assert seen["batch"] == 16
     assert seen["warmup"] == less_lib.LessWarmup(proj_dim=32, batch_size=8)
-  else:
-    assert seen["batch"] == 8 and seen["warmup"] is None
+  else:  # The warm-up at the pool pass's batch: the settings record (fingerprint) of before.
+    assert seen["batch"] == 8 and seen["warmup"] == less_lib.LessWarmup(proj_dim=32)
+    assert "batch_size" not in seen["warmup"].record()

@@ -74,6 +74,13 @@ class LessWarmup:
       raise JbatError(f"less: warm-up batch_size must be an int >= 1 or None, got "
                       f"{self.batch_size!r}")
 
+  @classmethod
+  def of(cls, proj_dim: int | None = None, batch_size: int | None = None) -> "LessWarmup":
+    """The paper's settings with a projection size (None: LESS's 8192) and a warm-up batch
+    (None: the pool pass's)."""
+    return cls(**({} if proj_dim is None else {"proj_dim": int(proj_dim)}),
+               batch_size=batch_size)
+
   def record(self) -> dict[str, Any]:
     """The settings as JSON values, with LESS_VERSION (for fingerprints). batch_size None (the
     pool pass's, which the fingerprint has anyway) is left out, as before it existed."""

@@ -659,8 +659,8 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
       out_dir, shared by every run whose inputs are the same (a new workdir with the same
       config, another arm scoring the same way); out_dir then only gets a `source.json`
       pointing there.
-    less_warmup: the `less` warm-up and feature settings (default `less_warmup.LessWarmup()` with
-      proj_dim = less_proj_dim when that is set).
+    less_warmup: the `less` warm-up and feature settings (default
+      `less_warmup.LessWarmup.of(less_proj_dim)`: the paper's, projected to less_proj_dim).
   Returns:
     ScoreTable(ids int64[N], {name: float32[N]}) in pool order.
   Raises:
@@ -723,8 +723,7 @@ def score_pool(scores: Sequence[str], surrogate: surrogate_lib.Surrogate | None,
     if less_proj_dim is not None:
       settings["projection"] = kernels.PROJECTION_VERSION
   if "less" in scores:
-    less_spec = less_warmup or less_lib.LessWarmup(
-        **({} if less_proj_dim is None else {"proj_dim": less_proj_dim}))
+    less_spec = less_warmup or less_lib.LessWarmup.of(less_proj_dim)
     settings["less_adapt"] = _examples_digest(adapt_examples or (), model)
     settings["less"] = less_spec.record()
   uses_texts = "dsir" in scores
