@@ -7,14 +7,15 @@
 Task: Fashion-MNIST (Debian `dataset-fashion-mnist`, fetched into the cache). The backbone is
 a class-conditional U-Net (2x2 stem, 32/64 channels, attention at 7x7, v-prediction, cosine
 schedule, EMA weights, DDIM + classifier-free guidance) pretrained on the train split and
-cached. Subjects: the largest k-means cluster (2 with :full; pixel space) of the test images of each of
-t-shirt, sneaker and bag, each split 5 adaptation / 10 validation / up to 100 test images.
-Arms (same steps, seeds, rows per batch): none, prior (DreamBooth prior preservation with
-backbone-generated class images, weight 1.0), random (random pool images) and albat
+cached. Subjects: the largest k-means cluster (2 with :full; pixel space) of the test images of
+each of t-shirt, sneaker and bag, each split 5 adaptation / 10 validation / up to 100 test
+images. Arms (same steps, seeds, rows per batch): none, prior (DreamBooth prior preservation
+with backbone-generated class images, weight 1.0), random (random pool images) and albat
 (surrogate LoRA on the 5 images, loss_diff scores of the pool, threshold_uniform among the top
-200); `:full` adds oracle (the pool images of the subject's class nearest its cluster) and less (LESS's warm-up
-gradients, the same rule). See jbat/diffusion/personalize.py and docs/personalization.md. A rerun of a finished or
-interrupted workdir only runs what is missing.
+200); `:full` adds oracle (the pool images of the subject's class nearest its cluster) and less
+(LESS's warm-up gradients, the same rule). See jbat/diffusion/personalize.py and
+docs/personalization.md. A rerun of a finished or interrupted workdir only runs what is
+missing.
 """
 
 from jbat.diffusion.personalize import base_config

@@ -61,8 +61,9 @@ The experiment, top to bottom (`run`):
                     before adaptation (> 0: the class prior moved).
      The backbone's values on each subject are the "before" row.
   7. report.md (mean ± sd over (subject, seed) units, paired differences vs none / random /
-     oracle / prior / less / backbone with 95% t-intervals), results.json (every number), grids/backbone.png
-     (one row per class) and grids/<subject>.png (real images, then one row per arm).
+     oracle / prior / less / backbone with 95% t-intervals), results.json (every number),
+     grids/backbone.png (one row per class) and grids/<subject>.png (real images, then one
+     row per arm).
 
 Resumable: pretraining checkpoints (pretrain.pretrain_ema), every arm's training through
 `loop.fit`; an arm/seed with a stored result.json is not run again, nor a subject's backbone
