@@ -154,6 +154,15 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def personalization_resumed(res: dict[str, Any]) -> bool:
+  """Whether a personalization run's results.json came from an invocation that reused units
+  finished earlier (its "resumed"; for files written before that key: an arm of the run with
+  no time in this invocation's timings)."""
+  if "resumed" in res:
+    return bool(res["resumed"])
+  return any(res["timings_s"].get(f"arm_{a}", 0.0) < 1.0 for a in res["arms"])
+
+
 def personalization_section(res: dict[str, Any], shown: str) -> str:
   """A personalization run's section (jbat.diffusion: its results.json has `units`): the
   task, the backbone's class accuracy, the metric tables and whether albat met its goal."""
@@ -165,7 +174,8 @@ def personalization_section(res: dict[str, Any], shown: str) -> str:
            f"steps. Backbone: {b['note']}; its class-prompted samples are classified as their "
            f"class {100 * b['mean_class_accuracy']:.1f}% of the time (mean over the 10 "
            f"classes; classifier test accuracy {100 * res['classifier']['test_accuracy']:.1f}%)."
-           f" Wall time {t['total'] / 60:.1f} min.", "",
+           " " + wall_text({"seconds": t["total"], "resumed": personalization_resumed(res)}),
+           "",
            f"Machine: {machine_text(res.get('machine'))}.", "",
            "The backbone's class-prompted samples classified as their class, per class:", "",
            "| " + " | ".join(b["class_accuracy"]) + " | mean |",

@@ -304,6 +304,11 @@ def test_oracle_and_less_arms_extend_a_finished_run(tiny_run):
   assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # not run again
   again = json.loads((ext / "results.json").read_text())
   assert again["arms"] == ["none", "prior", "random", "oracle", "albat", "less"]
+  assert again["resumed"] and again["reused_units"] == len(finished) == 4 * len(res["units"])
+  assert not res["resumed"] and res["reused_units"] == 0
+  from jbat import results_doc  # pylint: disable=import-outside-toplevel
+  section = results_doc.personalization_section(again, "wd_extended")
+  assert "its last invocation only" in section and "- oracle ranks" in section
   for arm in res["arms"]:  # The finished arms' numbers are the ones of the first run.
     assert again["summary"]["arms"][arm] == res["summary"]["arms"][arm]
   cfg = _tiny_config()

@@ -347,6 +347,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   per_run: dict[str, dict[str, dict[str, Any]]] = {a: {} for a in arms}
   backbone_runs: dict[str, dict[str, Any]] = {}
   albat_info: dict[str, Any] = {}
+  reused = 0  # Units finished by an earlier invocation (result.json on disk).
   for sub in task.subjects:
     sdir = wd / "subjects" / sub.name
     cls = sub.cls
@@ -378,6 +379,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         result_path = rdir / "result.json"
         if result_path.exists():
           per_run[arm][unit] = json.loads(result_path.read_text())
+          reused += 1
         else:
           t_arm = time.perf_counter()
           aug, pos = aug_source(arm, seed, cls, sub.name, tables.get(arm))
@@ -453,6 +455,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  "top_n": config.select.top_n, "k": k, "pool_size": len(task.pool_ids),
                  "subjects": albat_info} if albat_info else None),
       "timings_s": {**timings, "total": time.perf_counter() - t_start},
+      # The timings are this invocation's; it reused this many finished units.
+      "reused_units": reused, "resumed": reused > 0,
       "machine": results_doc.machine(),
   }
   io.write_json_atomic(wd / layout.RESULTS_FILE, results, finite=True)

@@ -187,4 +187,7 @@ def render_report(results: dict[str, Any]) -> str:
     lines += [f"{sub['name']}:", "", f"![{sub['name']}](grids/{sub['name']}.png)", ""]
   t = results["timings_s"]
   lines += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
+  if results.get("reused_units"):
+    lines += [f"This invocation's only: it reused {results['reused_units']} (subject, arm, "
+              "seed) units finished earlier.", ""]
   return "\n".join(lines)
