@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jbat import io, report
+from jbat import io, registry, report
 from jbat.errors import JbatError
 
 REPRODUCIBILITY = (
@@ -145,6 +145,9 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
   verdicts = [v for v in verdicts if v]
   if verdicts:
     lines += ["", *verdicts]
+  peers = peer_lines(arms, key)
+  if peers:
+    lines += ["", *peers]
   if any("test_rouge_l_best" in a for a in arms.values()):  # Generated answers (eval.generate).
     lines += ["", "Greedy test answers at the best validation step (ROUGE-L F and exact match "
               "against the reference; differences paired by seed):", "",
@@ -152,6 +155,21 @@ def run_section(path: pathlib.Path, res: dict[str, Any], shown: str) -> str:
               "The first seed's first answers per arm, beside the reference:", "",
               report.answer_samples(res, "best").rstrip()]
   return "\n".join(lines) + "\n"
+
+
+def peer_lines(arms: dict[str, dict[str, Any]], key: str) -> list[str]:
+  """ALBAT against each baseline of registry.PEER_ARMS the run has, on the headline metric,
+  paired over the run's pairs (from the arms' per-pair values in results.json)."""
+  if "albat" not in arms or key not in arms["albat"]:
+    return []
+  out = []
+  for peer in (p for p in registry.PEER_ARMS if p in arms and key in arms[p]):
+    st = report.paired_interval([x - y for x, y in zip(arms["albat"][key], arms[peer][key])])
+    how = ("one pair" if st["lo"] is None else "a tie" if st["lo"] <= 0 <= st["hi"] else
+           "ALBAT better" if st["hi"] < 0 else f"{peer} better")
+    metric = "test NLL" if key == "test_nll_best" else "validation NLL"
+    out.append(f"- albat - {peer} ({metric}, paired): {report.interval(st)}: {how}.")
+  return out
 
 
 def personalization_resumed(res: dict[str, Any]) -> bool:

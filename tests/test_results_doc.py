@@ -112,3 +112,19 @@ def test_resumed_run_says_its_wall_time_is_the_last_invocation(tmp_path):
   assert results_doc.main([str(run), "-o", str(out)]) == 0
   assert ("Wall time 1.5 min (its last invocation only: it continued a run started earlier)."
           in out.read_text())
+
+
+def test_albat_against_the_peer_baselines_is_paired_from_results_json(tmp_path):
+  res = synthetic_results()
+  res["arms"]["less"] = {"test_nll_best": [2.8, 2.96, 2.95], "best_nll": [2.7, 2.9, 2.9]}
+  res["arms"]["dsir"] = {"test_nll_best": [3.7, 3.95, 3.92], "best_nll": [3.6, 3.9, 3.8]}
+  res["stats"] = report.paired_stats(res["arms"])
+  run = tmp_path / "toy"
+  run.mkdir()
+  (run / "results.json").write_text(json.dumps(res))
+  out = tmp_path / "results.md"
+  assert results_doc.main([str(run), "-o", str(out)]) == 0
+  text = out.read_text()
+  less = report.interval(report.paired_interval([-0.1, -0.01, -0.03]))
+  assert f"- albat - less (test NLL, paired): {less}: a tie." in text
+  assert "- albat - dsir (test NLL, paired): -1.0000 [-1.0000, -1.0000]: ALBAT better." in text
