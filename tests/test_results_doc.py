@@ -26,6 +26,16 @@ def synthetic_results() -> dict:
                       "jax": "0.0.1", "backend": "cpu", "devices": 1, "device_kind": "cpu"}}
 
 
+def render(tmp_path, res: dict, name: str) -> str:
+  """docs/results.md's text for one run folder `name` holding `res` as its results.json."""
+  run = tmp_path / name
+  run.mkdir()
+  (run / "results.json").write_text(json.dumps(res))
+  out = tmp_path / "results.md"
+  assert results_doc.main([str(run), "-o", str(out)]) == 0
+  return out.read_text()
+
+
 def test_generated_table_from_synthetic_results(tmp_path):
   run = tmp_path / "runs" / "toy"
   run.mkdir(parents=True)
@@ -71,12 +81,7 @@ def test_generation_metrics_and_answers_are_rendered(tmp_path):
   res["arms"]["albat"]["answers_best"] = [
       {"reference": "a hack | kludge", "answer": "a kludge", "rouge_l": 0.5}]
   res["task_stats"] = report.task_stats(res["arms"])
-  run = tmp_path / "gen"
-  run.mkdir()
-  (run / "results.json").write_text(json.dumps(res))
-  out = tmp_path / "results.md"
-  assert results_doc.main([str(run), "-o", str(out)]) == 0
-  text = out.read_text()
+  text = render(tmp_path, res, "gen")
   # albat - none ROUGE-L by pair: +0.05, +0.04, +0.06.
   assert "| albat | 2.8567 ± 0.1365 |" in text and "| 0.1600 ± 0.0100 | +0.0500 [" in text
   assert "| a hack \\| kludge | a kludge | 0.500 |" in text
@@ -119,12 +124,7 @@ def test_albat_against_the_peer_baselines_is_paired_from_results_json(tmp_path):
   res["arms"]["less"] = {"test_nll_best": [2.8, 2.96, 2.95], "best_nll": [2.7, 2.9, 2.9]}
   res["arms"]["dsir"] = {"test_nll_best": [3.7, 3.95, 3.92], "best_nll": [3.6, 3.9, 3.8]}
   res["stats"] = report.paired_stats(res["arms"])
-  run = tmp_path / "toy"
-  run.mkdir()
-  (run / "results.json").write_text(json.dumps(res))
-  out = tmp_path / "results.md"
-  assert results_doc.main([str(run), "-o", str(out)]) == 0
-  text = out.read_text()
+  text = render(tmp_path, res, "toy")
   less = report.interval(report.paired_interval([-0.1, -0.01, -0.03]))
   assert f"- albat - less (test NLL, paired): {less}: a tie." in text
   assert "- albat - dsir (test NLL, paired): -1.0000 [-1.0000, -1.0000]: ALBAT better." in text
