@@ -42,8 +42,9 @@ LESS) with the vocabulary-chunked loss (`--vocab-chunk`, default 8192; 0 = full 
 sequence length and dtype (`--dtype float32,bfloat16`), in examples/s and tokens/s (non-padding
 tokens), with XLA's temporary-buffer size per compiled method. `--peers` adds, in the same
 alternated rounds and threads, the same weights in transformers + peft: torch_forward,
-less_loop (LESS: batch-1 loop of LoRA gradients, block-wise seeded Rademacher projection,
-cosine) and trak_vmap (TRAK: torch.func.vmap(grad) + the same projection); the JSON line gets
+less_loop (LESS as it runs on a CPU: batch-1 loop of LoRA gradients, TRAK's BasicProjector
+with LESS's settings, cosine), less_loop_packed (the same loop, a cheaper packed-sign
+projector) and trak_vmap (TRAK: torch.func.vmap(grad) + the packed projection); the JSON line gets
 "vs_peers" = jbat align examples/s / the peer's. `--memory` (or `--memory-only`) measures the
 peak RSS of each method in a fresh subprocess (load the model, compile, one call; "load" is
 the same child without a call). One JSON line per (length, dtype).
@@ -214,14 +215,15 @@ def matmul_peak(dtype: str, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / best
 
 
-def time_methods(methods: dict[str, Callable[[], Any]],
-                 repeats: int) -> dict[str, dict[str, float]]:
+def time_methods(methods: dict[str, Callable[[], Any]], repeats: int,
+                 no_warmup: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
   """Per method {"median", "best"} wall seconds and "cpu" (median process CPU seconds, all
-  threads) per call: a warm-up (compile) call, then `repeats` round-robin rounds, round r
-  starting at method r mod n. On a shared machine "best" and "cpu" are less affected by other
-  processes than the median wall time."""
-  for fn in methods.values():
-    jax.block_until_ready(fn())
+  threads) per call: a warm-up (compile) call (except for the methods in `no_warmup`), then
+  `repeats` round-robin rounds, round r starting at method r mod n. On a shared machine "best"
+  and "cpu" are less affected by other processes than the median wall time."""
+  for name, fn in methods.items():
+    if name not in no_warmup:
+      jax.block_until_ready(fn())
   names = list(methods)
   wall: dict[str, list[float]] = {n: [] for n in names}
   cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -295,7 +297,14 @@ def run_model(name: str, batch_size: int, repeats: int, proj_dim: int, seed: int
 # `--peers`) the same model in transformers + peft on the same token batches.
 
 PRETRAINED_METHODS = ("forward", "align", "loss_diff", "rel_loss_diff", "less")
-PEER_METHODS = ("torch_forward", "less_loop", "trak_vmap")
+PEER_METHODS = ("torch_forward", "less_loop", "less_loop_packed", "trak_vmap")
+# LESS's gradient collection (princeton-nlp/LESS, collect_grad_reps) projects 16 gradients at a
+# time with TRAK's projector of 128-column blocks; without a CUDA projector it is TRAK's
+# BasicProjector (`trak_basic_project`).
+LESS_PROJECTOR_BATCH = 16
+LESS_BLOCK_COLUMNS = 128
+# Peers timed without a warm-up call: minutes per call, nothing to compile (torch is eager).
+NO_WARMUP = ("less_loop",)
 # LoRA targets of `lora.DEFAULT_TARGETS` as peft module names (the Llama family).
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "fc1", "fc2"]
@@ -415,13 +424,32 @@ def compile_with_memory(fn: Callable, args: tuple) -> tuple[Callable, dict[str, 
 # ----------------------------------------------------------------------------- peers (torch)
 
 
+def trak_basic_project(grads, d: int, seed: int, block: int = LESS_BLOCK_COLUMNS):
+  """[B, n] float32 torch gradients -> [B, d] as TRAK's CPU projector (`BasicProjector`,
+  Rademacher), which LESS falls back to without its CUDA kernel: the d output columns in
+  blocks of `block` (LESS sets 128); each block's whole n x block sign matrix drawn from its
+  own seeded torch.Generator by one `bernoulli_(0.5)` per entry, mapped to +-1, multiplied in.
+  Unscaled, as TRAK's (cosines do not depend on the scale)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  b, n = grads.shape
+  out = torch.zeros(b, d, dtype=torch.float32)
+  mat = torch.empty(n, min(block, d), dtype=torch.float32)
+  gen = torch.Generator()
+  for j, start in enumerate(range(0, d, block)):
+    cols = min(block, d - start)
+    gen.manual_seed(seed + 1000 * j)
+    mat.bernoulli_(0.5, generator=gen).mul_(2.0).sub_(1.0)
+    out[:, start:start + cols] = grads.to(torch.float32) @ mat[:, :cols]
+  return out
+
+
 def torch_project(grads, d: int, seed: int, block: int = 4096):
   """[B, n] float32 torch gradients -> [B, d]: a Rademacher projection generated block by
-  block, as TRAK's and LESS's CPU projectors do: `block` parameter rows at a time, each block
-  drawn from its own seeded torch.Generator, so the n x d matrix is never held. The signs are
-  packed (as jbat's): 64 per random int64 word (`torch.randint`), unpacked a byte at a time by
-  a 256 x 8 table lookup (`embedding`) into +-1/sqrt(d); about 6x faster here than one
-  `bernoulli_` draw per entry, so the peers get the cheaper projector."""
+  block, `block` parameter rows at a time, each block drawn from its own seeded
+  torch.Generator, so the n x d matrix is never held. The signs are packed (as jbat's): 64 per
+  random int64 word (`torch.randint`), unpacked a byte at a time by a 256 x 8 table lookup
+  (`embedding`) into +-1/sqrt(d); about 6x faster here than TRAK's `trak_basic_project` (one
+  `bernoulli_` draw per entry), so the peers using it get a cheaper projector than LESS's."""
   import torch  # pylint: disable=import-outside-toplevel
   b, n = grads.shape
   out = torch.zeros(b, d, dtype=torch.float32)
@@ -443,12 +471,16 @@ def torch_peers(folder: str, dtype: str, batch: dict[str, jax.Array], proj_dim: 
   """The same checkpoint in transformers + peft (LoRA r=8, alpha=16, dropout 0, the same
   targets), on the same token batch:
 
-    torch_forward  no_grad forward of the padded batch, per-example mean NLL (as `forward`)
-    less_loop      LESS: a batch-1 loop, each example unpadded, loss.backward(), the LoRA
-                   gradients flattened; then the batch's gradients projected to proj_dim
-                   (`torch_project`) and the cosine to the projected target gradient
-    trak_vmap      TRAK: torch.func.vmap(grad(loss)) over the rows (LoRA parameters as the
-                   functional_call arguments), then the same projection and cosine
+    torch_forward     no_grad forward of the padded batch, per-example mean NLL (as `forward`)
+    less_loop         LESS as it runs on a CPU: a batch-1 loop, each example unpadded,
+                      loss.backward(), the LoRA gradients flattened; then the gradients
+                      projected to proj_dim by TRAK's BasicProjector (`trak_basic_project`),
+                      LESS_PROJECTOR_BATCH of them per projector call as LESS does, and the
+                      cosine to the projected target gradient
+    less_loop_packed  the same loop with the cheaper packed projector (`torch_project`) over
+                      the whole batch at once: a stronger peer than LESS itself
+    trak_vmap         TRAK: torch.func.vmap(grad(loss)) over the rows (LoRA parameters as the
+                      functional_call arguments), then the packed projection and cosine
 
   Right padding and a causal mask mean a padded row's real positions never see its padding,
   so the padded rows need no attention mask (padded positions have weight 0).
@@ -472,28 +504,42 @@ def torch_peers(folder: str, dtype: str, batch: dict[str, jax.Array], proj_dim: 
   weights = torch.from_numpy(np.asarray(batch["weights"], np.float32))
   lengths = [int(n) for n in np.asarray(batch["segment_ids"] > 0).sum(1)]
   gen = torch.Generator().manual_seed(seed + 4)
-  target = torch_project(torch.randn(1, n_lora, generator=gen), proj_dim, seed)[0]
+  target_grad = torch.randn(1, n_lora, generator=gen)
+  target = torch_project(target_grad, proj_dim, seed)[0]
 
   def nll(logits, tg, w):  # [b, T, V], [b, T], [b, T] -> [b] weighted mean NLL (float32)
     logp = torch.log_softmax(logits.float(), dim=-1)
     tok = -logp.gather(-1, tg.unsqueeze(-1)).squeeze(-1)
     return (w * tok).sum(-1) / w.sum(-1).clamp_min(1e-9)
 
-  def cosine(projected):
-    return projected @ target / (projected.norm(dim=1) * target.norm()).clamp_min(1e-12)
+  def cosine(projected, tgt=target):
+    return projected @ tgt / (projected.norm(dim=1) * tgt.norm()).clamp_min(1e-12)
 
   def forward():
     with torch.no_grad():
       return nll(model(input_ids=tokens).logits, tgts, weights)
 
-  def less_loop():
+  def loop_grads():
     rows = []
     for i, n in enumerate(lengths):
       model.zero_grad(set_to_none=True)
       out = model(input_ids=tokens[i:i + 1, :n]).logits
       nll(out, tgts[i:i + 1, :n], weights[i:i + 1, :n])[0].backward()
       rows.append(torch.cat([params[k].grad.reshape(-1).float() for k in names]))
-    return cosine(torch_project(torch.stack(rows), proj_dim, seed))
+    return torch.stack(rows)
+
+  def less_loop():
+    # The target gradient rides along as one more row of each projector call: projecting it
+    # alone first would be a second (untimed) pass of ~d x n bernoulli draws.
+    g, out = loop_grads(), []
+    for i in range(0, g.shape[0], LESS_PROJECTOR_BATCH):
+      p = trak_basic_project(torch.cat([g[i:i + LESS_PROJECTOR_BATCH], target_grad]), proj_dim,
+                             seed)
+      out.append(cosine(p[:-1], p[-1]))
+    return torch.cat(out)
+
+  def less_loop_packed():
+    return cosine(torch_project(loop_grads(), proj_dim, seed))
 
   lora_params = {k: params[k].detach() for k in names}
 
@@ -509,7 +555,8 @@ def torch_peers(folder: str, dtype: str, batch: dict[str, jax.Array], proj_dim: 
     return cosine(torch_project(flat, proj_dim, seed))
 
   torch_peers.adapter_params = n_lora
-  return {"torch_forward": forward, "less_loop": less_loop, "trak_vmap": trak_vmap}
+  return {"torch_forward": forward, "less_loop": less_loop,
+          "less_loop_packed": less_loop_packed, "trak_vmap": trak_vmap}
 
 
 # ----------------------------------------------------------------------------- memory children
@@ -584,7 +631,7 @@ def run_pretrained(folder: str, name: str, seq_len: int, dtype: str, batch_size:
     threads["torch"] = torch.get_num_threads()
     calls.update(torch_peers(folder, dtype, batch, proj_dim, seed))
   t0 = time.perf_counter()
-  stats = time_methods(calls, repeats)
+  stats = time_methods(calls, repeats, NO_WARMUP)
   eps = {k: batch_size / v["median"] for k, v in stats.items()}
   tps = {k: real_tokens / v["median"] for k, v in stats.items()}
   print(f"\n== {name}: {m['counts']['total'] / 1e6:.1f}M params ({m['counts']['adapter']} "
@@ -662,7 +709,8 @@ def main(argv: list[str] | None = None) -> None:
                  help=f"jbat methods for --pretrained, from {','.join(PRETRAINED_METHODS)}")
   p.add_argument("--peers", action="store_true",
                  help="also time transformers + peft peers (torch_forward, less_loop, "
-                      "trak_vmap) in the same rounds; adds vs_peers to the JSON line")
+                      "less_loop_packed, trak_vmap) in the same rounds; adds vs_peers to the "
+                      "JSON line")
   p.add_argument("--memory", action="store_true",
                  help="peak RSS per method, each in a fresh subprocess (--pretrained)")
   p.add_argument("--memory-only", action="store_true",
