@@ -34,6 +34,15 @@ def paired_interval(diffs: list[float]) -> dict[str, Any]:
   return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
 
 
+def outcome(s: dict[str, Any]) -> str | None:
+  """Where a `paired_interval` of differences lies against 0: "below" (entirely under 0),
+  "above" (entirely over 0), "tie" (0 inside), None for a single pair (no interval). The one
+  rule every verdict of the reports reads its word from."""
+  if s.get("lo") is None or s.get("hi") is None:
+    return None
+  return "below" if s["hi"] < 0 else "above" if s["lo"] > 0 else "tie"
+
+
 METRICS = ("best_nll", "final_nll", "test_nll_best", "test_nll_final")
 # Why a resumed run's wall time is not the whole run's (report.md and docs/results.md).
 RESUMED_CLAUSE = "it continued a run started earlier"

@@ -89,10 +89,11 @@ def verdict(name: str, stats: dict[str, Any], key: str, arms: Sequence[str]) -> 
     s = stats.get(f"{key}_vs_{ref}")
     if ref not in arms or ref == name or not s:
       continue
-    if s["hi"] is None:
+    side = report.outcome(s)
+    if side is None:
       parts.append(f"{ref}: one pair, no interval ({s['mean']:+.4f})")
     else:
-      word = "yes" if s["hi"] < 0 else "no, worse" if s["lo"] > 0 else "no, a tie"
+      word = {"below": "yes", "above": "no, worse", "tie": "no, a tie"}[side]
       parts.append(f"{ref}: {word} ({report.interval(s)})")
   return f"- `{name}` beats " + "; ".join(parts) + "." if parts else ""
 
@@ -165,8 +166,8 @@ def peer_lines(arms: dict[str, dict[str, Any]], key: str) -> list[str]:
   out = []
   for peer in (p for p in registry.PEER_ARMS if p in arms and key in arms[p]):
     st = report.paired_interval([x - y for x, y in zip(arms["albat"][key], arms[peer][key])])
-    how = ("one pair" if st["lo"] is None else "a tie" if st["lo"] <= 0 <= st["hi"] else
-           "ALBAT better" if st["hi"] < 0 else f"{peer} better")
+    how = {None: "one pair", "tie": "a tie", "below": "ALBAT better",
+           "above": f"{peer} better"}[report.outcome(st)]
     metric = "test NLL" if key == "test_nll_best" else "validation NLL"
     out.append(f"- albat - {peer} ({metric}, paired): {report.interval(st)}: {how}.")
   return out

@@ -87,8 +87,7 @@ def compare(paths: Sequence[str | os.PathLike], arm: str = "albat") -> dict[str,
                  "valid_mean": float(np.mean([got[p] for p in common])),
                  "reference_mean": float(np.mean([ref[p] for p in common])),
                  "vs_reference": report.paired_interval(diffs)})
-  better = [r for r in rows[1:]
-            if r["vs_reference"]["hi"] is not None and r["vs_reference"]["hi"] < 0]
+  better = [r for r in rows[1:] if report.outcome(r["vs_reference"]) == "below"]
   chosen = min(better, key=lambda r: r["vs_reference"]["mean"]) if better else rows[0]
   return {"arm": arm, "rows": rows, "chosen": chosen["run"],
           "rule": "a variant replaces the default only if its paired 95% interval against "

@@ -128,3 +128,14 @@ def test_albat_against_the_peer_baselines_is_paired_from_results_json(tmp_path):
   less = report.interval(report.paired_interval([-0.1, -0.01, -0.03]))
   assert f"- albat - less (test NLL, paired): {less}: a tie." in text
   assert "- albat - dsir (test NLL, paired): -1.0000 [-1.0000, -1.0000]: ALBAT better." in text
+
+
+def test_outcome_reads_where_a_paired_interval_lies_against_zero():
+  """report.outcome is the one rule behind every verdict word: an interval touching 0 is a tie,
+  a single pair has no interval."""
+  assert report.outcome(report.paired_interval([-0.3, -0.2, -0.25])) == "below"
+  assert report.outcome(report.paired_interval([0.3, 0.2, 0.25])) == "above"
+  assert report.outcome(report.paired_interval([-0.3, 0.2, 0.05])) == "tie"
+  assert report.outcome({"mean": 0.0, "lo": -0.1, "hi": 0.0, "n": 2}) == "tie"
+  assert report.outcome({"mean": 0.1, "lo": 0.0, "hi": 0.2, "n": 2}) == "tie"
+  assert report.outcome(report.paired_interval([-0.3])) is None

@@ -115,9 +115,10 @@ def goal_verdict(results: dict[str, Any], arm: str = "albat") -> str:
     st = paired.get(ref, {}).get(metric)
     if st is None:
       return ""
-    if st.get("hi") is None:
+    side = report_lib.outcome(st)
+    if side is None:
       return f"{ref}: one unit ({st['mean']:+.4f})"
-    how = "better" if st["lo"] > 0 else "worse" if st["hi"] < 0 else "a tie"
+    how = {"above": "better", "below": "worse", "tie": "a tie"}[side]
     return f"{ref}: {how} ({report_lib.interval(st)})"
 
   parts = []
@@ -133,7 +134,8 @@ def pool_arm_lines(results: dict[str, Any]) -> list[str]:
   """How many distinct pool images each pool arm trained on (first seed, per subject) and
   their class precision; the oracle's candidates per subject (report.md, docs/results.md)."""
   lines: list[str] = []
-  pool_arms = [a for a in ("random", "oracle", "albat", "less") if a in results["arms"]]
+  pool_arms = [a for a in results["arms"]  # The arms that drew images from the pool.
+               if any(r.get("aug_ids") is not None for r in results["runs"][a].values())]
   if pool_arms:
     lines += ["", "Pool images each arm trained on (distinct, first seed) and their class "
               "precision (share of the subject's class; mean over units):", ""]
