@@ -215,6 +215,58 @@ def matmul_peak(dtype: str, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / best
 
 
+def linear_shapes(cfg: LMConfig, tokens: int) -> dict[str, tuple[int, int, int, int]]:
+  """name -> (m, k, n, calls per forward) of the model's weight matmuls on `tokens` rows: the
+  attention projections and the MLP per layer (x n_layers), and the LM head once."""
+  d, dh, h, kv = cfg.d_model, cfg.dh, cfg.n_heads, cfg.kv_heads
+  mlp = {"gate/up": (tokens, d, cfg.d_ff, 2 * cfg.n_layers)} if cfg.mlp == "swiglu" else {
+      "fc1": (tokens, d, cfg.d_ff, cfg.n_layers)}
+  return {"q": (tokens, d, h * dh, cfg.n_layers), "k/v": (tokens, d, kv * dh, 2 * cfg.n_layers),
+          "o": (tokens, h * dh, d, cfg.n_layers), **mlp,
+          "down": (tokens, cfg.d_ff, d, cfg.n_layers),
+          "lm_head": (tokens, d, cfg.vocab_size, 1)}
+
+
+def matmul_vs_torch(cfg: LMConfig, tokens: int, repeats: int = 5) -> dict[str, Any]:
+  """The model's weight matmuls (`linear_shapes`) timed alone, float32, in XLA (jitted) and in
+  torch on the same threads: best of `repeats` each. Says how much of a forward's
+  gap to PyTorch is the matmul library's speed rather than the model code."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count())
+  f = jax.jit(lambda x, y: x @ y)
+  rows, totals = {}, {"jax": 0.0, "torch": 0.0}
+  print(f"{'matmul':<8} {'m x k x n':>20} {'calls':>6} {'jax ms':>8} {'torch ms':>9} "
+        f"{'jax/torch':>10}")
+  for name, (m, k, n, calls) in linear_shapes(cfg, tokens).items():
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    ta, tb = torch.ones(m, k), torch.ones(k, n)
+    jax.block_until_ready(f(a, b))
+    ta @ tb  # pylint: disable=pointless-statement
+    best = {"jax": float("inf"), "torch": float("inf")}
+    # Each library's calls back to back, after a pause: torch's OpenMP workers spin for a
+    # while after each call and would slow an XLA call that follows at once.
+    time.sleep(0.5)
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(a, b))
+      best["jax"] = min(best["jax"], time.perf_counter() - t0)
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      ta @ tb  # pylint: disable=pointless-statement
+      best["torch"] = min(best["torch"], time.perf_counter() - t0)
+    rows[name] = {"shape": [m, k, n], "calls": calls, "jax_ms": round(1e3 * best["jax"], 2),
+                  "torch_ms": round(1e3 * best["torch"], 2)}
+    for lib in totals:
+      totals[lib] += calls * best[lib]
+    print(f"{name:<8} {f'{m} x {k} x {n}':>20} {calls:>6} {1e3 * best['jax']:>8.2f} "
+          f"{1e3 * best['torch']:>9.2f} {best['jax'] / best['torch']:>10.2f}")
+  ratio = totals["torch"] / totals["jax"]
+  print(f"all weight matmuls of one forward: jax {totals['jax']:.2f} s, torch "
+        f"{totals['torch']:.2f} s; XLA's speed / torch's = {ratio:.2f}", flush=True)
+  return {"tokens": tokens, "matmuls": rows, "jax_s": round(totals["jax"], 3),
+          "torch_s": round(totals["torch"], 3), "xla_vs_torch_speed": round(ratio, 3)}
+
+
 def time_methods(methods: dict[str, Callable[[], Any]], repeats: int,
                  no_warmup: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
   """Per method {"median", "best"} wall seconds and "cpu" (median process CPU seconds, all
@@ -324,6 +376,13 @@ def hf_folder(path: str) -> str:
     hf_io.save_causal_lm(model, tokenizer, out)
     print(f"converted {path} -> {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
   return out
+
+
+def folder_config(folder: str, dtype: str) -> LMConfig:
+  """The LMConfig of an HF folder (its config.json), without loading the weights."""
+  from jbat.models import hf_io  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+    return hf_io.config_from_hf(json.load(f), dtype)
 
 
 def load_pretrained(folder: str, dtype: str, seed: int) -> tuple[dict[str, Any], LMConfig]:
@@ -663,6 +722,7 @@ def run_pretrained(folder: str, name: str, seq_len: int, dtype: str, batch_size:
               "matmul_peak_tflops": round(peak / 1e12, 4),
               "mfu": {k: round(v, 4) for k, v in mfu.items()}})
   if peers:
+    rec["matmul_vs_torch"] = matmul_vs_torch(cfg, batch_size * seq_len)
     rec["vs_peers"] = {p: round(eps["align"] / eps[p], 3) for p in PEER_METHODS}
     rec["forward_vs_torch"] = round(eps["forward"] / eps["torch_forward"], 3)
     print(f"vs_peers (jbat align / peer, examples/s): {rec['vs_peers']}; jbat forward / "
@@ -711,6 +771,9 @@ def main(argv: list[str] | None = None) -> None:
                  help="also time transformers + peft peers (torch_forward, less_loop, "
                       "less_loop_packed, trak_vmap) in the same rounds; adds vs_peers to the "
                       "JSON line")
+  p.add_argument("--matmul-only", action="store_true",
+                 help="with --pretrained/--smollm2 and torch installed: only time the model's "
+                      "weight matmuls (batch x seq-len rows) in XLA and in torch")
   p.add_argument("--memory", action="store_true",
                  help="peak RSS per method, each in a fresh subprocess (--pretrained)")
   p.add_argument("--memory-only", action="store_true",
@@ -740,7 +803,12 @@ def main(argv: list[str] | None = None) -> None:
         kw = dict(folder=folder, dtype=dtype, seq_len=seq_len, batch_size=args.batch or 4,
                   proj_dim=args.proj_dim or 8192, seed=args.seed,
                   vocab_chunk=args.vocab_chunk or None)
-        if args.memory_only:
+        if args.matmul_only:
+          cfg = dataclasses.replace(folder_config(folder, dtype), max_len=seq_len)
+          rec = {"model": name, "dtype": dtype, "seq_len": seq_len, "batch": kw["batch_size"],
+                 "device": device_name(),
+                 "matmul_vs_torch": matmul_vs_torch(cfg, kw["batch_size"] * seq_len)}
+        elif args.memory_only:
           rss = peak_rss(methods=list(methods) + (list(PEER_METHODS) if args.peers else []),
                          **kw)
           rec = {"model": name, "dtype": dtype, "seq_len": seq_len, "batch": kw["batch_size"],
