@@ -201,18 +201,23 @@ def kernel_flops(m: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, fl
   return out
 
 
+def best_seconds(call: Callable[[], Any], repeats: int) -> float:
+  """The fastest of `repeats` timed calls of `call` (which must return only when done)."""
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    call()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
 def matmul_peak(dtype: str, repeats: int = 5) -> float:
   """Measured FLOP/s of a square matmul in `dtype` on the default device (best of repeats)."""
   n = 1024 if jax.devices()[0].platform == "cpu" else 8192
   a = jnp.ones((n, n), jnp.dtype(dtype))
   f = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(f(a, a))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best
+  return 2.0 * n ** 3 / best_seconds(lambda: jax.block_until_ready(f(a, a)), repeats)
 
 
 def linear_shapes(cfg: LMConfig, tokens: int) -> dict[str, tuple[int, int, int, int]]:
@@ -242,18 +247,11 @@ def matmul_vs_torch(cfg: LMConfig, tokens: int, repeats: int = 5) -> dict[str, A
     ta, tb = torch.ones(m, k), torch.ones(k, n)
     jax.block_until_ready(f(a, b))
     ta @ tb  # pylint: disable=pointless-statement
-    best = {"jax": float("inf"), "torch": float("inf")}
     # Each library's calls back to back, after a pause: torch's OpenMP workers spin for a
     # while after each call and would slow an XLA call that follows at once.
     time.sleep(0.5)
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(a, b))
-      best["jax"] = min(best["jax"], time.perf_counter() - t0)
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      ta @ tb  # pylint: disable=pointless-statement
-      best["torch"] = min(best["torch"], time.perf_counter() - t0)
+    best = {"jax": best_seconds(lambda: jax.block_until_ready(f(a, b)), repeats),
+            "torch": best_seconds(lambda: ta @ tb, repeats)}
     rows[name] = {"shape": [m, k, n], "calls": calls, "jax_ms": round(1e3 * best["jax"], 2),
                   "torch_ms": round(1e3 * best["torch"], 2)}
     for lib in totals:
@@ -376,13 +374,6 @@ def hf_folder(path: str) -> str:
     hf_io.save_causal_lm(model, tokenizer, out)
     print(f"converted {path} -> {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
   return out
-
-
-def folder_config(folder: str, dtype: str) -> LMConfig:
-  """The LMConfig of an HF folder (its config.json), without loading the weights."""
-  from jbat.models import hf_io  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-    return hf_io.config_from_hf(json.load(f), dtype)
 
 
 def load_pretrained(folder: str, dtype: str, seed: int) -> tuple[dict[str, Any], LMConfig]:
@@ -804,7 +795,8 @@ def main(argv: list[str] | None = None) -> None:
                   proj_dim=args.proj_dim or 8192, seed=args.seed,
                   vocab_chunk=args.vocab_chunk or None)
         if args.matmul_only:
-          cfg = dataclasses.replace(folder_config(folder, dtype), max_len=seq_len)
+          from jbat.models import hf_io  # pylint: disable=import-outside-toplevel
+          cfg = dataclasses.replace(hf_io.read_config(folder, dtype)[0], max_len=seq_len)
           rec = {"model": name, "dtype": dtype, "seq_len": seq_len, "batch": kw["batch_size"],
                  "device": device_name(),
                  "matmul_vs_torch": matmul_vs_torch(cfg, kw["batch_size"] * seq_len)}

@@ -365,6 +365,19 @@ def iter_params(ckpt_dir: str | os.PathLike, cfg: LMConfig,
 # Public API
 
 
+def read_config(folder: str | os.PathLike, dtype: str = "float32") -> tuple[LMConfig, dict]:
+  """(LMConfig, the parsed config.json) of a Hugging Face model folder, without its weights;
+  JbatError naming the file when it is missing, not JSON or not a supported architecture."""
+  config_file = pathlib.Path(folder) / "config.json"
+  if not config_file.is_file():
+    raise JbatError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+  try:
+    hf = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise JbatError(f"{config_file}: not valid JSON ({e})") from e
+  return config_from_hf(hf, dtype, where=str(config_file)), hf
+
+
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
                    mesh: jax.sharding.Mesh | None = None,
                    sharding: Sharding | None = None,
@@ -399,14 +412,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", *,
                                param_dtype=param_dtype)
     io.release_host_memory()  # The de-quantization's temporaries.
     return loaded
-  config_file = root / "config.json"
-  if not config_file.is_file():
-    raise JbatError(f"{root}: no config.json (expected a Hugging Face model folder)")
-  try:
-    hf = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
-    raise JbatError(f"{config_file}: not valid JSON ({e})") from e
-  cfg = config_from_hf(hf, dtype, where=str(config_file))
+  cfg, hf = read_config(root, dtype)
   model_type = hf["model_type"]
   store = storage_dtype(param_dtype)
 
